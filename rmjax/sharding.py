@@ -141,9 +141,26 @@ def activation_sharding(mesh: Mesh, strategy: str, *names: str | None) -> NamedS
 
 
 def param_shardings(abstract_boxed_params: Any, mesh: Mesh, strategy: str) -> Any:
-    """NamedShardings for a (boxed, ``nn.LogicallyPartitioned``) param tree from ``eval_shape``."""
+    """NamedShardings for a (boxed, ``nn.LogicallyPartitioned``) param tree from ``eval_shape``.
+
+    A dimension that does not divide by its mesh axes stays replicated (e.g. 3 KV heads on a
+    tensor axis of 2) rather than failing: correctness first, and ``describe_params`` shows it.
+    """
     specs = nn.get_partition_spec(abstract_boxed_params)
-    return logical_to_sharding(specs, mesh, strategy)
+    shardings = logical_to_sharding(specs, mesh, strategy)
+    shapes = nn.unbox(abstract_boxed_params)
+    return jax.tree.map(lambda s, x: fit_to_shape(s, x.shape), shardings, shapes)
+
+
+def fit_to_shape(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        if shape[i] % math.prod(sharding.mesh.shape[a] for a in names):
+            spec[i] = None
+    return NamedSharding(sharding.mesh, P(*spec))
 
 
 def with_constraint(x: jax.Array, *names: str | None) -> jax.Array:

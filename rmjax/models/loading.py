@@ -1,0 +1,170 @@
+"""Stream checkpoint tensors straight into sharded rmjax params.
+
+    abstract params (eval_shape)  ->  target NamedShardings (the rules table)  ->  per-tensor placement
+
+A checkpoint is anything with ``.config`` (HF config dict), ``.tensor_names()``,
+``.tensor_shape(name)`` and ``.read(name) -> np.ndarray`` (HF names and layout): see
+``rmjax.io.hf_checkpoint`` and ``rmjax.io.gguf``. Each device receives only its slice of each
+param (``jax.make_array_from_callback``); the host holds one (layer-stacked) param at a time.
+Every name, missing tensor and shape is checked before any data is read.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rmjax import sharding as shd
+from rmjax.errors import CheckpointError
+from rmjax.models import checkpoint_keys as ck
+from rmjax.models import config_from_hf, family_of
+from rmjax.models.config import ModelConfig
+from rmjax.models.transformer import abstract_params
+
+
+class Checkpoint(Protocol):
+    config: dict
+
+    def tensor_names(self) -> list[str]: ...
+    def tensor_shape(self, name: str) -> tuple[int, ...]: ...
+    def read(self, name: str) -> np.ndarray: ...
+
+
+_STRIP_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                   ("language_model.lm_head.", "lm_head."))
+
+
+def _canonical(name: str) -> str:
+    for old, new in _STRIP_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def plan(names: list[str], table: ck.KeyTable, config: ModelConfig) -> tuple[dict, list[str]]:
+    """Map checkpoint names to targets: {param path: {layer or None: name}} and the unmatched names."""
+    compiled = [(re.compile(pat + r"$"), target, tf) for pat, target, tf in table]
+    targets: dict[str, dict[int | None, tuple[str, Any]]] = {}
+    unmatched = []
+    for name in names:
+        canon = _canonical(name)
+        for rx, target, tf in compiled:
+            m = rx.match(canon)
+            if m:
+                layer = int(m.group(1)) if m.groups() else None
+                targets.setdefault(target, {})[layer] = (name, tf)
+                break
+        else:
+            if not any(re.match(p, canon) for p in ck.IGNORED):
+                unmatched.append(name)
+    if config.tie_embeddings:
+        targets.pop("lm_head", None)  # some checkpoints store the tied head twice
+    return targets, unmatched
+
+
+def load_params(ckpt: Checkpoint, config: ModelConfig | None = None, *, mesh: Mesh | None = None,
+                strategy: str = "fsdp", source: str = "checkpoint", verbose: bool = False,
+                **config_overrides) -> tuple[ModelConfig, Any, np.ndarray | None]:
+    """Load ``ckpt`` into rmjax params placed by ``strategy``'s rules on ``mesh``.
+
+    Returns (config, params, score_head): score_head is the [D, num_labels] reward head of a
+    ``*ForSequenceClassification`` checkpoint (None otherwise).
+    """
+    family = family_of(ckpt.config, source)
+    if config is None:
+        config = config_from_hf(ckpt.config, source, **config_overrides)
+    abstract = abstract_params(config)
+    flat_abstract = traverse_util.flatten_dict(nn.unbox(abstract), sep="/")
+    if mesh is None:
+        mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
+    flat_shardings = traverse_util.flatten_dict(shd.param_shardings(abstract, mesh, strategy), sep="/")
+
+    targets, unmatched = plan(ckpt.tensor_names(), family.CHECKPOINT_KEYS, config)
+    score = targets.pop("@score", None)
+    missing, wrong_shape = [], []
+    for path, spec in flat_abstract.items():
+        found = targets.get(path)
+        layered = path.startswith("layers/")
+        want_layers = set(range(config.num_layers)) if layered else {None}
+        if not found or set(found) != want_layers:
+            have = set(found or {})
+            lost = sorted(want_layers - have, key=lambda x: -1 if x is None else x)
+            missing.append(f"{path} (layers {lost})" if layered else path)
+            continue
+        name, tf = found[next(iter(found))]
+        got = tf(np.empty(ckpt.tensor_shape(name), np.float32), config).shape
+        want = spec.shape[1:] if layered else spec.shape
+        if tuple(got) != tuple(want):
+            wrong_shape.append(f"{name}: {tuple(ckpt.tensor_shape(name))} gives {tuple(got)}, "
+                               f"model expects {tuple(want)} for {path}")
+    extra = sorted(unmatched) + sorted(t for t in targets if t not in flat_abstract)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors for {len(missing)} params: " + ", ".join(missing[:20]))
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors: " + ", ".join(extra[:20]))
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} mis-shaped tensors: " + "; ".join(wrong_shape[:20]))
+    if problems:
+        raise CheckpointError(
+            f"{source}: checkpoint does not match a {family.__name__.split('.')[-1]} model with this config:\n  "
+            + "\n  ".join(problems)
+            + "\nCheck that config.json belongs to these weights (layers, heads, sizes) and that the "
+              "checkpoint is complete.")
+
+    t0 = time.time()
+    flat_params = {}
+    for path, spec in flat_abstract.items():
+        found = targets[path]
+        if path.startswith("layers/"):
+            host = np.stack([found[i][1](ckpt.read(found[i][0]), config) for i in range(config.num_layers)])
+        else:
+            name, tf = found[None]
+            host = tf(ckpt.read(name), config)
+        host = np.ascontiguousarray(host, dtype=spec.dtype)
+        flat_params[path] = place(host, flat_shardings[path])
+        del host
+    params = traverse_util.unflatten_dict(flat_params, sep="/")
+    if verbose:
+        print(f"loaded {len(flat_params)} params ({shd.count_params(params) / 1e6:.1f}M) "
+              f"from {source} in {time.time() - t0:.1f}s onto {shd.describe(mesh)}")
+    score_head = None
+    if score is not None:
+        name, tf = score[None]
+        score_head = np.ascontiguousarray(tf(ckpt.read(name), config), dtype=np.float32)
+    return config, params, score_head
+
+
+def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Put a host array onto devices, each device receiving only its own slice."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+class StateDictCheckpoint:
+    """An in-memory checkpoint: an HF config dict plus {HF name: array} (e.g. a torch state_dict)."""
+
+    def __init__(self, config: dict, tensors: dict[str, Any]):
+        self.config = config
+        self._tensors = tensors
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def read(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        if hasattr(t, "detach"):  # torch tensor
+            t = t.detach().float().cpu().numpy()
+        return np.asarray(t, dtype=np.float32)

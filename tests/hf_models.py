@@ -1,0 +1,68 @@
+"""Tiny random Hugging Face models (torch, CPU) used as golden references."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            max_position_embeddings=256)
+
+# name -> (config class, causal LM class, config kwargs)
+CASES = {
+    "llama_gqa_tied": ("LlamaConfig", "LlamaForCausalLM",
+                       dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_mha_untied_rope3": ("LlamaConfig", "LlamaForCausalLM",
+                               dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+                                    rope_theta=500000.0)),
+    "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM",
+                   dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "gemma2_softcap_window": ("Gemma2Config", "Gemma2ForCausalLM",
+                              dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=50.0,
+                                   final_logit_softcapping=3.0)),
+    "gemma3_window": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                      dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                           num_hidden_layers=4,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                        "sliding_attention"],
+                           rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                            "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 1000000.0}})),
+}
+
+
+def build(case: str, seed: int = 0, head: str = "causal", num_labels: int = 1):
+    cfg_cls, lm_cls, kw = CASES[case]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(**{**TINY, **kw}, attn_implementation="eager", pad_token_id=0)
+    if head == "seqcls":
+        lm_cls = lm_cls.replace("ForCausalLM", "ForSequenceClassification")
+        cfg.num_labels = num_labels
+    model = getattr(transformers, lm_cls)(cfg).eval()
+    with torch.no_grad():  # norms are initialised to constants; randomise so they are tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if "gemma" in case else 1.0))
+    return model
+
+
+def padded_batch(vocab: int, lengths: list[int], total: int, side: str, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), total), np.int64)
+    mask = np.zeros((len(lengths), total), np.int64)
+    for i, n in enumerate(lengths):
+        sl = slice(total - n, total) if side == "left" else slice(0, n)
+        ids[i, sl] = rng.integers(1, vocab, n)  # id 0 is the pad token
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def hf_logits(model, ids, mask):
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions))
+    return out.logits.float().numpy()
