@@ -180,3 +180,25 @@ def shard_fraction(x: jax.Array) -> float:
 
 def count_params(tree: Mapping[str, Any]) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+class activate:
+    """Context: ``mesh`` is the current mesh and ``strategy``'s rules resolve logical names.
+
+    Trace jitted functions inside it so that activation constraints take effect.
+    """
+
+    def __init__(self, mesh: Mesh, strategy: str):
+        self.mesh, self.rules = mesh, rules_for(strategy)
+        self._stack: list = []
+
+    def __enter__(self):
+        for ctx in (jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)):
+            ctx.__enter__()
+            self._stack.append(ctx)
+        return self
+
+    def __exit__(self, *exc):
+        while self._stack:
+            self._stack.pop().__exit__(*exc)
+        return False

@@ -34,10 +34,10 @@ CASES = {
 }
 
 
-def build(case: str, seed: int = 0, head: str = "causal", num_labels: int = 1):
+def build(case: str, seed: int = 0, head: str = "causal", num_labels: int = 1, **overrides):
     cfg_cls, lm_cls, kw = CASES[case]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_cls)(**{**TINY, **kw}, attn_implementation="eager", pad_token_id=0)
+    cfg = getattr(transformers, cfg_cls)(**{**TINY, **kw, **overrides}, attn_implementation="eager", pad_token_id=0)
     if head == "seqcls":
         lm_cls = lm_cls.replace("ForCausalLM", "ForSequenceClassification")
         cfg.num_labels = num_labels
