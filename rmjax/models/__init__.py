@@ -36,9 +36,17 @@ def family_of(hf_config: dict, source: str = "config.json") -> ModuleType:
         f"Supported model_type values: {sorted(FAMILIES)}; architectures: {', '.join(supported_architectures())}")
 
 
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def config_from_hf(hf_config: dict, source: str = "config.json", **overrides) -> ModelConfig:
+    family = family_of(hf_config, source)
+    fields = hf_config.get("text_config", hf_config)
+    missing = [k for k in REQUIRED_FIELDS if fields.get(k) is None]
+    if missing:
+        raise ConfigError(f"{source}: required fields missing from the model config: {', '.join(missing)}")
     try:
-        return family_of(hf_config, source).config_from_hf(hf_config, **overrides)
+        return family.config_from_hf(hf_config, **overrides)
     except KeyError as e:
         raise ConfigError(f"{source}: required field {e.args[0]!r} is missing from the model config") from None
     except ValueError as e:

@@ -97,12 +97,15 @@ def load_params(ckpt: Checkpoint, config: ModelConfig | None = None, *, mesh: Me
             lost = sorted(want_layers - have, key=lambda x: -1 if x is None else x)
             missing.append(f"{path} (layers {lost})" if layered else path)
             continue
-        name, tf = found[next(iter(found))]
-        got = tf(np.empty(ckpt.tensor_shape(name), np.float32), config).shape
-        want = spec.shape[1:] if layered else spec.shape
-        if tuple(got) != tuple(want):
-            wrong_shape.append(f"{name}: {tuple(ckpt.tensor_shape(name))} gives {tuple(got)}, "
-                               f"model expects {tuple(want)} for {path}")
+        want = tuple(spec.shape[1:] if layered else spec.shape)
+        for name, tf in found.values():
+            shape = tuple(ckpt.tensor_shape(name))
+            try:  # np.empty is free: the transform only reshapes/transposes a view
+                got = tuple(tf(np.empty(shape, np.float32), config).shape)
+            except ValueError:
+                got = None
+            if got != want:
+                wrong_shape.append(f"{name}: shape {shape} does not fit {path} {want}")
     extra = sorted(unmatched) + sorted(t for t in targets if t not in flat_abstract)
     problems = []
     if missing:
