@@ -115,6 +115,15 @@ def make_mesh(config: MeshConfig | str = "fsdp", devices: Sequence[jax.Device] |
     sizes = config.axis_sizes(len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    n_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if n_slices > 1:  # multi-slice: only the data axis crosses the slow data-centre network
+        from jax.experimental import mesh_utils
+        if sizes["data"] % n_slices:
+            raise ValueError(f"{n_slices} slices need the data axis ({sizes['data']}) to be a multiple of them")
+        per_slice = (sizes["data"] // n_slices,) + shape[1:]
+        dcn = (n_slices,) + (1,) * (len(shape) - 1)
+        grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)

@@ -171,3 +171,23 @@ class StateDictCheckpoint:
         if hasattr(t, "detach"):  # torch tensor
             t = t.detach().float().cpu().numpy()
         return np.asarray(t, dtype=np.float32)
+
+
+def load_model(name_or_path: str, *, mesh: Mesh | None = None, strategy: str = "fsdp",
+               dtype: str = "float32", param_dtype: str = "float32", remat_policy: str = "none",
+               with_tokenizer: bool = True, verbose: bool = False):
+    """Registry name, HF checkpoint dir or .gguf path -> LoadedModel (config, params, tokenizer)."""
+    from rmjax.io import registry  # io depends on nothing in models; keep the import one-way at load
+    from rmjax.models.transformer import LoadedModel
+
+    source = registry.resolve_model(name_or_path)
+    ckpt = registry.open_checkpoint(source)
+    config, params, score = load_params(ckpt, mesh=mesh, strategy=strategy, source=str(source.path),
+                                        verbose=verbose, dtype=dtype, param_dtype=param_dtype,
+                                        remat_policy=remat_policy)
+    tokenizer = None
+    if with_tokenizer:
+        from rmjax.io.tokenizer import check_vocab
+        tokenizer = registry.load_tokenizer(source)
+        check_vocab(tokenizer, config.vocab_size, str(source.path))
+    return LoadedModel(config=config, params=params, tokenizer=tokenizer, score_head=score, source=source.name)

@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmark scripts: timing, peak matmul rate, the environment line."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Callable
+
+
+def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(n: int = 2048, dtype: str = "float32") -> dict:
+    """Measured matmul rate (FLOP/s) of JAX and torch on this machine: the roofline ceiling."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    mm = jax.jit(lambda x: x @ x)
+    t_jax = median_time(lambda: mm(a).block_until_ready(), repeats=5)
+    ta = torch.randn(n, n, dtype=getattr(torch, dtype))
+    t_torch = median_time(lambda: ta @ ta, repeats=5)
+    flops = 2 * n ** 3
+    return {"jax": flops / t_jax, "torch": flops / t_torch}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment() -> dict:
+    import jax
+    import torch
+    import transformers
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        if jax.default_backend() == "cpu" else str(jax.devices()[0].device_kind),
+        "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_result(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
