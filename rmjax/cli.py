@@ -15,6 +15,7 @@ from rmjax.errors import RmjaxError as UserError
 # `func` (called with the parsed args, returns an exit code).
 _COMMANDS = (
     "rmjax.commands.logprobs",
+    "rmjax.commands.train",
     "rmjax.analysis.cli",
 )
 

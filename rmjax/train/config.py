@@ -1,0 +1,223 @@
+"""Training configuration: plain dataclasses, YAML + dotted ``key=value`` overrides, validated on load.
+
+    config = load_config("experiments/rm_ablation/base.yaml", ["optim.lr=3e-5", "data.source=harmless"])
+
+An unknown key is an error that names the file (or the override) and the closest valid key.
+The resolved config is saved as ``config.yaml`` in every run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rmjax.errors import ConfigError
+
+
+@dataclasses.dataclass
+class ModelSection:
+    name: str = "smollm2-135m-instruct"  # registry name, HF checkpoint dir or .gguf
+    dtype: str = "bfloat16"  # compute dtype; master weights stay in param_dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots | dots_no_batch
+
+
+@dataclasses.dataclass
+class DataSection:
+    source: str = "helpful"  # helpful | harmless | both | an HH-RLHF subset name
+    fraction: float = 1.0  # data quantity ablation: fraction of the training pool used
+    eval_pairs: int = 200  # held out from the same source (never trained on)
+    max_length: int = 512
+    over_length: str = "truncate"  # truncate (keep the end of the prompt) | drop
+    buckets: tuple[int, ...] = (128, 256, 512)
+    shuffle_seed: int = 0
+
+
+@dataclasses.dataclass
+class OptimSection:
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class LossSection:
+    kind: str = "bt"  # bt (Bradley-Terry)
+    margin: float = 0.0
+    label_smoothing: float = 0.0
+    center_coef: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainSection:
+    steps: int = 100
+    batch_size: int = 8  # pairs per optimizer step (over all devices), split into grad_accum micro-batches
+    grad_accum: int = 1
+    trainable: str = "lora"  # head | last_k | lora | full
+    last_k: int = 2
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+@dataclasses.dataclass
+class MeshSection:
+    strategy: str = "fsdp"
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class RunConfig:
+    run_dir: str = "runs/rm"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    loss: LossSection = dataclasses.field(default_factory=LossSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "data.over_length": ("truncate", "drop"),
+    "loss.kind": ("bt",),
+    "train.trainable": ("head", "last_k", "lora", "full"),
+    "mesh.strategy": ("dp", "fsdp", "tp", "fsdp_tp"),
+}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            out = hint(value)
+            if hint is int and isinstance(value, float) and value != out:
+                raise ValueError(value)
+            return out
+        if hint is str:
+            return str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+            return tuple(_coerce(v, item, where) for v in value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{where}: unsupported field type {hint}")
+    raise ConfigError(f"{where}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def _set(obj: Any, dotted: str, value: Any, where: str) -> None:
+    *parents, leaf = dotted.split(".")
+    path = []
+    for name in parents + [leaf]:
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if name not in fields:
+            prefix = ".".join(path)
+            options = [f"{prefix}.{f}" if prefix else f for f in fields]
+            close = difflib.get_close_matches(".".join(path + [name]), options, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {sorted(options)}"
+            raise ConfigError(f"{where}: unknown key {'.'.join(path + [name])!r}{hint}")
+        path.append(name)
+        if name != leaf:
+            obj = getattr(obj, name)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{where}: {'.'.join(path)!r} is a value, not a section")
+    hints = typing.get_type_hints(type(obj))
+    if dataclasses.is_dataclass(getattr(obj, leaf)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {dotted!r} is a section; give a mapping")
+        for k, v in value.items():
+            _set(getattr(obj, leaf), k, v, where)
+        return
+    setattr(obj, leaf, _coerce(value, hints[leaf], f"{where}: {dotted}"))
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.extend(_flatten(v, key + ".") if isinstance(v, dict) else [(key, v)])
+    return out
+
+
+def validate(config: RunConfig, where: str = "config") -> RunConfig:
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {key}={value!r} is not one of {list(allowed)}")
+    t, d = config.train, config.data
+    checks = [
+        (0 < d.fraction <= 1, "data.fraction must be in (0, 1]"),
+        (t.steps > 0, "train.steps must be positive"),
+        (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
+         "train.batch_size must be a positive multiple of train.grad_accum"),
+        (config.optim.lr > 0, "optim.lr must be positive"),
+        (0 <= config.loss.label_smoothing < 1, "loss.label_smoothing must be in [0, 1)"),
+        (d.max_length >= 8, "data.max_length must be at least 8"),
+        (t.lora_rank > 0 or t.trainable != "lora", "train.lora_rank must be positive for trainable=lora"),
+        (list(d.buckets) == sorted(d.buckets) and d.buckets and d.buckets[-1] >= d.max_length,
+         "data.buckets must be increasing and end at or above data.max_length"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text("utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for key, value in _flatten(data):
+            _set(config, key, value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. optim.lr=3e-5")
+        key, value = item.split("=", 1)
+        _set(config, key.strip(), yaml.safe_load(value) if value else "", f"override {item!r}")
+    return validate(config, str(path) if path else "config")
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    data = config.to_dict()
+    data["data"]["buckets"] = list(data["data"]["buckets"])
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
