@@ -28,7 +28,6 @@ from rmjax import sharding as shd
 from rmjax.data import pairs as pairdata
 from rmjax.data.preferences import LoadReport, PreferencePair, load_hh_rlhf
 from rmjax.errors import ConfigError
-from rmjax.heads.scalar import ScalarHead
 from rmjax.train import params as tparams
 from rmjax.train import step as tstep
 from rmjax.train.config import RunConfig, save_config
@@ -138,8 +137,7 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     if loaded.score_head is not None:
         head = {"score": {"kernel": jnp.asarray(loaded.score_head[:, :1])}}
     else:
-        head = ScalarHead().init(jax.random.fold_in(rng, 1), jnp.zeros((1, 1, config.hidden_size)))["params"]
-        head = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, head)
+        head = tstep.init_head(jax.random.fold_in(rng, 1), config.hidden_size)
     full = {"backbone": loaded.params, "head": jax.device_put(head, replicated)}
     if run.train.trainable == "lora":
         full["lora"] = jax.device_put(tparams.init_lora(loaded.params, run.train.lora_rank,
@@ -147,7 +145,7 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     trainable, frozen = tparams.split(full, run.train.trainable, run.train.last_k)
     optimizer = tstep.make_optimizer(run)
     with shd.activate(mesh, run.mesh.strategy):
-        state = jax.jit(lambda t: tstep.init_state(t, optimizer))(trainable)
+        state = tstep.create_state(trainable, optimizer, mesh)
     del trainable
     log(f"params: {tparams.count(state.params) / 1e6:.2f}M trainable, {tparams.count(frozen) / 1e6:.1f}M frozen "
         f"on mesh {shd.describe(mesh)} ({run.mesh.strategy})", file=sys.stderr)
@@ -173,6 +171,10 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     batches = batch_iterator(plan, train_data, pad_id, run, start)
     b_sharding = tstep.batch_sharding(mesh)
     accum, micro = run.train.grad_accum, run.train.batch_size // run.train.grad_accum
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % n_batch_shards:
+        raise ConfigError(f"micro-batch train.batch_size/train.grad_accum = {micro} must be a multiple of the "
+                          f"{n_batch_shards} data-parallel devices (mesh {shd.describe(mesh)})")
 
     bar = tqdm(total=run.train.steps, initial=start, disable=not progress or not distributed.is_main_process(),
                desc="train", unit="step", file=sys.stderr)

@@ -97,9 +97,26 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, config: ModelCon
     return new_state, metrics
 
 
+def init_head(rng: jax.Array, hidden_size: int) -> dict:
+    """A fresh scalar head's params (plain arrays)."""
+    from flax import linen as nn
+    return nn.unbox(ScalarHead().init(rng, jnp.zeros((1, hidden_size), jnp.float32))["params"])
+
+
 def init_state(trainable: dict, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=optimizer.init(trainable),
                       skipped=jnp.zeros((), jnp.int32))
+
+
+def create_state(trainable: dict, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+    """The initial state with optimizer moments sharded exactly like their params (counters replicated)."""
+    replicated = NamedSharding(mesh, P())
+    param_sh = shardings_of(trainable)
+    abstract = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract.opt_state, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    out_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, skipped=replicated)
+    return jax.jit(lambda t: init_state(t, optimizer), out_shardings=out_sh)(trainable)
 
 
 def batch_sharding(mesh) -> NamedSharding:
