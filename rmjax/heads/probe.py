@@ -1,0 +1,140 @@
+"""Linear probes on any layer's hidden states.
+
+Three ways to fit one:
+  * ``ridge_fit``: closed-form ridge regression (the intercept is not penalised);
+  * ``LinearProbe``: a trainable Linen module, params {'probe': {'kernel': [D, K], 'bias': [K]}}
+    (``probe_params`` turns a ridge solution into them);
+  * ``pairwise_logistic_fit``: a Bradley-Terry probe fitted on chosen-minus-rejected features.
+"""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from rmjax.errors import ConfigError, DataError
+from rmjax.heads._layers import Initializer, default_kernel_init, logical_dense
+from rmjax.pooling import pool
+
+
+def select_layer(all_hidden: jax.Array, layer: int, attention_mask: jax.Array,
+                 pooling: str = "last") -> jax.Array:
+    """[B, D] pooled features of one layer of ``all_hidden`` [L+1, B, T, D] (layer 0 = embeddings).
+
+    Negative layers count from the end (-1 = the last layer's output).
+    """
+    if all_hidden.ndim != 4:
+        raise DataError(f"all_hidden must be [layers+1, batch, length, width], got shape {all_hidden.shape}")
+    n = all_hidden.shape[0]
+    if not -n <= layer < n:
+        raise ConfigError(f"layer {layer} is outside the {n} available hidden states (-{n}..{n - 1})")
+    return pool(all_hidden[layer], attention_mask, pooling)
+
+
+def _check_rows(x: jax.Array, y: jax.Array, sample_weight: Any) -> None:
+    if x.ndim != 2:
+        raise DataError(f"features must be [examples, width], got shape {x.shape}")
+    if y.ndim not in (1, 2) or y.shape[0] != x.shape[0]:
+        raise DataError(f"targets must be [{x.shape[0]}] or [{x.shape[0]}, K], got shape {y.shape}")
+    if sample_weight is not None and jnp.shape(sample_weight) != (x.shape[0],):
+        raise DataError(f"sample_weight must be [{x.shape[0]}], got shape {jnp.shape(sample_weight)}")
+
+
+def ridge_fit(features: jax.Array, targets: jax.Array, l2: float, fit_intercept: bool = True,
+              sample_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Minimise sum_i s_i (y_i - x_i w - b)^2 + l2 |w|^2 in closed form; returns (w, b).
+
+    features [N, D], targets [N] or [N, K] -> w [D] or [D, K], b scalar or [K] (0 without an
+    intercept). The intercept is not penalised: features and targets are centred (with the sample
+    weights s), w solves (Xc^T S Xc + l2 I) w = Xc^T S yc and b = mean(y) - mean(x) w. The solve is
+    on the [D, D] Gram matrix, so cost is O(N D^2 + D^3). For missing multi-objective labels fit each
+    objective with ``sample_weight`` = its observed mask.
+    """
+    if isinstance(l2, Real) and l2 < 0:
+        raise ConfigError(f"l2 must be >= 0, got {l2}")
+    x, y = jnp.asarray(features), jnp.asarray(targets)
+    _check_rows(x, y, sample_weight)
+    dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+    x, y = x.astype(dtype), y.astype(dtype)
+    s = jnp.ones(x.shape[0], dtype) if sample_weight is None else jnp.asarray(sample_weight, dtype)
+    if fit_intercept:
+        total = jnp.sum(s)
+        x_mean = s @ x / total
+        y_mean = jnp.tensordot(s, y, axes=1) / total
+        x, y = x - x_mean, y - y_mean
+    gram = x.T @ (s[:, None] * x) + l2 * jnp.eye(x.shape[1], dtype=dtype)
+    rhs = x.T @ (s.reshape((-1,) + (1,) * (y.ndim - 1)) * y)
+    w = jax.scipy.linalg.solve(gram, rhs, assume_a="pos")
+    b = y_mean - x_mean @ w if fit_intercept else jnp.zeros(y.shape[1:], dtype)
+    return w, b
+
+
+def ridge_predict(features: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    return features @ w + b
+
+
+def pairwise_logistic_fit(feature_diff: jax.Array, l2: float, num_steps: int = 30,
+                          weights: jax.Array | None = None) -> jax.Array:
+    """Bradley-Terry probe w [D]: minimise sum_i s_i * -log sigmoid(d_i w) + (l2 / 2) |w|^2.
+
+    ``feature_diff`` [N, D] holds chosen-minus-rejected features (so every label is "first wins"
+    and no intercept is identifiable). Newton's method with a step-halving line search: the
+    objective never increases, and l2 > 0 keeps it strictly convex even for separable data.
+    """
+    if not (isinstance(l2, Real) and l2 > 0):
+        raise ConfigError(f"l2 must be a number > 0 for the logistic probe, got {l2!r}")
+    if num_steps < 1:
+        raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
+    d = jnp.asarray(feature_diff)
+    if d.ndim != 2:
+        raise DataError(f"feature_diff must be [pairs, width], got shape {d.shape}")
+    dtype = jnp.promote_types(d.dtype, jnp.float32)
+    d = d.astype(dtype)
+    s = jnp.ones(d.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
+    if s.shape != d.shape[:1]:
+        raise DataError(f"weights must be [{d.shape[0]}], got shape {s.shape}")
+    steps = jnp.concatenate([2.0 ** -jnp.arange(12, dtype=dtype), jnp.zeros(1, dtype)])
+
+    def objective(z: jax.Array, w: jax.Array) -> jax.Array:
+        return -jnp.sum(s * jax.nn.log_sigmoid(z)) + 0.5 * l2 * jnp.sum(w * w)
+
+    def newton_step(_, w):
+        z = d @ w
+        grad = -d.T @ (s * jax.nn.sigmoid(-z)) + l2 * w
+        curvature = s * jax.nn.sigmoid(z) * jax.nn.sigmoid(-z)
+        hessian = d.T @ (curvature[:, None] * d) + l2 * jnp.eye(d.shape[1], dtype=dtype)
+        direction = jax.scipy.linalg.solve(hessian, grad, assume_a="pos")
+        dz = d @ direction
+        # Step 0 is a candidate, so the chosen step never makes the objective worse.
+        values = jax.vmap(lambda t: objective(z - t * dz, w - t * direction))(steps)
+        return w - steps[jnp.argmin(values)] * direction
+
+    return jax.lax.fori_loop(0, num_steps, newton_step, jnp.zeros(d.shape[1], dtype))
+
+
+class LinearProbe(nn.Module):
+    """Trainable probe on layer ``layer`` of ``all_hidden`` [L+1, B, T, D] -> [B] (or [B, K])."""
+
+    layer: int
+    num_outputs: int | None = None  # None: one output, returned as [B]
+    pooling: str = "last"
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, all_hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        features = select_layer(all_hidden, self.layer, attention_mask, self.pooling)
+        out = logical_dense(self.num_outputs or 1, ("embed", None), name="probe", use_bias=self.use_bias,
+                            dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)(features)
+        return out[:, 0] if self.num_outputs is None else out
+
+
+def probe_params(w: jax.Array, b: jax.Array) -> dict[str, Any]:
+    """LinearProbe params from a ``ridge_fit`` solution (w [D] or [D, K], b scalar or [K])."""
+    kernel = w[:, None] if w.ndim == 1 else w
+    return {"probe": {"kernel": kernel, "bias": jnp.reshape(b, kernel.shape[1:])}}
