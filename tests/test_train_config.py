@@ -1,0 +1,42 @@
+import pytest
+
+from rmjax.errors import ConfigError
+from rmjax.train.config import load_config, save_config
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: runs/x\noptim:\n  lr: 3.0e-5\ndata:\n  buckets: [64, 128, 512]\n")
+    c = load_config(path, ["train.steps=7", "data.source=harmless", "data.fraction=0.25", "optim.lr=1e-3"])
+    assert c.optim.lr == 1e-3 and c.train.steps == 7 and c.data.source == "harmless"
+    assert c.data.fraction == 0.25 and c.data.buckets == (64, 128, 512) and c.run_dir == "runs/x"
+    save_config(c, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == c
+
+
+def test_unknown_key_names_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr'; did you mean 'optim.lr'"):
+        load_config(None, ["optim.lrr=1"])
+    path = tmp_path / "c.yaml"
+    path.write_text("trian:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'trian'; did you mean 'train'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", "not a valid int"),
+    ("train.trainable=everything", "train.trainable='everything' is not one of"),
+    ("data.fraction=0", "data.fraction must be in"),
+    ("train.grad_accum=3", "multiple of train.grad_accum"),
+    ("optim", "expected dotted.key=value"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_yaml_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: invalid YAML"):
+        load_config(path)
