@@ -66,3 +66,33 @@ def hf_logits(model, ids, mask):
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(positions))
     return out.logits.float().numpy()
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def save_tiny_checkpoint(directory, case: str = "llama_gqa_tied", head: str = "causal", seed: int = 0):
+    """A complete tiny HF checkpoint dir: config.json, model.safetensors and a real byte-level BPE
+    tokenizer (trained on bundled HH-RLHF text) with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rmjax.data.preferences import load_hh_rlhf
+
+    texts = [p.chosen for p in load_hh_rlhf("harmless-base")[:400]]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = CHATML
+    model = build(case, seed=seed, head=head, vocab_size=416)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    return model, tok
