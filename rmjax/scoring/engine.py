@@ -1,0 +1,137 @@
+"""Prefix-shared scoring: each prompt runs through a model once; its responses extend the KV cache.
+
+A batch holds G prompts (right-padded to a bucket length Tp) and R responses per prompt
+(right-padded to Tr). The prompts run once with ``return_kv``; the G*R responses run against the
+cache tiled R times. Response token j is predicted by the hidden state before it: j = 0 by the
+prompt's last real position, j > 0 by response position j - 1. So a chosen/rejected pair costs
+one prompt pass plus two short response passes instead of two full passes, and the exhaustive
+vocabulary scan (R = V one-token responses) is one prompt pass plus cheap suffix batches.
+
+Everything here is a pure function of (params, arrays); ``score_fn`` builds the jitted function
+for one model (log-prob sums/means/counts, optional per-token log-probs, optional scalar RM score
+at the last real response token).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmjax.models.config import ModelConfig
+from rmjax.models.transformer import KVCache, forward, unembedding_matrix
+from rmjax.pooling import gather_last
+from rmjax.scoring.logprobs import token_logprobs
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One example for one model: prompt ids and each response's ids (prompt + response = the
+    model's own chat rendering; see ``rmjax.scoring.render``)."""
+
+    prompt: np.ndarray
+    responses: tuple[np.ndarray, ...]
+    truncated: bool = False
+
+
+def bucket(n: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return int(2 ** np.ceil(np.log2(n)))
+
+
+def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=DEFAULT_BUCKETS
+              ) -> tuple[dict[str, np.ndarray], int]:
+    """Arrays for ``n_rows`` prompt groups (missing rows are masked copies of row 0); real tokens."""
+    r = len(examples[0].responses)
+    tp = bucket(max(len(e.prompt) for e in examples), buckets)
+    tr = bucket(max(len(x) for e in examples for x in e.responses), buckets)
+    p_ids = np.full((n_rows, tp), pad_id, np.int32)
+    p_mask = np.zeros((n_rows, tp), np.int32)
+    r_ids = np.full((n_rows * r, tr), pad_id, np.int32)
+    r_mask = np.zeros((n_rows * r, tr), np.int32)
+    real = 0
+    for g in range(n_rows):
+        e = examples[g] if g < len(examples) else examples[0]
+        live = g < len(examples)
+        p_ids[g, :len(e.prompt)] = e.prompt
+        p_mask[g, :len(e.prompt)] = 1  # padded groups keep a real prompt so nothing is empty
+        for j, resp in enumerate(e.responses):
+            r_ids[g * r + j, :len(resp)] = resp
+            r_mask[g * r + j, :len(resp)] = 1 if live else 0
+            real += (len(e.prompt) if j == 0 else 0) + len(resp) if live else 0
+    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}, real
+
+
+def tile_cache(kv: KVCache, repeats: int) -> KVCache:
+    """Each prompt's cache repeated for its ``repeats`` responses (batch axis 1 of k/v, 0 of masks)."""
+    rep = lambda x, axis: jnp.repeat(x, repeats, axis=axis)  # noqa: E731
+    return KVCache(rep(kv.k, 1), rep(kv.v, 1), rep(kv.mask, 0), rep(kv.positions, 0))
+
+
+def response_logprobs(params, config: ModelConfig, batch: dict, *, token_chunk: int = 1024):
+    """Per-token log-probs [G*R, Tr] of the responses and the responses' hidden states [G*R, Tr, D]."""
+    prefix = forward(params, config, batch["prompt_ids"], batch["prompt_mask"], return_kv=True)
+    n_resp = batch["response_ids"].shape[0] // batch["prompt_ids"].shape[0]
+    cache = tile_cache(prefix.kv, n_resp)
+    out = forward(params, config, batch["response_ids"], batch["response_mask"], kv_cache=cache)
+    last_prompt = jnp.repeat(gather_last(prefix.hidden, batch["prompt_mask"]), n_resp, axis=0)
+    predicting = jnp.concatenate([last_prompt[:, None], out.hidden[:, :-1]], axis=1)
+    lp = token_logprobs(predicting, unembedding_matrix(params, config), batch["response_ids"],
+                        token_chunk=token_chunk, logit_softcap=config.final_logit_softcap)
+    return jnp.where(batch["response_mask"] > 0, lp, 0.0), out.hidden
+
+
+def sequence_stats(token_lp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    count = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    total = jnp.sum(token_lp, axis=-1)
+    return {"sum": total, "mean": total / jnp.maximum(count, 1.0), "count": count}
+
+
+def score_fn(config: ModelConfig, *, with_tokens: bool = False, with_rm_head: bool = False,
+             token_chunk: int = 1024) -> Callable:
+    """jit'd (params, head [D] or None, batch) -> {'sum','mean','count'[, 'tokens'][, 'rm']} per response row."""
+
+    def fn(params, head, batch):
+        token_lp, hidden = response_logprobs(params, config, batch, token_chunk=token_chunk)
+        out = sequence_stats(token_lp, batch["response_mask"])
+        if with_tokens:
+            out["tokens"] = token_lp
+        if with_rm_head:
+            out["rm"] = gather_last(hidden.astype(jnp.float32), batch["response_mask"]) @ head
+        return out
+
+    return jax.jit(fn)
+
+
+def paired_score_fn(config_a: ModelConfig, config_b: ModelConfig, *, with_tokens: bool = False,
+                    token_chunk: int = 1024) -> Callable:
+    """Policy and reference in ONE jitted function over the same batch (shared tokenizer)."""
+
+    def fn(params_a, params_b, batch):
+        out = {}
+        for tag, params, config in (("policy", params_a, config_a), ("reference", params_b, config_b)):
+            token_lp, _ = response_logprobs(params, config, batch, token_chunk=token_chunk)
+            stats = sequence_stats(token_lp, batch["response_mask"])
+            if with_tokens:
+                stats["tokens"] = token_lp
+            out[tag] = stats
+        return out
+
+    return jax.jit(fn)
+
+
+def naive_response_logprobs(params, config: ModelConfig, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
+    """Reference: one full forward over prompt+response and a full log_softmax (tests only)."""
+    from rmjax.models.transformer import unembed
+
+    ids = np.concatenate([prompt, response])[None].astype(np.int32)
+    logits = unembed(params, config, forward(params, config, ids).hidden)[0]
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    pos = np.arange(len(prompt) - 1, len(ids[0]) - 1)
+    return np.asarray(lp[pos, response])
