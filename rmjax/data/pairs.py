@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 
+from rmjax.data.chat import render
 from rmjax.data.preferences import PreferencePair
 from rmjax.errors import DataError
 
@@ -34,24 +35,10 @@ class TokenizedPairs:
                 + (f" (first: {self.dropped[0]})" if self.dropped else ""))
 
 
-def render_ids(tokenizer, pair: PreferencePair, response: str) -> tuple[list[int], int]:
-    """Token ids of prompt+response rendered by the chat template, and the prompt's token count.
-
-    The boundary is where the prompt rendered with the generation prompt ends; the template must
-    render the full conversation with that exact prefix (checked), so it is token-exact.
-    """
-    if tokenizer.has_chat_template:
-        prompt_text = tokenizer.apply_chat_template(pair.prompt_messages, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(pair.messages(response))
-        if not full_text.startswith(prompt_text):
-            raise DataError(f"pair {pair.id}: the chat template does not render the reply after the prompt")
-        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-        reply_ids = tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
-    else:  # base models: the HH-RLHF transcript layout, then the end-of-sequence token
-        turns = "".join(f"\n\n{'Human' if r == 'user' else 'Assistant'}: {c}" for r, c in pair.prompt)
-        prompt_ids = tokenizer.encode(turns + "\n\nAssistant:", add_special_tokens=True)
-        reply_ids = tokenizer.encode(" " + response, add_special_tokens=False) + [tokenizer.eos_id]
-    return prompt_ids + reply_ids, len(prompt_ids)
+def render_ids(tokenizer, pair: PreferencePair, response: str, template: str = "model") -> tuple[list[int], int]:
+    """Token ids of prompt + response (see ``rmjax.data.chat.render``) and the prompt's token count."""
+    prompt_ids, response_ids = render(tokenizer, pair.prompt_messages, response, template)
+    return prompt_ids + response_ids, len(prompt_ids)
 
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, over_length: str = "truncate"

@@ -1,0 +1,56 @@
+"""Chat rendering with an exact token-level prompt/response boundary.
+
+``render(tokenizer, prompt_messages, response)`` returns (prompt_ids, response_ids) such that
+prompt_ids + response_ids is the model's tokenisation of the whole conversation: the prompt is
+rendered with the generation prompt, the full conversation must start with exactly that text
+(checked), and the response ids are the tokens of the remainder (the reply and its end-of-turn).
+
+Templates: the model's own chat template by default; a named built-in (``chatml``, ``gemma``,
+``llama3``) to render a base model in its instruct sibling's format; or ``plain``, the HH-RLHF
+transcript layout ("\\n\\nHuman: ...\\n\\nAssistant: reply" + EOS), used for base models that ship no
+template.
+"""
+from __future__ import annotations
+
+from rmjax.errors import ConfigError, DataError
+
+BUILTIN_TEMPLATES = {
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "gemma": ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+              "else m['role'] %}{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+               " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+}
+TEMPLATE_CHOICES = ("model", "plain", *BUILTIN_TEMPLATES)
+
+
+def template_name(tokenizer, template: str = "model") -> str:
+    """The template actually used: 'model' falls back to 'plain' for tokenizers without one."""
+    if template not in TEMPLATE_CHOICES:
+        raise ConfigError(f"unknown template {template!r}; choose one of {list(TEMPLATE_CHOICES)}")
+    if template == "model":
+        return "model" if tokenizer.has_chat_template else "plain"
+    return template
+
+
+def render(tokenizer, prompt: list[dict], response: str, template: str = "model") -> tuple[list[int], list[int]]:
+    name = template_name(tokenizer, template)
+    if name == "plain":
+        turns = "".join(f"\n\n{'Assistant' if m['role'] == 'assistant' else 'Human'}: {m['content']}"
+                        for m in prompt if m["role"] != "system")
+        system = "".join(m["content"] + "\n" for m in prompt if m["role"] == "system")
+        prompt_ids = tokenizer.encode(system + turns + "\n\nAssistant:", add_special_tokens=True)
+        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        return prompt_ids, tokenizer.encode(" " + response, add_special_tokens=False) + eos
+    chat_template = None if name == "model" else BUILTIN_TEMPLATES[name]
+    full_messages = list(prompt) + [{"role": "assistant", "content": response}]
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, chat_template=chat_template)
+    full_text = tokenizer.apply_chat_template(full_messages, chat_template=chat_template)
+    if not full_text.startswith(prompt_text):
+        raise DataError(f"{tokenizer.source}: the chat template does not render the reply right after the "
+                        "generation prompt, so the prompt/response boundary is undefined; choose --template")
+    return (tokenizer.encode(prompt_text, add_special_tokens=False),
+            tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False))

@@ -1,0 +1,44 @@
+"""Prompt/response boundaries are token-exact for every template, on the real tokenizers."""
+import pytest
+
+from rmjax.data.chat import BUILTIN_TEMPLATES, render, template_name
+from rmjax.errors import ConfigError
+from rmjax.io import registry
+
+PROMPT = [{"role": "user", "content": "What, in one word, is the best thing ever?"},
+          {"role": "assistant", "content": "Love."}, {"role": "user", "content": "And the worst?"}]
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
+def tok(request):
+    return registry.load_tokenizer(request.param)
+
+
+@pytest.mark.parametrize("template", ["model", "plain", *BUILTIN_TEMPLATES])
+@pytest.mark.parametrize("response", ["Hatred", " spaced  out ", "多语言 émoji 🎉\nnew line"])
+def test_boundary_is_token_exact(tok, template, response):
+    if template in ("llama3",) or (template == "chatml" and "gemma" in tok.source) or (
+            template == "gemma" and "SmolLM" in tok.source):
+        pytest.skip("special tokens of another family are not in this vocabulary")
+    prompt_ids, response_ids = render(tok, PROMPT, response, template)
+    name = template_name(tok, template)
+    if name == "plain":
+        full = tok.encode(tok.decode(prompt_ids, skip_special_tokens=True) + " " + response, add_special_tokens=True)
+        assert full[:len(prompt_ids)] == prompt_ids
+        assert response_ids[-1] == tok.eos_id
+    else:
+        chat = None if name == "model" else BUILTIN_TEMPLATES[name]
+        text = tok.apply_chat_template(PROMPT + [{"role": "assistant", "content": response}], chat_template=chat)
+        assert tok.encode(text, add_special_tokens=False) == prompt_ids + response_ids
+        end = tok.decode(response_ids)
+        assert response.strip() in end
+        assert set(response_ids) & set(tok.end_of_turn_ids)  # the reply's end-of-turn is scored
+
+
+def test_model_template_falls_back_to_plain_for_base_models():
+    gemma = registry.load_tokenizer("gemma3-270m")
+    assert template_name(gemma, "model") == "plain"
+    smol = registry.load_tokenizer("smollm2-135m-instruct")
+    assert template_name(smol, "model") == "model"
+    with pytest.raises(ConfigError, match="unknown template"):
+        template_name(smol, "vicuna")
