@@ -1,0 +1,155 @@
+"""Exhaustive scoring: every vocabulary token (or every word of a list) as the response to a prompt.
+
+For each prompt the chat-templated prefix runs through the model ONCE; its KV cache is then
+extended by batches of candidate responses:
+  * ``next_token``: log p(token | prompt) for all V tokens from one forward (the last position);
+  * ``response``: the full templated response, token + the template's end-of-turn suffix (e.g.
+    ``<|im_end|>\\n``), scored as a sequence: its log-prob sum, or an RM score at its last token;
+  * word lists: each word rendered as a (multi-token) reply, sharing the prompt prefix.
+Output tables follow the released score tables: a ``response`` column, then one column per prompt.
+
+The cross-tokenizer mixture-weighted log ratio compares two models whose vocabularies differ:
+MWLR(s) = 0.5 (p_A(s) + p_B(s)) (log p_A(s) - log p_B(s)), joined on normalised decoded strings
+(strip, lowercase, ASCII only; the max probability per string within each model).
+"""
+from __future__ import annotations
+
+import sys
+import time
+import unicodedata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from rmjax.data.chat import render
+from rmjax.models.transformer import forward, unembedding_matrix
+from rmjax.scoring.engine import Encoded, bucket, pad_batch, response_logprobs, sequence_stats
+from rmjax.scoring.logprobs import next_token_logprobs
+from rmjax.pooling import gather_last
+
+
+def next_token_table(loaded, prompts: dict[str, str], template: str = "model") -> pd.DataFrame:
+    """log p(token | prompt) for every token id (rows) and prompt key (columns)."""
+    config, tok = loaded.config, loaded.tokenizer
+
+    @jax.jit
+    def run(params, ids, mask):
+        hidden = forward(params, config, ids, mask).hidden
+        return next_token_logprobs(gather_last(hidden, mask), unembedding_matrix(params, config),
+                                   logit_softcap=config.final_logit_softcap)
+
+    columns = {}
+    for key, text in prompts.items():
+        prompt_ids, _ = render(tok, [{"role": "user", "content": text}], "", template)
+        length = bucket(len(prompt_ids))
+        ids = np.full((1, length), tok.pad_id, np.int32)
+        mask = np.zeros((1, length), np.int32)
+        ids[0, :len(prompt_ids)], mask[0, :len(prompt_ids)] = prompt_ids, 1
+        columns[key] = np.asarray(run(loaded.params, ids, mask))[0, :config.vocab_size]
+    return _table(tok, config.vocab_size, columns)
+
+
+def _table(tok, vocab_size: int, columns: dict[str, np.ndarray]) -> pd.DataFrame:
+    n = min(vocab_size, tok.vocab_size)
+    frame = pd.DataFrame({"token_id": np.arange(n), "response": [tok.token_to_str(i) for i in range(n)]})
+    for key, values in columns.items():
+        frame[key] = values[:n]
+    return frame
+
+
+def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *, chunk: int = 512,
+                   rm_head: np.ndarray | None = None, progress: str | None = None) -> dict[str, np.ndarray]:
+    """Score each candidate response (token ids incl. any suffix) after ONE prompt prefix.
+
+    Returns {'sum', 'mean', 'count'} (log-probs) and, with ``rm_head`` [D], {'rm'}; arrays [N].
+    """
+    config = loaded.config
+
+    @jax.jit
+    def run(params, head, batch):
+        token_lp, hidden = response_logprobs(params, config, batch)
+        out = sequence_stats(token_lp, batch["response_mask"])
+        if head is not None:
+            out["rm"] = gather_last(hidden.astype(jnp.float32), batch["response_mask"]) @ head
+        return out
+
+    pad = loaded.tokenizer.pad_id
+    results: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    # one prompt, responses in chunks; sorting by length keeps padding (and shapes) small
+    order = np.argsort([len(c) for c in candidates], kind="stable")
+    for start in range(0, len(order), chunk):
+        idx = order[start:start + chunk]
+        ex = Encoded(np.asarray(prompt_ids), tuple(np.asarray(candidates[i]) for i in idx))
+        batch, _ = pad_batch([ex], 1, pad)
+        n = len(idx)
+        if n < chunk and len(order) > chunk:  # keep one compiled shape for the last chunk
+            filler = chunk - n
+            for k in ("response_ids", "response_mask"):
+                batch[k] = np.concatenate([batch[k], np.zeros((filler, batch[k].shape[1]), np.int32)])
+        out = run(loaded.params, None if rm_head is None else jnp.asarray(rm_head), batch)
+        for k, v in out.items():
+            results.setdefault(k, []).append((idx, np.asarray(v)[:n]))
+        if progress:
+            done = min(start + chunk, len(order))
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            print(f"\r{progress}: {done}/{len(order)} responses, {rate:.0f}/s, "
+                  f"ETA {(len(order) - done) / rate:.0f}s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    out = {}
+    for k, parts in results.items():
+        values = np.empty(len(candidates), np.float32)
+        for idx, v in parts:
+            values[idx] = v
+        out[k] = values
+    return out
+
+
+def token_responses(loaded, prompt_text: str, template: str = "model") -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [token + end-of-turn suffix] for every token id)."""
+    tok = loaded.tokenizer
+    prompt_ids, suffix = render(tok, [{"role": "user", "content": prompt_text}], "", template)
+    suffix = [t for t in suffix if t != tok.bos_id]
+    n = min(loaded.config.vocab_size, tok.vocab_size)
+    return prompt_ids, [[t] + suffix for t in range(n)]
+
+
+def word_responses(loaded, prompt_text: str, words: list[str], template: str = "model"
+                   ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, each word rendered as the reply) with one shared prompt prefix."""
+    tok = loaded.tokenizer
+    messages = [{"role": "user", "content": prompt_text}]
+    prompt_ids, _ = render(tok, messages, "", template)
+    candidates = []
+    for word in words:
+        p, r = render(tok, messages, word, template)
+        if p != prompt_ids:
+            raise ValueError(f"prompt tokens changed with the reply {word!r}; the template is not prefix-stable")
+        candidates.append(r)
+    return prompt_ids, candidates
+
+
+def normalise(s: str) -> str:
+    """strip, lowercase, ASCII only (accents folded, other characters dropped)."""
+    folded = unicodedata.normalize("NFKD", s.strip().lower())
+    return folded.encode("ascii", "ignore").decode("ascii").strip()
+
+
+def string_logprobs(table: pd.DataFrame, column: str) -> pd.Series:
+    """log p per normalised string: the max over the tokens that normalise to it (empty dropped)."""
+    keys = table["response"].map(normalise)
+    frame = pd.DataFrame({"string": keys, "logp": table[column].to_numpy()})
+    frame = frame[frame["string"] != ""]
+    return frame.groupby("string")["logp"].max()
+
+
+def mixture_weighted_log_ratio(table_a: pd.DataFrame, table_b: pd.DataFrame, column: str) -> pd.DataFrame:
+    """MWLR per string present in both vocabularies: 0.5 (p_A + p_B) (log p_A - log p_B)."""
+    a, b = string_logprobs(table_a, column), string_logprobs(table_b, column)
+    joined = pd.concat([a.rename("logp_a"), b.rename("logp_b")], axis=1, join="inner")
+    pa, pb = np.exp(joined["logp_a"]), np.exp(joined["logp_b"])
+    joined["mwlr"] = 0.5 * (pa + pb) * (joined["logp_a"] - joined["logp_b"])
+    return joined.reset_index(names="response")

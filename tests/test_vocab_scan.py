@@ -1,0 +1,55 @@
+"""Vocabulary scan: prefix-cache scores equal naive full-sequence scoring; MWLR by hand."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from hf_models import save_tiny_checkpoint
+from rmjax.models.loading import load_model
+from rmjax.scoring.engine import naive_response_logprobs
+from rmjax.scoring.vocab_scan import (mixture_weighted_log_ratio, next_token_table, normalise, scan_responses,
+                                      token_responses, word_responses)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_scan")
+    save_tiny_checkpoint(d, "gemma3_window")
+    return load_model(str(d))
+
+
+def test_token_scan_equals_naive(tiny):
+    prompt_ids, cands = token_responses(tiny, "What, in one word, is the best thing ever?")
+    assert len(cands) == min(tiny.config.vocab_size, tiny.tokenizer.vocab_size)
+    assert cands[5][1:] == cands[6][1:] and len(cands[5]) >= 2  # token + the template's end-of-turn
+    head = np.random.default_rng(0).standard_normal(tiny.config.hidden_size).astype(np.float32)
+    out = scan_responses(tiny, prompt_ids, cands, chunk=128, rm_head=head)
+    for t in (0, 17, 255, len(cands) - 1):
+        ref = naive_response_logprobs(tiny.params, tiny.config, np.asarray(prompt_ids), np.asarray(cands[t]))
+        np.testing.assert_allclose(out["sum"][t], ref.sum(), atol=1e-4, rtol=1e-4)
+    # (a) next-token table agrees with the first token's log-prob of (b)
+    table = next_token_table(tiny, {"best": "What, in one word, is the best thing ever?"})
+    first = np.array([naive_response_logprobs(tiny.params, tiny.config, np.asarray(prompt_ids),
+                                              np.asarray(cands[t]))[0] for t in (3, 99)])
+    np.testing.assert_allclose(table["best"].to_numpy()[[3, 99]], first, atol=1e-4)
+    assert list(table.columns[:2]) == ["token_id", "response"]
+
+
+def test_word_list_scan_equals_naive(tiny):
+    words = ["love", "kindness", "power", "achievement", "x"]
+    prompt_ids, cands = word_responses(tiny, "What is the best thing?", words)
+    out = scan_responses(tiny, prompt_ids, cands, chunk=2)
+    for i in range(len(words)):
+        ref = naive_response_logprobs(tiny.params, tiny.config, np.asarray(prompt_ids), np.asarray(cands[i]))
+        np.testing.assert_allclose(out["sum"][i], ref.sum(), atol=1e-4)
+        assert out["count"][i] == len(cands[i])
+
+
+def test_mwlr_by_hand():
+    a = pd.DataFrame({"response": [" Love", "love", "Hate", "é", "zz"], "p": np.log([0.2, 0.3, 0.1, 0.05, 0.01])})
+    b = pd.DataFrame({"response": ["LOVE ", "hate", "e", "qq"], "p": np.log([0.1, 0.4, 0.05, 0.2])})
+    got = mixture_weighted_log_ratio(a, b, "p").set_index("response")["mwlr"]
+    assert set(got.index) == {"love", "hate", "e"}
+    assert got["love"] == pytest.approx(0.5 * (0.3 + 0.1) * (np.log(0.3) - np.log(0.1)))
+    assert got["hate"] == pytest.approx(0.5 * (0.1 + 0.4) * (np.log(0.1) - np.log(0.4)))
+    assert got["e"] == pytest.approx(0.0)
+    assert normalise("  Élan\n") == "elan" and normalise("日本") == ""
