@@ -1,0 +1,29 @@
+"""The main job: `rmjax logprobs` on the embedded SmolLM2 model."""
+import json
+
+from rmjax.cli import main
+
+
+def test_logprobs_json_paris_first(capsys):
+    assert main(["logprobs", "--model", "smollm2-135m-instruct", "--prompt", "The capital of France is",
+                 "--top", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "smollm2-135m-instruct" and out["prompt"] == "The capital of France is"
+    assert len(out["top"]) == 5 and out["top"][0]["token"] == " Paris"
+    lps = [t["logprob"] for t in out["top"]]
+    assert lps == sorted(lps, reverse=True) and all(lp < 0 for lp in lps)
+    assert all(isinstance(t["token_id"], int) for t in out["top"])
+
+
+def test_logprobs_chat_and_text_output(capsys):
+    assert main(["logprobs", "--prompt", "What, in one word, is the best thing ever?", "--chat", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "<|im_start|>assistant" in text and text.count("p=") == 3
+
+
+def test_bad_model_and_top(capsys):
+    assert main(["logprobs", "--model", "no-such-model", "--prompt", "x"]) == 2
+    assert "registry models: gemma3-270m, smollm2-135m-instruct" in capsys.readouterr().err
+    assert main(["logprobs", "--prompt", "x", "--top", "0"]) == 2
+    assert main(["logprobs", "--model", "gemma3-270m", "--prompt", "x", "--chat"]) == 2
+    assert "no chat template" in capsys.readouterr().err

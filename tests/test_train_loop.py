@@ -1,0 +1,107 @@
+"""End-to-end training on a tiny checkpoint: run, kill -9, resume -> identical to an uninterrupted run;
+export loads in transformers with the same rewards; refuses a run_dir with other settings."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_models import save_tiny_checkpoint
+from rmjax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["train.steps=8", "train.save_every=2", "train.eval_every=4", "train.log_every=1",
+             "train.batch_size=4", "train.trainable=lora", "train.lora_rank=4", "data.eval_pairs=16",
+             "data.source=harmless", "data.fraction=0.05", "data.max_length=128", "data.buckets=[64,128]",
+             "model.dtype=float32", "optim.lr=1e-3"]
+
+
+def train_cmd(model_dir, run_dir):
+    return [sys.executable, "-m", "rmjax.cli", "train", "--no-progress", f"model.name={model_dir}",
+            f"run_dir={run_dir}", *OVERRIDES]
+
+
+def env():
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # two devices: fsdp really shards
+    e["PYTHONPATH"] = str(ROOT)
+    return e
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny_checkpoint(d)
+    return d
+
+
+def final_params(run_dir):
+    from safetensors.numpy import load_file
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(model_dir, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(train_cmd(model_dir, straight), check=True, env=env(), capture_output=True)
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(train_cmd(model_dir, resumed), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = [p for p in (resumed / "checkpoints").glob("[0-9]*")] if (resumed / "checkpoints").exists() else []
+        if any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run finished before it could be killed; the test needs a longer run"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "result.json").exists()
+    out = subprocess.run(train_cmd(model_dir, resumed), check=True, env=env(), capture_output=True, text=True)
+    assert "resumed from step" in out.stderr
+
+    a, b = final_params(straight), final_params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    steps = [json.loads(ln)["step"] for ln in (resumed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "train"]
+    assert steps == list(range(1, 9))  # no duplicated or missing metric lines
+    r1 = json.loads((straight / "result.json").read_text())
+    r2 = json.loads((resumed / "result.json").read_text())
+    assert r1["eval"] == r2["eval"]
+
+    # the export is a real HF reward model: transformers loads it and gives rmjax's rewards
+    from transformers import AutoModelForSequenceClassification
+
+    from rmjax.models.loading import load_model
+    from rmjax.train.evaluate import scalar_rewards_fn
+
+    hf = AutoModelForSequenceClassification.from_pretrained(straight / "final", dtype=torch.float32).eval()
+    loaded = load_model(str(straight / "final"), with_tokenizer=False)
+    ids = np.array([[5, 17, 99, 230, 7, 42]], np.int32)
+    mask = np.ones_like(ids)
+    ours = np.asarray(scalar_rewards_fn(loaded)(loaded.params, ids, mask))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long)).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_run_dir_with_other_settings_is_refused(model_dir, tmp_path):
+    from rmjax.train.config import load_config
+    from rmjax.train.loop import check_run_dir
+
+    run = load_config(None, [f"run_dir={tmp_path / 'r'}", f"model.name={model_dir}"])
+    check_run_dir(run, overwrite=False)
+    check_run_dir(run, overwrite=False)  # same settings: resume is fine
+    other = load_config(None, [f"run_dir={tmp_path / 'r'}", f"model.name={model_dir}", "optim.lr=0.5"])
+    with pytest.raises(ConfigError, match="different settings"):
+        check_run_dir(other, overwrite=False)
+    check_run_dir(other, overwrite=True)
