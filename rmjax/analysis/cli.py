@@ -1,0 +1,62 @@
+"""`rmjax value-bias`: which words RMs prefer, by model family, for a dictionary of value categories."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rmjax.analysis.dictionary import BUNDLED_DICTIONARIES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "value-bias", help="compare how RM families rank dictionary words (e.g. agency vs communion)",
+        description="Rank dictionary words per (model, prompt), take median ranks per category and compare model "
+                    "families: Cohen's d, permutation tests, mixed-effects model, model similarity, best/worst "
+                    "words, frequency bias; tables, figures and report.md in --out.")
+    parser.add_argument("--scores", required=True, metavar="DIR",
+                        help="folder with one score file per model (.csv/.parquet): column `response` + one "
+                             "numeric column per prompt")
+    parser.add_argument("--dictionary", required=True, metavar="NAME_OR_PATH",
+                        help=f"bundled ({', '.join(BUNDLED_DICTIONARIES)}) or a LIWC-like .dicx/.csv "
+                             "(DicTerm + 'X' columns) or a two-column (Category, word) CSV")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the tables, figures and report.md")
+    parser.add_argument("--families", metavar="FILE",
+                        help="model -> family (base model) as a CSV with columns model,family or a YAML mapping; "
+                             "by default inferred from the file name")
+    parser.add_argument("--permutations", type=int, default=10_000, metavar="N",
+                        help="permutations per test (default 10000)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the permutations (default 0)")
+    parser.add_argument("--top-k", type=int, default=10, metavar="K",
+                        help="best and worst words listed per model and prompt (default 10)")
+    parser.add_argument("--keep-valence", action="store_true",
+                        help="keep *_Virtue / *_Vice dictionary columns apart instead of merging them")
+    parser.add_argument("--common-prompts", action="store_true",
+                        help="when files have different prompt columns, use the ones all share (default: error)")
+    parser.add_argument("--no-figures", action="store_true", help="write tables and report only")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rmjax.analysis.pipeline import run_value_bias
+    from rmjax.analysis.report import markdown_table, panel_sentences, paper_direction
+
+    start = time.perf_counter()
+    result = run_value_bias(
+        args.scores, args.dictionary, args.out, families_file=args.families, permutations=args.permutations,
+        seed=args.seed, top_k=args.top_k, keep_valence=args.keep_valence, common_prompts=args.common_prompts,
+        figures=not args.no_figures, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print()
+    if result.comparison is not None:
+        print(markdown_table(result.comparison))
+        print()
+        for sentence in panel_sentences(result.comparison):
+            print(f"- {sentence}")
+        direction = paper_direction(result.comparison)
+        if direction:
+            print(f"\n{direction}")
+    if result.warnings:
+        print(f"\n{len(result.warnings)} warning(s); see report.md")
+    print(f"\nwrote {len(result.files)} files to {args.out} in {time.perf_counter() - start:.1f} s "
+          "(smaller rank = better; rank 1 = highest score)")
+    return 0
