@@ -19,7 +19,7 @@ from rmjax.analysis import (
 )
 from rmjax.analysis import cli as value_bias_cli
 
-SHARED_SCORES = Path(__file__).resolve().parents[2] / "shared" / "data" / "rm_scores" / "big2_nouns"
+SHARED_SCORES = Path(__file__).resolve().parents[1] / "rmjax" / "data" / "bundled" / "rm_scores" / "big2_nouns"
 AGENCY, COMMUNION = ["drive", "power", "skill", "success"], ["care", "family", "help", "trust"]
 PROMPTS = ["best_one", "good_one", "worst_one", "bad_one"]
 
@@ -131,7 +131,6 @@ def test_through_the_rmjax_entry_point(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.skipif(not SHARED_SCORES.is_dir(), reason="released Big Two scores not present")
 def test_released_scores_show_the_papers_direction():
     scores = load_scores(SHARED_SCORES)
     dictionary = load_dictionary("big2_nouns")
