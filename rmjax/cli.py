@@ -16,6 +16,7 @@ from rmjax.errors import RmjaxError as UserError
 _COMMANDS = (
     "rmjax.commands.logprobs",
     "rmjax.commands.train",
+    "rmjax.commands.score",
     "rmjax.analysis.cli",
 )
 

@@ -1,0 +1,207 @@
+"""`rmjax score` (bulk implicit-reward / RM scoring) and `rmjax vocab-scan` (exhaustive scoring)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rmjax.data.chat import TEMPLATE_CHOICES
+from rmjax.errors import RmjaxError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score a corpus with implicit rewards and/or a reward model (resumable)",
+                       description="Score every example of a corpus. Re-running the same command resumes it.")
+    p.add_argument("--data", default="hh-rlhf", help="jsonl / parquet / HF datasets dir, or hh-rlhf[:SUBSETS]")
+    p.add_argument("--split", help="split of a DatasetDict directory")
+    p.add_argument("--policy", default="smollm2-135m-instruct", help="policy model (log pi); '' for none")
+    p.add_argument("--reference", default="gemma3-270m", help="reference model (log pi_ref); '' = reference-free")
+    p.add_argument("--rm", default="", help="explicit reward model (*ForSequenceClassification dir)")
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--reduction", choices=["sum", "mean"], default="sum",
+                   help="sequence log-prob in the implicit reward: sum, or mean (length-normalised)")
+    p.add_argument("--template", choices=TEMPLATE_CHOICES, default="model",
+                   help="chat rendering: each model's own template (plain HH layout for base models) or a fixed one")
+    p.add_argument("--sample", type=int, default=200,
+                   help="score a fixed, seeded sample of this many examples (0 = the whole corpus)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--over-length", choices=["truncate", "drop"], default="truncate")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="skip")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (each with its responses)")
+    p.add_argument("--shard-size", type=int, default=32, help="examples per output part (unit of resumption)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--token-logprobs", action="store_true", help="also store per-token log-probs (tokens.zarr)")
+    p.add_argument("--out", default="runs/score", help="output directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_score)
+
+    v = sub.add_parser("vocab-scan", help="score every vocabulary token (or every word of a list) as a response",
+                       description="Exhaustive scoring over the value prompts; one table per mode.")
+    v.add_argument("--model", default="smollm2-135m-instruct")
+    v.add_argument("--reference", default="", help="second model: implicit reward (same tokenizer) or MWLR")
+    v.add_argument("--rm", default="", help="reward model (*ForSequenceClassification dir) for RM scores")
+    v.add_argument("--prompts", help="YAML {key: prompt}; default the 54 bundled value prompts")
+    v.add_argument("--prompt-keys", nargs="*", help="only these prompt keys")
+    v.add_argument("--mode", choices=["next-token", "response", "words"], default="next-token")
+    v.add_argument("--words", default="big2_nouns", help="words mode: a bundled dictionary name or a file")
+    v.add_argument("--template", choices=TEMPLATE_CHOICES, default="model")
+    v.add_argument("--chunk", type=int, default=512, help="responses per batch against the prompt cache")
+    v.add_argument("--out", default="runs/vocab_scan")
+    v.set_defaults(func=run_vocab_scan)
+
+
+def _sample(records, n: int, seed: int):
+    import numpy as np
+
+    if not n or n >= len(records):
+        return records
+    keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
+    from dataclasses import replace
+    return [replace(records[i], index=j) for j, i in enumerate(keep)]
+
+
+def run_score(args) -> int:
+    import dataclasses
+    import time
+
+    import jax
+    from tqdm import tqdm
+
+    from rmjax import distributed
+    from rmjax.data.records import RecordReport, input_fingerprint, read_records
+    from rmjax.models.loading import load_model
+    from rmjax.scoring import bulk
+    from rmjax.scoring.output import ScoreWriter
+
+    distributed.maybe_initialize()
+    report = RecordReport()
+    records = _sample(read_records(args.data, on_error=args.on_error, report=report, split=args.split),
+                      args.sample, args.seed)
+    bulk.log(f"data: {report.summary()}; scoring {len(records)} examples")
+    if not records:
+        raise RmjaxError(f"{args.data}: no records to score")
+    s = bulk.ScoreSettings(beta=args.beta, reduction=args.reduction, template=args.template,
+                           max_length=args.max_length, over_length=args.over_length, batch_size=args.batch_size,
+                           shard_size=args.shard_size, token_logprobs=args.token_logprobs)
+    roles = [("policy", args.policy), ("reference", args.reference), ("rm", args.rm)]
+    if not args.policy and args.reference:
+        raise RmjaxError("--reference needs a --policy")
+    settings = {"models": {r: m for r, m in roles if m}, "beta": args.beta, "reduction": args.reduction,
+                "template": args.template, "dtype": args.dtype, "data": args.data, "split": args.split,
+                "data_hash": input_fingerprint(args.data), "sample": args.sample, "seed": args.seed,
+                "max_length": args.max_length, "over_length": args.over_length, "batch_size": args.batch_size,
+                "on_error": args.on_error}
+    writer = ScoreWriter(args.out, settings, num_examples=len(records), shard_size=args.shard_size,
+                         token_logprobs=args.token_logprobs, overwrite=args.overwrite)
+    if writer.is_complete():
+        bulk.log(f"{args.out}: already complete")
+        print(json.dumps(writer.metadata.get("summary", {}), indent=2))
+        return 0
+    slots = [bulk.ModelSlot(role, load_model(name, dtype=args.dtype)) for role, name in roles if name]
+    scorer = bulk.Scorer(slots, s)
+    bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in slots)}; "
+             f"{'one fused jit for policy+reference' if scorer.fused else 'per-model passes'}")
+    pending = writer.pending_shards()
+    mine = [k for k in pending if k % jax.process_count() == jax.process_index()]
+    done = len(records) - sum(len(writer.shard_range(k)) for k in pending)
+    bar = tqdm(total=len(records), initial=done, unit="ex", desc="score", file=sys.stderr,
+               disable=args.no_progress or not distributed.is_main_process())
+    t0, tokens = time.perf_counter(), 0
+    for k, (rows, dropped, token_streams) in zip(mine, _prefetched_shards(scorer, records, writer, mine)):
+        writer.write_shard(k, rows, skipped=dropped, token_logprobs=token_streams if s.token_logprobs else None)
+        bar.update(len(writer.shard_range(k)))
+        tokens = scorer.real_tokens
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+    bar.close()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("rmjax-score-shards")
+    if not distributed.is_main_process():
+        return 0
+    import pandas as pd
+    table = pd.read_parquet(writer.parts_dir)
+    summary = bulk.summarise(table.to_dict("records"))
+    if scorer.padded_tokens:
+        summary["padding_efficiency"] = scorer.real_tokens / scorer.padded_tokens
+        summary["tokens_vs_unshared"] = scorer.real_tokens / max(scorer.naive_tokens, 1)
+    summary["records_skipped"] = len(report.skipped)
+    writer.finalize({"summary": summary, "settings_resolved": dataclasses.asdict(s)})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _prefetched_shards(scorer, records, writer, shards):
+    """Score shards in order; grain prefetches the next shard's records while one is scored."""
+    import grain
+
+    ds = grain.MapDataset.source(shards).map(lambda k: [records[i] for i in writer.shard_range(k)])
+    for recs in ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)):
+        yield scorer.score_shard(recs)
+
+
+def run_vocab_scan(args) -> int:
+    from rmjax.data.preferences import load_value_prompts
+    from rmjax.models.loading import load_model
+    from rmjax.scoring import vocab_scan as vs
+
+    prompts = load_value_prompts(Path(args.prompts) if args.prompts else None)
+    if args.prompt_keys:
+        unknown = [k for k in args.prompt_keys if k not in prompts]
+        if unknown:
+            raise RmjaxError(f"unknown prompt keys {unknown}; known: {sorted(prompts)[:6]}...")
+        prompts = {k: prompts[k] for k in args.prompt_keys}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    if args.mode == "next-token":
+        table = vs.next_token_table(model, prompts, args.template)
+        table.to_csv(out / "next_token_logprobs.csv", index=False)
+        if args.reference:
+            ref = load_model(args.reference)
+            ref_table = vs.next_token_table(ref, prompts, args.template)
+            ref_table.to_csv(out / "reference_next_token_logprobs.csv", index=False)
+            for key in prompts:
+                m = vs.mixture_weighted_log_ratio(table, ref_table, key)
+                m.to_csv(out / f"mwlr_{key}.csv", index=False)
+        print(f"wrote {out}")
+        return 0
+    rm = load_model(args.rm) if args.rm else None
+    ref = load_model(args.reference) if args.reference else None
+    from rmjax.scoring.bulk import same_tokenizer
+    if ref is not None and args.mode == "response" and not same_tokenizer(model.tokenizer, ref.tokenizer):
+        raise RmjaxError("--mode response scores token ids, so --reference needs the same tokenizer; use "
+                         "--mode next-token (MWLR across tokenizers) or --mode words")
+    import pandas as pd
+    columns: dict[str, dict[str, list]] = {}
+    words = _words(args.words) if args.mode == "words" else None
+    for key, text in prompts.items():
+        for tag, loaded in (("policy", model), ("reference", ref), ("rm", rm)):
+            if loaded is None:
+                continue
+            if words is None:
+                prompt_ids, cands = vs.token_responses(loaded, text, args.template)
+            else:
+                prompt_ids, cands = vs.word_responses(loaded, text, words, args.template)
+            head = loaded.score_head[:, 0] if tag == "rm" else None
+            res = vs.scan_responses(loaded, prompt_ids, cands, chunk=args.chunk, rm_head=head,
+                                    progress=f"{key} [{tag}]")
+            columns.setdefault(tag, {})[key] = res["rm"] if tag == "rm" else res["sum"]
+    labels = words if words is not None else [model.tokenizer.token_to_str(i) for i in range(len(cands))]
+    for tag, cols in columns.items():
+        frame = pd.DataFrame({"response": labels, **cols})
+        frame.to_csv(out / f"{args.mode}_{tag}.csv", index=False)
+    if ref is not None:
+        frame = pd.DataFrame({"response": labels, **{k: columns["policy"][k] - columns["reference"][k]
+                                                      for k in prompts}})
+        frame.to_csv(out / f"{args.mode}_implicit_reward.csv", index=False)
+    print(f"wrote {out}")
+    return 0
+
+
+def _words(spec: str) -> list[str]:
+    from rmjax.analysis import load_dictionary
+
+    return list(load_dictionary(spec).words)

@@ -1,0 +1,225 @@
+"""Bulk corpus scoring: implicit rewards (policy vs reference log-probs) and explicit RM scores.
+
+    records -> per-model rendering (each model its own chat template and tokenizer)
+            -> shards of consecutive examples (the unit of resumption and of output)
+            -> length-bucketed batches of prompt groups (prompt once, responses on its KV cache)
+            -> one parquet part per shard -> scores.parquet + metadata.json
+
+Policy and reference sharing a tokenizer run in ONE jitted function over the same batches; with
+different tokenizers each model encodes the text itself and the log-ratio is taken per sequence.
+A shard's batches depend only on that shard's examples, so a killed run re-run with the same
+command skips finished shards and gives exactly the rows of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from rmjax.data.chat import render, template_name
+from rmjax.data.records import ScoringRecord
+from rmjax.errors import ConfigError
+from rmjax.scoring.engine import Encoded, bucket, pad_batch, paired_score_fn, score_fn
+
+
+@dataclasses.dataclass
+class ScoreSettings:
+    beta: float = 1.0
+    reduction: str = "sum"  # sum | mean: which sequence log-prob enters the implicit reward
+    template: str = "model"
+    max_length: int = 1024
+    over_length: str = "truncate"  # truncate (drop oldest prompt tokens) | drop
+    batch_size: int = 8  # prompt groups per batch
+    shard_size: int = 64  # examples per output part
+    token_logprobs: bool = False
+    buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass
+class ModelSlot:
+    role: str  # policy | reference | rm
+    loaded: Any
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+
+def encode(slot: ModelSlot, rec: ScoringRecord, s: ScoreSettings) -> Encoded | str:
+    """This model's token ids for the record, or the reason it is dropped."""
+    prompt_ids, responses = None, []
+    for response in rec.responses:
+        p, r = render(slot.tokenizer, rec.prompt_messages, response, s.template)
+        prompt_ids = p if prompt_ids is None else prompt_ids
+        responses.append(np.asarray(r, np.int32))
+    longest = max(len(r) for r in responses)
+    truncated = False
+    if len(prompt_ids) + longest > s.max_length:
+        if s.over_length == "drop" or longest >= s.max_length:
+            return f"{rec.id}: {slot.role} sequence of {len(prompt_ids) + longest} tokens exceeds max_length={s.max_length}"
+        prompt_ids = prompt_ids[len(prompt_ids) + longest - s.max_length:]  # keep the recent turns
+        truncated = True
+    return Encoded(np.asarray(prompt_ids, np.int32), tuple(responses), truncated)
+
+
+def batches(encoded: dict[int, Encoded], batch_size: int, buckets: tuple[int, ...]):
+    """Group examples with the same (prompt bucket, response bucket, responses) into batches."""
+    groups: dict[tuple, list[int]] = {}
+    for i, e in encoded.items():
+        key = (bucket(len(e.prompt), buckets), bucket(max(map(len, e.responses)), buckets), len(e.responses))
+        groups.setdefault(key, []).append(i)
+    for key in sorted(groups):
+        ids = groups[key]
+        for start in range(0, len(ids), batch_size):
+            yield ids[start:start + batch_size]
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.vocab_size == b.vocab_size and a.backend.to_str() == b.backend.to_str()
+
+
+class Scorer:
+    """Runs the models over shards of records and returns output rows."""
+
+    def __init__(self, slots: list[ModelSlot], settings: ScoreSettings):
+        self.slots, self.s = slots, settings
+        roles = {sl.role: sl for sl in slots}
+        self.policy, self.reference, self.rm = roles.get("policy"), roles.get("reference"), roles.get("rm")
+        if self.policy is None and self.rm is None:
+            raise ConfigError("give a --policy model (implicit reward / log-probs) or an --rm model (or both)")
+        self.fused = (self.policy is not None and self.reference is not None
+                      and same_tokenizer(self.policy.tokenizer, self.reference.tokenizer)
+                      and template_name(self.policy.tokenizer, settings.template)
+                      == template_name(self.reference.tokenizer, settings.template))
+        tok = settings.token_logprobs
+        self.fns = {}
+        if self.fused:
+            self.fns["pair"] = paired_score_fn(self.policy.loaded.config, self.reference.loaded.config, with_tokens=tok)
+        for sl in slots:
+            if sl.role == "rm":
+                self.fns["rm"] = score_fn(sl.loaded.config, with_rm_head=True)
+            elif not self.fused:
+                self.fns[sl.role] = score_fn(sl.loaded.config, with_tokens=tok and sl.role == "policy")
+        self.real_tokens = 0
+        self.padded_tokens = 0
+        self.naive_tokens = 0
+
+    def _run(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
+        s = self.s
+        pad = slot.tokenizer.pad_id
+        for ids in batches(encoded, s.batch_size, s.buckets):
+            exs = [encoded[i] for i in ids]
+            batch, real = pad_batch(exs, s.batch_size, pad, s.buckets)
+            self.real_tokens += real
+            self.padded_tokens += batch["prompt_ids"].size + batch["response_ids"].size
+            self.naive_tokens += sum(len(e.prompt) * len(e.responses) + sum(map(len, e.responses)) for e in exs)
+            if name == "pair":
+                res = self.fns["pair"](self.policy.loaded.params, self.reference.loaded.params, batch)
+                parts = [("policy", res["policy"]), ("reference", res["reference"])]
+            elif name == "rm":
+                head = slot.loaded.score_head[:, 0]
+                parts = [("rm", self.fns["rm"](slot.loaded.params, head, batch))]
+            else:
+                parts = [(name, self.fns[name](slot.loaded.params, None, batch))]
+            r = len(exs[0].responses)
+            for role, stats in parts:
+                stats = jax.device_get(stats)
+                for g, i in enumerate(ids):
+                    rows = slice(g * r, (g + 1) * r)
+                    out.setdefault(i, {})[role] = {k: np.asarray(v)[rows] for k, v in stats.items()}
+
+    def score_shard(self, records: list[ScoringRecord]) -> tuple[list[dict], dict[int, str], list[dict]]:
+        """Rows for the records (in order), {index: drop reason}, and per row the policy's per-token
+        log-probs by response name (empty dicts unless settings.token_logprobs)."""
+        encoded: dict[str, dict[int, Encoded]] = {}
+        dropped: dict[int, str] = {}
+        truncated = set()
+        for sl in self.slots:
+            enc = {}
+            for rec in records:
+                e = encode(sl, rec, self.s)
+                if isinstance(e, str):
+                    dropped.setdefault(rec.index, e)
+                else:
+                    enc[rec.index] = e
+                    if e.truncated:
+                        truncated.add(rec.index)
+            encoded[sl.role] = enc
+        for enc in encoded.values():
+            for i in dropped:
+                enc.pop(i, None)
+        results: dict[int, dict] = {}
+        if self.fused:
+            self._run("pair", self.policy, encoded["policy"], results)
+        for sl in self.slots:
+            if sl.role == "rm" or not self.fused:
+                self._run(sl.role, sl, encoded[sl.role], results)
+        kept = [rec for rec in records if rec.index in results]
+        rows = [self.row(rec, results[rec.index], rec.index in truncated) for rec in kept]
+        tokens = [self.token_streams(rec, results[rec.index]) for rec in kept]
+        return rows, dropped, tokens
+
+    def token_streams(self, rec: ScoringRecord, res: dict) -> dict[str, np.ndarray]:
+        stats = res.get("policy", {})
+        if "tokens" not in stats:
+            return {}
+        names = ("chosen", "rejected") if rec.kind == "pair" else ("response",)
+        return {name: np.asarray(stats["tokens"][j][:int(stats["count"][j])], np.float32)
+                for j, name in enumerate(names)}
+
+    def row(self, rec: ScoringRecord, res: dict, truncated: bool) -> dict:
+        s = self.s
+        names = ("chosen", "rejected") if rec.kind == "pair" else ("response",)
+        row: dict[str, Any] = {"index": rec.index, "id": rec.id, "kind": rec.kind, "truncated": truncated}
+        for role, stats in res.items():
+            for j, name in enumerate(names):
+                if role == "rm":
+                    row[f"rm_{name}"] = float(stats["rm"][j])
+                    continue
+                row[f"{role}_{name}_logp_sum"] = float(stats["sum"][j])
+                row[f"{role}_{name}_logp_mean"] = float(stats["mean"][j])
+                row[f"{role}_{name}_tokens"] = int(stats["count"][j])
+        if "policy" in res:
+            for name in names:
+                lp = row[f"policy_{name}_logp_{s.reduction}"]
+                ref = row[f"reference_{name}_logp_{s.reduction}"] if "reference" in res else 0.0
+                row[f"reward_{name}"] = s.beta * (lp - ref)
+            if rec.kind == "pair":
+                row["margin"] = row["reward_chosen"] - row["reward_rejected"]
+        if "rm" in res and rec.kind == "pair":
+            row["rm_margin"] = row["rm_chosen"] - row["rm_rejected"]
+        return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Pairwise accuracy (ties 0.5) and mean margin of the implicit reward and of the RM."""
+    out: dict[str, Any] = {"examples": len(rows)}
+    for key, name in (("margin", "implicit"), ("rm_margin", "rm")):
+        margins = np.array([r[key] for r in rows if r.get(key) is not None], np.float64)
+        margins = margins[~np.isnan(margins)]  # single-response rows have no margin
+        if len(margins):
+            wins = np.where(margins > 0, 1.0, np.where(margins == 0, 0.5, 0.0))
+            out[f"{name}_pairwise_accuracy"] = float(wins.mean())
+            out[f"{name}_mean_margin"] = float(margins.mean())
+            out[f"{name}_pairs"] = int(len(margins))
+    return out
+
+
+def shard_ranges(n: int, shard_size: int) -> list[range]:
+    return [range(k * shard_size, min(n, (k + 1) * shard_size)) for k in range(math.ceil(n / shard_size))]
+
+
+def progress_line(done: int, total: int, tokens: int, t0: float) -> str:
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    rate = done / elapsed
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    return f"{done}/{total} examples | {rate:.2f} ex/s | {tokens / elapsed:.0f} tok/s | ETA {eta:.0f}s"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
