@@ -1,0 +1,112 @@
+"""`rmjax score` end to end on tiny checkpoints: values equal naive scoring, kill -9 + resume gives
+identical rows, settings changes refused, bad lines reported with file:line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hf_models import save_tiny_checkpoint
+from rmjax.cli import main
+from rmjax.data.chat import render
+from rmjax.models.loading import load_model
+from rmjax.scoring.engine import naive_response_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("score_models")
+    save_tiny_checkpoint(base / "policy", "llama_gqa_tied", seed=0)
+    save_tiny_checkpoint(base / "reference", "llama_gqa_tied", seed=1)
+    save_tiny_checkpoint(base / "rm", "llama_gqa_tied", head="seqcls", seed=2)
+    return base
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("score_data") / "pairs.jsonl"
+    rows = [{"id": f"ex{i}", "prompt": f"Question {i}: what is {'very ' * i}good?",
+             "chosen": f"Kindness {i}.", "rejected": "Power" + "!" * i} for i in range(7)]
+    rows.append({"id": "single", "prompt": "Say hi", "response": "hi there"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def args(models, data, out, *extra):
+    return ["score", "--data", str(data), "--policy", str(models / "policy"), "--reference",
+            str(models / "reference"), "--rm", str(models / "rm"), "--sample", "0", "--shard-size", "3",
+            "--batch-size", "2", "--beta", "0.5", "--out", str(out), "--no-progress", *extra]
+
+
+def test_scores_equal_naive(models, data, tmp_path, capsys):
+    assert main(args(models, data, tmp_path / "out")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert list(table["id"]) == [f"ex{i}" for i in range(7)] + ["single"]
+    policy, reference = load_model(str(models / "policy")), load_model(str(models / "reference"))
+    rm = load_model(str(models / "rm"))
+    for i in (0, 4):
+        prompt = [{"role": "user", "content": f"Question {i}: what is {'very ' * i}good?"}]
+        for side, text in (("chosen", f"Kindness {i}."), ("rejected", "Power" + "!" * i)):
+            p, r = render(policy.tokenizer, prompt, text)
+            lp = naive_response_logprobs(policy.params, policy.config, np.array(p), np.array(r)).sum()
+            lr = naive_response_logprobs(reference.params, reference.config, np.array(p), np.array(r)).sum()
+            row = table.iloc[i]
+            assert row[f"policy_{side}_logp_sum"] == pytest.approx(lp, abs=1e-4)
+            assert row[f"reference_{side}_logp_sum"] == pytest.approx(lr, abs=1e-4)
+            assert row[f"reward_{side}"] == pytest.approx(0.5 * (lp - lr), abs=1e-4)
+            from rmjax.models import forward
+            h = np.asarray(forward(rm.params, rm.config, np.array([p + r], np.int32)).hidden)[0, -1]
+            assert row[f"rm_{side}"] == pytest.approx(float(h @ rm.score_head[:, 0]), abs=1e-4)
+    assert table.iloc[7]["kind"] == "single" and np.isnan(table.iloc[7]["margin"])
+    margins = table["margin"].dropna().to_numpy()
+    assert summary["implicit_pairwise_accuracy"] == pytest.approx(np.mean(margins > 0))
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["status"] == "complete" and meta["settings"]["beta"] == 0.5
+    assert {"models", "reduction", "template", "dtype", "data_hash"} <= set(meta["settings"])
+    # a second run with other settings is refused; the same settings are a no-op
+    assert main(args(models, data, tmp_path / "out", "--reduction", "mean")) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert main(args(models, data, tmp_path / "out")) == 0
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_rows(models, data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "rmjax.cli", *args(models, data, tmp_path / "killed")]
+    cmd[cmd.index("--shard-size") + 1] = "1"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed" / "parts"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(parts.glob("part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "scores.parquet").exists()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    straight = [*cmd]
+    straight[straight.index(str(tmp_path / "killed"))] = str(tmp_path / "straight")
+    subprocess.run(straight, env=env, check=True, capture_output=True)
+    a = pd.read_parquet(tmp_path / "killed" / "scores.parquet")
+    b = pd.read_parquet(tmp_path / "straight" / "scores.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert a["index"].tolist() == list(range(8))
+
+
+def test_bad_lines_named(models, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{oops\n{"prompt": "a", "response": "  "}\n')
+    assert main(args(models, path, tmp_path / "o1", "--on-error", "fail")) == 2
+    assert f"{path}:2: malformed JSON" in capsys.readouterr().err
+    assert main(args(models, path, tmp_path / "o2")) == 0  # skip (default): counted and listed
+    out = capsys.readouterr()
+    assert "2 skipped" in out.err and json.loads(out.out)["records_skipped"] == 2
