@@ -105,3 +105,71 @@ def test_run_dir_with_other_settings_is_refused(model_dir, tmp_path):
     with pytest.raises(ConfigError, match="different settings"):
         check_run_dir(other, overwrite=False)
     check_run_dir(other, overwrite=True)
+
+
+def _quick_run(model_dir, run_dir, *extra):
+    from rmjax.train.config import load_config
+    return load_config(None, [f"model.name={model_dir}", f"run_dir={run_dir}", *OVERRIDES,
+                              "train.batch_size=8", "train.steps=4", *extra])
+
+
+def test_failed_save_keeps_previous_checkpoint_and_nan_is_never_saved(model_dir, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from rmjax.train import loop
+
+    real_save = loop.save_checkpoint
+
+    def failing_save(manager, step, state, log):
+        if step == 4:  # the second save breaks half-way: orbax gets a leaf it cannot serialise
+            return real_save(manager, step, state.__class__(state.step, {"bad": object()}, state.opt_state,
+                                                            state.skipped), log)
+        return real_save(manager, step, state, log)
+
+    monkeypatch.setattr(loop, "save_checkpoint", failing_save)
+    run = _quick_run(model_dir, tmp_path / "r")
+    with pytest.raises(Exception):
+        loop.train(run, progress=False)
+    manager = ocp.CheckpointManager((tmp_path / "r" / "checkpoints").absolute())
+    assert manager.latest_step() == 2  # the good checkpoint is intact and is what a resume would use
+    restored = manager.restore(2)
+    assert int(restored["step"]) == 2
+
+    state = type("S", (), {})()
+    state.params = {"w": jnp.array([1.0, jnp.nan])}
+    messages = []
+    nan_manager = ocp.CheckpointManager((tmp_path / "nan").absolute())
+    assert not real_save(nan_manager, 7, state, lambda m, **k: messages.append(m))
+    nan_manager.wait_until_finished()
+    assert nan_manager.latest_step() is None and "NOT written" in messages[0]
+
+
+def test_eval_rm_on_exported_run_and_sweep(model_dir, tmp_path, capsys):
+    from rmjax.cli import main
+
+    sys.path.insert(0, str(ROOT / "experiments" / "rm_ablation"))
+    import sweep
+
+    root = tmp_path / "sweep"
+    extra = [f.replace("train.steps=8", "train.steps=2") for f in OVERRIDES] + ["train.batch_size=8"]
+    assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
+                       "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"), *extra]) == 0
+    table = (root / "results.csv").read_text().splitlines()
+    assert len(table) == 3 and "eval_accuracy" in table[0]
+    out = capsys.readouterr().out
+    assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
+                       "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"), *extra]) == 0
+    assert capsys.readouterr().out.count("skip (complete)") == 2
+
+    final = next(root.glob("*/harmless/f0.05/s0/final"))
+    assert (final / "tokenizer.json").exists()
+    assert main(["eval-rm", "--model", str(final), "--batch-size", "8", "--max-length", "128",
+                 "--out", str(tmp_path / "llmbar.json")]) == 0
+    report = json.loads((tmp_path / "llmbar.json").read_text())
+    assert set(report["subsets"]) == {"Natural", "Adversarial_Neighbor", "Adversarial_GPTInst",
+                                      "Adversarial_GPTOut", "Adversarial_Manual"}
+    assert report["pairs"] + len(report["dropped"]) == 419 and 0 <= report["accuracy"] <= 1
+    total = sum(s["pairs"] for s in report["subsets"].values())
+    weighted = sum(s["accuracy"] * s["pairs"] for s in report["subsets"].values()) / total
+    assert weighted == pytest.approx(report["accuracy"])

@@ -22,7 +22,8 @@ import pandas as pd
 
 def cells(args):
     for model, source, fraction, seed in itertools.product(args.models, args.sources, args.fractions, args.seeds):
-        run_dir = Path(args.root) / model / source / f"f{fraction:g}" / f"s{seed}"
+        tag = Path(model).name if ("/" in model or model.endswith(".gguf")) else model  # a path: its last part
+        run_dir = Path(args.root) / tag / source / f"f{fraction:g}" / f"s{seed}"
         overrides = [f"model.name={model}", f"data.source={source}", f"data.fraction={fraction}",
                      f"train.seed={seed}", f"run_dir={run_dir}", *args.overrides]
         yield dict(model=model, source=source, fraction=fraction, seed=seed), run_dir, overrides

@@ -143,6 +143,20 @@ class Tokenizer:
                    chat_template=cls._hf_chat_template(directory, config),
                    sentencepiece=bool(getattr(backend.model, "byte_fallback", False)))
 
+    def save_hf(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` + ``tokenizer_config.json`` (special tokens, chat template), the
+        files ``from_hf_dir`` and transformers' fast tokenizers read."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
     @staticmethod
     def _json_or_empty(file: Path) -> dict:
         if not file.exists():

@@ -37,7 +37,7 @@ def evaluate_llmbar(model: str, batch_size: int = 8, max_length: int = 1024) -> 
     loaded = load_model(model, with_tokenizer=False)
     tok_source = model
     meta = Path(model) / "rmjax.json"
-    if meta.exists():  # a trained run's export: the tokenizer is the base model's
+    if meta.exists() and not (Path(model) / "tokenizer.json").exists():  # an export without tokenizer files
         tok_source = json.loads(meta.read_text())["base_model"]
     tokenizer = registry.load_tokenizer(registry.resolve_model(tok_source))
     data = pairdata.tokenize_pairs(tokenizer, load_llmbar(), max_length, "truncate")

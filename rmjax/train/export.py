@@ -81,6 +81,8 @@ def export_reward_model(full_params: dict, loaded, run, out_dir: Path) -> Path:
                      pad_token_id=loaded.tokenizer.pad_id if loaded.tokenizer else hf_config.get("pad_token_id"))
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     (out_dir / "rmjax.json").write_text(json.dumps({"base_model": run.model.name, "run_dir": run.run_dir}))
+    if loaded.tokenizer is not None:  # a complete HF directory: rmjax and transformers load it alone
+        loaded.tokenizer.save_hf(out_dir)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save((out_dir / "orbax").absolute(), full_params, force=True)
     checkpointer.wait_until_finished()
