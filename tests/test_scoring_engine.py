@@ -56,3 +56,22 @@ def test_paired_policy_reference_equals_separate(tiny):
     b = score_fn(config)(params_b, None, batch)
     np.testing.assert_allclose(np.asarray(both["policy"]["sum"]), np.asarray(a["sum"]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(both["reference"]["sum"]), np.asarray(b["sum"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["dp", "fsdp", "tp", "fsdp_tp"])
+def test_sharded_scoring_equals_single_device(strategy):
+    from rmjax import sharding as shd
+
+    model = build("gemma3_window", vocab_size=256)
+    ckpt = StateDictCheckpoint(model.config.to_dict(), model.state_dict())
+    config, params, _ = load_params(ckpt)
+    rng = np.random.default_rng(3)
+    batch, _ = pad_batch(examples(config.vocab_size, 8, rng), 8, pad_id=0)
+    ref = score_fn(config, with_tokens=True)(params, None, batch)
+    mesh = shd.make_mesh(strategy)
+    _, sharded, _ = load_params(ckpt, mesh=mesh, strategy=strategy)
+    with shd.activate(mesh, strategy):
+        both = paired_score_fn(config, config, with_tokens=True)(sharded, sharded, batch)
+    for tag in ("policy", "reference"):
+        np.testing.assert_allclose(np.asarray(both[tag]["tokens"]), np.asarray(ref["tokens"]), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(both[tag]["sum"]), np.asarray(ref["sum"]), atol=1e-5)

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (each with its responses)")
     p.add_argument("--shard-size", type=int, default=32, help="examples per output part (unit of resumption)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--strategy", choices=["none", "dp", "fsdp", "tp", "fsdp_tp"], default="none",
+                   help="shard both models over all devices by this rule set (none: one device)")
     p.add_argument("--token-logprobs", action="store_true", help="also store per-token log-probs (tokens.zarr)")
     p.add_argument("--out", default="runs/score", help="output directory")
     p.add_argument("--overwrite", action="store_true")
@@ -100,8 +102,14 @@ def run_score(args) -> int:
         bulk.log(f"{args.out}: already complete")
         print(json.dumps(writer.metadata.get("summary", {}), indent=2))
         return 0
-    slots = [bulk.ModelSlot(role, load_model(name, dtype=args.dtype)) for role, name in roles if name]
-    scorer = bulk.Scorer(slots, s)
+    mesh = None
+    if args.strategy != "none":
+        from rmjax import sharding as shd
+        mesh = shd.make_mesh(args.strategy)
+    slots = [bulk.ModelSlot(role, load_model(name, dtype=args.dtype, mesh=mesh,
+                                             strategy=args.strategy if mesh else "dp"))
+             for role, name in roles if name]
+    scorer = bulk.Scorer(slots, s, mesh=mesh, strategy=args.strategy)
     bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in slots)}; "
              f"{'one fused jit for policy+reference' if scorer.fused else 'per-model passes'}")
     pending = writer.pending_shards()

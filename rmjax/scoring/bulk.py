@@ -86,8 +86,9 @@ def same_tokenizer(a, b) -> bool:
 class Scorer:
     """Runs the models over shards of records and returns output rows."""
 
-    def __init__(self, slots: list[ModelSlot], settings: ScoreSettings):
+    def __init__(self, slots: list[ModelSlot], settings: ScoreSettings, mesh=None, strategy: str = "dp"):
         self.slots, self.s = slots, settings
+        self.mesh, self.strategy = mesh, strategy
         roles = {sl.role: sl for sl in slots}
         self.policy, self.reference, self.rm = roles.get("policy"), roles.get("reference"), roles.get("rm")
         if self.policy is None and self.rm is None:
@@ -109,7 +110,23 @@ class Scorer:
         self.padded_tokens = 0
         self.naive_tokens = 0
 
+    def _place(self, batch: dict[str, np.ndarray]) -> dict:
+        """Rows split over the mesh's data-parallel axes where they divide (else replicated)."""
+        if self.mesh is None:
+            return batch
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return {k: jax.device_put(v, NamedSharding(self.mesh, P(("data", "fsdp")) if len(v) % n == 0 else P()))
+                for k, v in batch.items()}
+
     def _run(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
+        if self.mesh is None:
+            return self._run_batches(name, slot, encoded, out)
+        from rmjax import sharding as shd
+        with shd.activate(self.mesh, self.strategy):
+            return self._run_batches(name, slot, encoded, out)
+
+    def _run_batches(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
         s = self.s
         pad = slot.tokenizer.pad_id
         for ids in batches(encoded, s.batch_size, s.buckets):
@@ -118,6 +135,7 @@ class Scorer:
             self.real_tokens += real
             self.padded_tokens += batch["prompt_ids"].size + batch["response_ids"].size
             self.naive_tokens += sum(len(e.prompt) * len(e.responses) + sum(map(len, e.responses)) for e in exs)
+            batch = self._place(batch)
             if name == "pair":
                 res = self.fns["pair"](self.policy.loaded.params, self.reference.loaded.params, batch)
                 parts = [("policy", res["policy"]), ("reference", res["reference"])]
