@@ -111,3 +111,17 @@ def test_missing_extra_and_misshaped_tensors_are_listed():
 def test_missing_config_field_is_named():
     with pytest.raises(ConfigError, match="hidden_size"):
         config_from_hf({"model_type": "llama", "vocab_size": 10}, "m/config.json")
+
+
+def test_batch1_cache_broadcasts_over_many_responses():
+    model = build("gemma2_softcap_window")
+    config, params, _ = _load(model)
+    p_ids, p_mask = padded_batch(config.vocab_size, [5], 6, "right", seed=4)
+    s_ids, s_mask = padded_batch(config.vocab_size, [3, 1, 2], 3, "right", seed=5)
+    prefix = forward(params, config, p_ids, p_mask, return_kv=True)
+    shared = forward(params, config, s_ids, s_mask, kv_cache=prefix.kv, return_kv=True)
+    tiled = jax.tree.map(lambda x: np.repeat(x, 3, axis=1 if x.ndim == 5 else 0), prefix.kv)
+    copied = forward(params, config, s_ids, s_mask, kv_cache=type(prefix.kv)(*tiled))
+    m = s_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(shared.hidden)[m], np.asarray(copied.hidden)[m], atol=1e-5)
+    assert shared.kv.k.shape[1] == 3 and shared.kv.k.shape[2] == 9

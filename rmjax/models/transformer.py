@@ -130,20 +130,31 @@ class Attention(nn.Module):
         sin = jnp.where(is_sliding, shared["sin_local"], shared["sin"])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
-        if cache_kv is not None:  # extend a cached prefix: keys = [prefix; new]
-            k = jnp.concatenate([cache_kv[0].astype(dt), k], axis=1)
-            v = jnp.concatenate([cache_kv[1].astype(dt), v], axis=1)
-
         scale = (c.query_pre_attn_scalar or hd) ** -0.5
         b, t = q.shape[:2]
         q = (q * scale).reshape(b, t, kvh, h // kvh, hd)  # GQA: group query heads per kv head
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        # A cached prefix: keys = [prefix; new]. A batch-1 cache is shared by every row (one prompt,
+        # many responses) through broadcasting, so it is never copied per response.
+        shared_prefix = cache_kv is not None and cache_kv[0].shape[0] == 1 and b > 1
+        if cache_kv is not None:
+            ck, cv = cache_kv[0].astype(dt), cache_kv[1].astype(dt)
+            spec = "btkgd,skd->bkgts" if shared_prefix else "btkgd,bskd->bkgts"
+            prefix_scores = jnp.einsum(spec, q, ck[0] if shared_prefix else ck, preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([prefix_scores, scores], axis=-1)
         if c.attn_logit_softcap:
             scores = c.attn_logit_softcap * jnp.tanh(scores / c.attn_logit_softcap)
         allowed = jnp.where(is_sliding, shared["mask_local"], shared["mask"])  # [B, T, S]
         scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        if cache_kv is None:
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        else:
+            n_prefix = ck.shape[1]
+            spec = "bkgts,skd->btkgd" if shared_prefix else "bkgts,bskd->btkgd"
+            out = (jnp.einsum(spec, probs[..., :n_prefix], cv[0] if shared_prefix else cv)
+                   + jnp.einsum("bkgts,bskd->btkgd", probs[..., n_prefix:], v))
+        out = out.reshape(b, t, h, hd)
         wo = _param(self, "o_kernel", _dense_init, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
         return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), new_kv
 
@@ -235,8 +246,9 @@ class Decoder(nn.Module):
             k, v = outs["kv"]
             kv = KVCache(k, v, shared["key_mask"][:, -k.shape[2]:], shared["key_positions"][:, -k.shape[2]:])
             if kv_cache is not None:  # the returned cache covers prefix + new tokens
-                kv = KVCache(jnp.concatenate([kv_cache.k, k], axis=2), jnp.concatenate([kv_cache.v, v], axis=2),
-                             shared["key_mask"], shared["key_positions"])
+                grow = lambda c: jnp.broadcast_to(c, c.shape[:1] + k.shape[1:2] + c.shape[2:])  # noqa: E731
+                kv = KVCache(jnp.concatenate([grow(kv_cache.k), k], axis=2),
+                             jnp.concatenate([grow(kv_cache.v), v], axis=2), shared["key_mask"], shared["key_positions"])
         return DecoderOutput(hidden, all_hidden, kv)
 
 
@@ -270,8 +282,10 @@ def attention_inputs(c: ModelConfig, shape, attention_mask, positions, segment_i
     key_valid, key_pos, k_idx = valid, positions, q_idx
     if kv_cache is not None:
         s = kv_cache.mask.shape[1]
-        key_valid = jnp.concatenate([kv_cache.mask.astype(bool), valid], axis=1)
-        key_pos = jnp.concatenate([kv_cache.positions.astype(jnp.int32), positions], axis=1)
+        cache_mask = jnp.broadcast_to(kv_cache.mask.astype(bool), (b, s))  # a batch-1 cache serves every row
+        cache_pos = jnp.broadcast_to(kv_cache.positions.astype(jnp.int32), (b, s))
+        key_valid = jnp.concatenate([cache_mask, valid], axis=1)
+        key_pos = jnp.concatenate([cache_pos, positions], axis=1)
         k_idx = jnp.arange(s + t)
         q_idx = q_idx + s
     mask = key_valid[:, None, :] & (k_idx[None, None, :] <= q_idx[None, :, None])

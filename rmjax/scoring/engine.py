@@ -45,12 +45,16 @@ def bucket(n: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int:
     return int(2 ** np.ceil(np.log2(n)))
 
 
-def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=DEFAULT_BUCKETS
-              ) -> tuple[dict[str, np.ndarray], int]:
-    """Arrays for ``n_rows`` prompt groups (missing rows are masked copies of row 0); real tokens."""
+def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=DEFAULT_BUCKETS,
+              lengths: tuple[int, int] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """Arrays for ``n_rows`` prompt groups (missing rows are masked copies of row 0); real tokens.
+
+    Prompt and response lengths are padded to ``buckets``, or to exactly ``lengths`` if given."""
     r = len(examples[0].responses)
     tp = bucket(max(len(e.prompt) for e in examples), buckets)
     tr = bucket(max(len(x) for e in examples for x in e.responses), buckets)
+    if lengths is not None:
+        tp, tr = lengths
     p_ids = np.full((n_rows, tp), pad_id, np.int32)
     p_mask = np.zeros((n_rows, tp), np.int32)
     r_ids = np.full((n_rows * r, tr), pad_id, np.int32)
@@ -78,7 +82,8 @@ def response_logprobs(params, config: ModelConfig, batch: dict, *, token_chunk: 
     """Per-token log-probs [G*R, Tr] of the responses and the responses' hidden states [G*R, Tr, D]."""
     prefix = forward(params, config, batch["prompt_ids"], batch["prompt_mask"], return_kv=True)
     n_resp = batch["response_ids"].shape[0] // batch["prompt_ids"].shape[0]
-    cache = tile_cache(prefix.kv, n_resp)
+    # one prompt: its batch-1 cache is broadcast inside attention; several: each tiled per response
+    cache = prefix.kv if batch["prompt_ids"].shape[0] == 1 else tile_cache(prefix.kv, n_resp)
     out = forward(params, config, batch["response_ids"], batch["response_mask"], kv_cache=cache)
     last_prompt = jnp.repeat(gather_last(prefix.hidden, batch["prompt_mask"]), n_resp, axis=0)
     predicting = jnp.concatenate([last_prompt[:, None], out.hidden[:, :-1]], axis=1)

@@ -83,7 +83,9 @@ def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
         ex = Encoded(np.asarray(prompt_ids), tuple(np.asarray(candidates[i]) for i in idx))
-        batch, _ = pad_batch([ex], 1, pad)
+        # responses padded to a multiple of 4 only (token scans: every candidate has the same length)
+        longest = max(len(candidates[i]) for i in idx)
+        batch, _ = pad_batch([ex], 1, pad, lengths=(bucket(len(prompt_ids)), -(-longest // 4) * 4))
         n = len(idx)
         if n < chunk and len(order) > chunk:  # keep one compiled shape for the last chunk
             filler = chunk - n
