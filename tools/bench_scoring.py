@@ -194,6 +194,7 @@ def main() -> None:
     args = ap.parse_args()
     result = {**environment(), "benchmark": "scoring", "dtype": "float32"}
     result["bulk_implicit_reward"] = bench_bulk(args.pairs, args.seed)
+    write_result(args.out, result)  # keep the first part if the scan is interrupted
     if not args.skip_scan:
         result["vocab_scan"] = bench_scan(args.scan_sample)
     peak = matmul_peak_flops()
