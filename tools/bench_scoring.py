@@ -54,7 +54,6 @@ def hf_sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], batch: 
 
 
 def bench_bulk(n_pairs: int, seed: int) -> dict:
-    from rmjax.data.chat import render
     from rmjax.data.records import read_records
     from rmjax.io import registry
     from rmjax.models.loading import load_model
@@ -82,14 +81,12 @@ def bench_bulk(n_pairs: int, seed: int) -> dict:
     flops = 0.0
     hf_time, max_diff, naive_tokens = 0.0, 0.0, 0
     for slot in slots:
-        seqs = []
+        seqs = []  # the very token ids rmjax scored (same rendering and truncation)
         for rec in records:
             if rec.index not in kept:
                 continue
-            for resp in rec.responses:
-                p, r = render(slot.tokenizer, rec.prompt_messages, resp)
-                p = p[max(0, len(p) + len(r) - settings.max_length):]
-                seqs.append((p, r))
+            enc = bulk.encode(slot, rec, settings)
+            seqs.extend((list(enc.prompt), list(r)) for r in enc.responses)
         naive_tokens += sum(len(p) + len(r) for p, r in seqs)
         cfg = slot.loaded.config
         flops += sum(flops_per_token(cfg, len(p) + len(r)) * (len(p) + len(r))
