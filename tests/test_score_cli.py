@@ -116,3 +116,46 @@ def test_bad_lines_named(models, tmp_path, capsys):
     assert main(args(models, path, tmp_path / "o2")) == 0  # skip (default): counted and listed
     out = capsys.readouterr()
     assert "2 skipped" in out.err and json.loads(out.out)["records_skipped"] == 2
+
+
+def test_token_logprobs_stored_and_equal_naive(models, data, tmp_path, capsys):
+    from rmjax.scoring.output import read_token_logprobs
+
+    out = tmp_path / "tok"
+    assert main(args(models, data, out, "--token-logprobs", "--rm", "")) == 0
+    capsys.readouterr()
+    policy = load_model(str(models / "policy"))
+    prompt = [{"role": "user", "content": "Question 2: what is very very good?"}]
+    p, r = render(policy.tokenizer, prompt, "Power!!")
+    ref = naive_response_logprobs(policy.params, policy.config, np.array(p), np.array(r))
+    got = read_token_logprobs(out, 2, "rejected")
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    single = read_token_logprobs(out, 7, "response")
+    table = pd.read_parquet(out / "scores.parquet")
+    assert single.sum() == pytest.approx(table.iloc[7]["policy_response_logp_sum"], abs=1e-4)
+
+
+def test_vocab_scan_cli_words_and_tokens(models, tmp_path):
+    out = tmp_path / "scan"
+    assert main(["vocab-scan", "--model", str(models / "policy"), "--reference", str(models / "reference"),
+                 "--rm", str(models / "rm"), "--mode", "words", "--prompt-keys", "best_ever_one", "worst_ever_one",
+                 "--out", str(out), "--chunk", "64"]) == 0
+    rm = pd.read_csv(out / "words_rm.csv")
+    assert list(rm.columns) == ["response", "best_ever_one", "worst_ever_one"] and len(rm) == 263
+    implicit = pd.read_csv(out / "words_implicit_reward.csv")
+    pol, ref = pd.read_csv(out / "words_policy.csv"), pd.read_csv(out / "words_reference.csv")
+    np.testing.assert_allclose(implicit["best_ever_one"], pol["best_ever_one"] - ref["best_ever_one"], atol=1e-4)
+    assert main(["vocab-scan", "--model", str(models / "policy"), "--reference", str(models / "reference"),
+                 "--mode", "next-token", "--prompt-keys", "best_ever_one", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "next_token_logprobs.csv", keep_default_na=False)
+    policy = load_model(str(models / "policy"))
+    assert len(table) == min(policy.config.vocab_size, policy.tokenizer.vocab_size)  # every token one row
+    assert list(table["response"][:3]) == [policy.tokenizer.token_to_str(i) for i in range(3)]
+    from rmjax.data.preferences import load_value_prompts
+    from rmjax.models.transformer import forward, unembed
+    p, _ = render(policy.tokenizer, [{"role": "user", "content": load_value_prompts()["best_ever_one"]}], "")
+    hidden = forward(policy.params, policy.config, np.array([p]), np.ones((1, len(p)), np.int32)).hidden
+    logits = np.asarray(unembed(policy.params, policy.config, hidden[0, -1]), np.float64)
+    naive = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    np.testing.assert_allclose(table["best_ever_one"], naive[:len(table)], atol=1e-4)
+    assert (out / "mwlr_best_ever_one.csv").exists()

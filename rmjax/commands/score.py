@@ -166,14 +166,14 @@ def run_vocab_scan(args) -> int:
     model = load_model(args.model)
     if args.mode == "next-token":
         table = vs.next_token_table(model, prompts, args.template)
-        table.to_csv(out / "next_token_logprobs.csv", index=False)
+        _write_csv(table, out / "next_token_logprobs.csv")
         if args.reference:
             ref = load_model(args.reference)
             ref_table = vs.next_token_table(ref, prompts, args.template)
-            ref_table.to_csv(out / "reference_next_token_logprobs.csv", index=False)
+            _write_csv(ref_table, out / "reference_next_token_logprobs.csv")
             for key in prompts:
                 m = vs.mixture_weighted_log_ratio(table, ref_table, key)
-                m.to_csv(out / f"mwlr_{key}.csv", index=False)
+                _write_csv(m, out / f"mwlr_{key}.csv")
         print(f"wrote {out}")
         return 0
     rm = load_model(args.rm) if args.rm else None
@@ -200,13 +200,21 @@ def run_vocab_scan(args) -> int:
     labels = words if words is not None else [model.tokenizer.token_to_str(i) for i in range(len(cands))]
     for tag, cols in columns.items():
         frame = pd.DataFrame({"response": labels, **cols})
-        frame.to_csv(out / f"{args.mode}_{tag}.csv", index=False)
+        _write_csv(frame, out / f"{args.mode}_{tag}.csv")
     if ref is not None:
         frame = pd.DataFrame({"response": labels, **{k: columns["policy"][k] - columns["reference"][k]
                                                       for k in prompts}})
-        frame.to_csv(out / f"{args.mode}_implicit_reward.csv", index=False)
+        _write_csv(frame, out / f"{args.mode}_implicit_reward.csv")
     print(f"wrote {out}")
     return 0
+
+
+def _write_csv(frame, path: Path) -> None:
+    # Vocabulary tokens include "\r", "\x0b" and the like: quote every text field so that each
+    # token stays one row when the table is read back.
+    import csv
+
+    frame.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def _words(spec: str) -> list[str]:
