@@ -78,6 +78,11 @@ def test_scores_equal_naive(models, data, tmp_path, capsys):
     sharded = pd.read_parquet(tmp_path / "sharded" / "scores.parquet")
     numeric = [c for c in table.columns if table[c].dtype.kind == "f"]
     np.testing.assert_allclose(sharded[numeric].to_numpy(), table[numeric].to_numpy(), atol=1e-4)
+    # length-bucketed batches on the prompts' KV caches instead of packed prompt trees: the same rows
+    assert main(args(models, data, tmp_path / "buckets", "--pack-length", "0")) == 0
+    capsys.readouterr()
+    buckets = pd.read_parquet(tmp_path / "buckets" / "scores.parquet")
+    np.testing.assert_allclose(buckets[numeric].to_numpy(), table[numeric].to_numpy(), atol=1e-4)
     # a second run with other settings is refused; the same settings are a no-op
     assert main(args(models, data, tmp_path / "out", "--reduction", "mean")) == 2
     assert "different settings" in capsys.readouterr().err

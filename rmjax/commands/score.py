@@ -29,7 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--over-length", choices=["truncate", "drop"], default="truncate")
     p.add_argument("--on-error", choices=["fail", "skip"], default="skip")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (each with its responses)")
+    p.add_argument("--pack-length", type=int, default=512,
+                   help="pack prompt trees (prompt once, its responses as branches) into rows of this many "
+                        "tokens; 0 = length-bucketed batches with responses on the prompts' KV cache")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed batch")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch when --pack-length 0")
     p.add_argument("--shard-size", type=int, default=32, help="examples per output part (unit of resumption)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--strategy", choices=["none", "dp", "fsdp", "tp", "fsdp_tp"], default="none",
@@ -87,7 +91,8 @@ def run_score(args) -> int:
         raise RmjaxError(f"{args.data}: no records to score")
     s = bulk.ScoreSettings(beta=args.beta, reduction=args.reduction, template=args.template,
                            max_length=args.max_length, over_length=args.over_length, batch_size=args.batch_size,
-                           shard_size=args.shard_size, token_logprobs=args.token_logprobs)
+                           shard_size=args.shard_size, token_logprobs=args.token_logprobs,
+                           pack_length=args.pack_length, batch_tokens=args.batch_tokens)
     roles = [("policy", args.policy), ("reference", args.reference), ("rm", args.rm)]
     if not args.policy and args.reference:
         raise RmjaxError("--reference needs a --policy")
@@ -95,6 +100,7 @@ def run_score(args) -> int:
                 "template": args.template, "dtype": args.dtype, "data": args.data, "split": args.split,
                 "data_hash": input_fingerprint(args.data), "sample": args.sample, "seed": args.seed,
                 "max_length": args.max_length, "over_length": args.over_length, "batch_size": args.batch_size,
+                "pack_length": args.pack_length, "batch_tokens": args.batch_tokens,
                 "on_error": args.on_error}
     writer = ScoreWriter(args.out, settings, num_examples=len(records), shard_size=args.shard_size,
                          token_logprobs=args.token_logprobs, overwrite=args.overwrite)

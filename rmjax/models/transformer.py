@@ -211,7 +211,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
-                 kv_cache: KVCache | None = None, return_all_hidden: bool = False,
+                 kv_cache: KVCache | None = None, branch_ids=None, return_all_hidden: bool = False,
                  return_kv: bool = False) -> DecoderOutput:
         c = self.config
         dt = c.compute_dtype
@@ -224,7 +224,8 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(c.hidden_size ** 0.5, dtype=dt)  # HF rounds the factor to dtype
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
-        shared, per_layer = attention_inputs(c, input_ids.shape, attention_mask, positions, segment_ids, kv_cache)
+        shared, per_layer = attention_inputs(c, input_ids.shape, attention_mask, positions, segment_ids, kv_cache,
+                                             branch_ids)
         block = Block
         if c.remat_policy != "none":
             block = nn.remat(Block, policy=_REMAT[c.remat_policy], prevent_cse=False, static_argnums=())
@@ -252,14 +253,20 @@ class Decoder(nn.Module):
         return DecoderOutput(hidden, all_hidden, kv)
 
 
-def attention_inputs(c: ModelConfig, shape, attention_mask, positions, segment_ids, kv_cache):
+def attention_inputs(c: ModelConfig, shape, attention_mask, positions, segment_ids, kv_cache, branch_ids=None):
     """Masks, positions and RoPE tables shared by all layers (computed once, outside the scan).
 
     Positions come from the mask (left padding gives the first real token position 0) or, for
     packed rows, restart at every segment. Causality uses the index, the sliding window uses
     positions, so both left/right padding and a cached prefix of any padding are exact.
+
+    ``branch_ids`` (with segment_ids and explicit positions) packs a prompt tree into one segment:
+    branch 0 is the shared prompt, branch j > 0 a response that sees the prompt and itself only,
+    so [prompt, chosen, rejected] costs one pass over the prompt.
     """
     b, t = shape
+    if branch_ids is not None and (segment_ids is None or positions is None or kv_cache is not None):
+        raise ValueError("branch_ids need segment_ids and explicit positions (and no kv_cache)")
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), jnp.int32)
     valid = attention_mask.astype(bool)
@@ -291,6 +298,8 @@ def attention_inputs(c: ModelConfig, shape, attention_mask, positions, segment_i
     mask = key_valid[:, None, :] & (k_idx[None, None, :] <= q_idx[None, :, None])
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if branch_ids is not None:
+        mask = mask & ((branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None]))
     mask_local = mask
     if c.sliding_window:
         mask_local = mask & (positions[:, :, None] - key_pos[:, None, :] < c.sliding_window)

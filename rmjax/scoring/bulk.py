@@ -24,6 +24,7 @@ import numpy as np
 from rmjax.data.chat import render, template_name
 from rmjax.data.records import ScoringRecord
 from rmjax.errors import ConfigError
+from rmjax.scoring import packing
 from rmjax.scoring.engine import Encoded, bucket, pad_batch, paired_score_fn, score_fn
 
 
@@ -37,6 +38,10 @@ class ScoreSettings:
     batch_size: int = 8  # prompt groups per batch
     shard_size: int = 64  # examples per output part
     token_logprobs: bool = False
+    # > 0: pack prompt trees into rows of this many tokens (prompt once, responses as branches);
+    # 0: length-bucketed batches of ``batch_size`` prompts with responses on the prompts' KV cache
+    pack_length: int = 512
+    batch_tokens: int = 4096  # packed rows per batch = batch_tokens // pack_length
     # a 1.5x ladder: little padding, few compiled shapes (batches also sort by length)
     buckets: tuple[int, ...] = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -102,14 +107,17 @@ class Scorer:
                       and template_name(self.policy.tokenizer, settings.template)
                       == template_name(self.reference.tokenizer, settings.template))
         tok = settings.token_logprobs
+        packed = settings.pack_length > 0
+        pair_fn = packing.packed_pair_fn if packed else paired_score_fn
+        single_fn = packing.packed_score_fn if packed else score_fn
         self.fns = {}
         if self.fused:
-            self.fns["pair"] = paired_score_fn(self.policy.loaded.config, self.reference.loaded.config, with_tokens=tok)
+            self.fns["pair"] = pair_fn(self.policy.loaded.config, self.reference.loaded.config, with_tokens=tok)
         for sl in slots:
             if sl.role == "rm":
-                self.fns["rm"] = score_fn(sl.loaded.config, with_rm_head=True)
+                self.fns["rm"] = single_fn(sl.loaded.config, with_rm_head=True)
             elif not self.fused:
-                self.fns[sl.role] = score_fn(sl.loaded.config, with_tokens=tok and sl.role == "policy")
+                self.fns[sl.role] = single_fn(sl.loaded.config, with_tokens=tok and sl.role == "policy")
         self.real_tokens = 0
         self.padded_tokens = 0
         self.naive_tokens = 0
@@ -130,9 +138,29 @@ class Scorer:
         with shd.activate(self.mesh, self.strategy):
             return self._run_batches(name, slot, encoded, out)
 
+    def _call(self, name: str, slot: ModelSlot, batch: dict) -> list[tuple[str, dict]]:
+        batch = self._place(batch)
+        if name == "pair":
+            res = self.fns["pair"](self.policy.loaded.params, self.reference.loaded.params, batch)
+            return [("policy", res["policy"]), ("reference", res["reference"])]
+        if name == "rm":
+            return [("rm", self.fns["rm"](slot.loaded.params, slot.loaded.score_head[:, 0], batch))]
+        return [(name, self.fns[name](slot.loaded.params, None, batch))]
+
     def _run_batches(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
         s = self.s
         pad = slot.tokenizer.pad_id
+        if s.pack_length > 0:
+            for pb in packing.packed_batches(encoded, pad, row_length=s.pack_length,
+                                             batch_tokens=s.batch_tokens, buckets=s.buckets):
+                self.real_tokens += pb.real_tokens
+                self.padded_tokens += pb.padded_tokens
+                self.naive_tokens += sum(len(encoded[k].prompt) * len(encoded[k].responses)
+                                         + sum(map(len, encoded[k].responses)) for k in {k for k, _ in pb.sequences})
+                for role, stats in self._call(name, slot, pb.arrays):
+                    for key, per_example in packing.unpack(pb, jax.device_get(stats)).items():
+                        out.setdefault(key, {})[role] = per_example
+            return
         for ids in batches(encoded, s.batch_size, s.buckets):
             exs = [encoded[i] for i in ids]
             rows = 1 << (len(ids) - 1).bit_length()  # 1, 2, 4, 8...: few shapes, few empty groups
@@ -140,17 +168,8 @@ class Scorer:
             self.real_tokens += real
             self.padded_tokens += batch["prompt_ids"].size + batch["response_ids"].size
             self.naive_tokens += sum(len(e.prompt) * len(e.responses) + sum(map(len, e.responses)) for e in exs)
-            batch = self._place(batch)
-            if name == "pair":
-                res = self.fns["pair"](self.policy.loaded.params, self.reference.loaded.params, batch)
-                parts = [("policy", res["policy"]), ("reference", res["reference"])]
-            elif name == "rm":
-                head = slot.loaded.score_head[:, 0]
-                parts = [("rm", self.fns["rm"](slot.loaded.params, head, batch))]
-            else:
-                parts = [(name, self.fns[name](slot.loaded.params, None, batch))]
             r = len(exs[0].responses)
-            for role, stats in parts:
+            for role, stats in self._call(name, slot, batch):
                 stats = jax.device_get(stats)
                 for g, i in enumerate(ids):
                     rows = slice(g * r, (g + 1) * r)
