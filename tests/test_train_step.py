@@ -113,3 +113,25 @@ def test_split_merge_roundtrip_and_lora_starts_at_base(tiny):
     want = np.asarray(backbone["layers"]["attn"]["q_kernel"]) + 2.0 * np.einsum(
         "ldr,lrhk->ldhk", np.asarray(lora["q"]["a"]), np.ones(lora["q"]["b"].shape))
     np.testing.assert_allclose(np.asarray(merged["layers"]["attn"]["q_kernel"]), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_tied", "gemma3_window"])
+def test_frozen_prefix_forward_equals_forward_and_last_k_grads(case):
+    from rmjax.models.transformer import forward, forward_frozen_prefix
+
+    model = build(case, vocab_size=256)
+    config, params, _ = load_params(StateDictCheckpoint(model.config.to_dict(), model.state_dict()))
+    b = batches(config.vocab_size, 1, accum=1, micro=3)[0]
+    ids, mask = b["chosen_ids"][0], b["chosen_mask"][0]
+    n_frozen = config.num_layers - 1
+    full = forward(params, config, ids, mask).hidden
+    split = forward_frozen_prefix(params, config, ids, mask, n_frozen)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(full), rtol=1e-5, atol=1e-5)
+    # gradients of the last layer's weights: the same through one scan and through the split
+    def loss(layers, fn):
+        return jnp.sum(fn({**params, "layers": layers}) ** 2)
+    g_full = jax.grad(loss)(params["layers"], lambda p: forward(p, config, ids, mask).hidden)
+    g_split = jax.grad(loss)(params["layers"], lambda p: forward_frozen_prefix(p, config, ids, mask, n_frozen))
+    for a, c in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_split)):
+        np.testing.assert_allclose(np.asarray(c[n_frozen:]), np.asarray(a[n_frozen:]), rtol=1e-4, atol=1e-5)
+        assert not np.asarray(c[:n_frozen]).any()  # no backward pass through the frozen layers

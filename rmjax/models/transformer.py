@@ -212,16 +212,22 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                  kv_cache: KVCache | None = None, branch_ids=None, return_all_hidden: bool = False,
-                 return_kv: bool = False) -> DecoderOutput:
+                 return_kv: bool = False, residual_in=None, final_norm: bool = True) -> DecoderOutput:
+        """``residual_in`` [B, T, D] replaces the embedded ``input_ids`` (the residual stream of a
+        model split by layers, see ``forward_frozen_prefix``); ``final_norm=False`` returns the
+        residual stream after the last layer instead of the normed hidden states."""
         c = self.config
         dt = c.compute_dtype
         emb = _param(self, "embedding", _dense_init, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
                      c.params_dtype)
         if not c.tie_embeddings:  # lm_head in HF layout [V, D] so kernels see one unembedding shape
             _param(self, "lm_head", _dense_init, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.params_dtype)
-        x = jnp.take(emb, input_ids, axis=0).astype(dt)
-        if c.embed_scale:
-            x = x * jnp.asarray(c.hidden_size ** 0.5, dtype=dt)  # HF rounds the factor to dtype
+        if residual_in is not None:
+            x = residual_in.astype(dt)
+        else:
+            x = jnp.take(emb, input_ids, axis=0).astype(dt)
+            if c.embed_scale:
+                x = x * jnp.asarray(c.hidden_size ** 0.5, dtype=dt)  # HF rounds the factor to dtype
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         shared, per_layer = attention_inputs(c, input_ids.shape, attention_mask, positions, segment_ids, kv_cache,
@@ -239,6 +245,8 @@ class Decoder(nn.Module):
         )(c, return_all_hidden, return_kv, name="layers")
         x_last, outs = layers(x, shared, per_layer)
         hidden = RMSNorm(c.norm_eps, c.norm_plus_one, "norm", c.params_dtype, name="final_norm")(x_last)
+        if not final_norm:
+            hidden = x_last
         all_hidden = None
         if return_all_hidden:
             all_hidden = jnp.concatenate([x[None], outs["hidden"]], axis=0)
@@ -337,6 +345,25 @@ def abstract_params(config: ModelConfig):
 
 def forward(params, config: ModelConfig, input_ids, attention_mask=None, **kwargs) -> DecoderOutput:
     return Decoder(config).apply({"params": params}, input_ids, attention_mask, **kwargs)
+
+
+def forward_frozen_prefix(params, config: ModelConfig, input_ids, attention_mask, n_frozen: int) -> jax.Array:
+    """Final hidden states [B, T, D] as ``forward``, but the first ``n_frozen`` layers run as their
+    own scan under ``stop_gradient``: training the last k layers then backpropagates through k
+    layers, not through the whole stack (one scan over all layers would differentiate every step)."""
+    if not 0 < n_frozen < config.num_layers:
+        return forward(params, config, input_ids, attention_mask).hidden
+    sliding = config.layer_is_sliding
+
+    def part(lo, hi):
+        cfg = dataclasses.replace(config, num_layers=hi - lo, sliding_layers=tuple(sliding[lo:hi]))
+        return cfg, {**params, "layers": jax.tree.map(lambda x: x[lo:hi], params["layers"])}
+
+    cfg_a, params_a = part(0, n_frozen)
+    residual = Decoder(cfg_a).apply({"params": params_a}, input_ids, attention_mask, final_norm=False).hidden
+    cfg_b, params_b = part(n_frozen, config.num_layers)
+    return Decoder(cfg_b).apply({"params": params_b}, input_ids, attention_mask,
+                                residual_in=jax.lax.stop_gradient(residual)).hidden
 
 
 def unembedding_matrix(params, config: ModelConfig) -> jax.Array:

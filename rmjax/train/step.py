@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rmjax import losses
 from rmjax.heads.scalar import ScalarHead
 from rmjax.models.config import ModelConfig
-from rmjax.models.transformer import forward
+from rmjax.models.transformer import forward_frozen_prefix
 from rmjax.train import params as tparams
 from rmjax.train.config import RunConfig
 
@@ -44,12 +44,14 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-def rewards(full_params: dict, config: ModelConfig, ids: jax.Array, mask: jax.Array, lora_scale: float) -> jax.Array:
-    """Scalar rewards [N] in fp32, pooled at each row's last real token."""
+def rewards(full_params: dict, config: ModelConfig, ids: jax.Array, mask: jax.Array, lora_scale: float,
+            n_frozen: int = 0) -> jax.Array:
+    """Scalar rewards [N] in fp32, pooled at each row's last real token. The first ``n_frozen``
+    layers get no backward pass (training the last k layers)."""
     backbone = full_params["backbone"]
     if "lora" in full_params:
         backbone = tparams.apply_lora(backbone, full_params["lora"], lora_scale)
-    hidden = forward(backbone, config, ids, mask).hidden
+    hidden = forward_frozen_prefix(backbone, config, ids, mask, n_frozen)
     return ScalarHead().apply({"params": full_params["head"]}, hidden.astype(jnp.float32), mask)
 
 
@@ -57,7 +59,8 @@ def pair_loss(trainable: dict, frozen: dict, batch: dict, config: ModelConfig, r
     full = tparams.merge(trainable, frozen)
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-    r = rewards(full, config, ids, mask, run.train.lora_alpha / max(run.train.lora_rank, 1))
+    n_frozen = config.num_layers - run.train.last_k if run.train.trainable == "last_k" else 0
+    r = rewards(full, config, ids, mask, run.train.lora_alpha / max(run.train.lora_rank, 1), n_frozen)
     r_c, r_r = jnp.split(r, 2)
     lc = run.loss
     if lc.label_smoothing > 0:
