@@ -1,6 +1,5 @@
 """Reward checkpoints, prefix KV cache, packed segments, all-layer hidden states, bad checkpoints."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

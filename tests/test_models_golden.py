@@ -1,6 +1,5 @@
 """Golden: every family's tiny random HF model, saved and loaded by rmjax, gives HF's logits."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -157,7 +157,7 @@ def test_eval_rm_on_exported_run_and_sweep(model_dir, tmp_path, capsys):
                        "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"), *extra]) == 0
     table = (root / "results.csv").read_text().splitlines()
     assert len(table) == 3 and "eval_accuracy" in table[0]
-    out = capsys.readouterr().out
+    capsys.readouterr()
     assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
                        "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"), *extra]) == 0
     assert capsys.readouterr().out.count("skip (complete)") == 2

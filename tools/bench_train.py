@@ -1,6 +1,6 @@
 """Train-step throughput: rmjax's jitted BT step vs a plain PyTorch BT loop on HF transformers.
 
-    python tools/bench_train.py [--pairs 4] [--seq 256] [--steps 3] [--trainable full]
+    python tools/bench_train.py [--pairs 4] [--seq 256] [--steps 3] [--trainable full last_k]
 
 Same model (SmolLM2-135M-Instruct weights, a fresh scalar head), same batch of real HH-RLHF pairs
 padded to --seq, fp32, AdamW with global-norm clipping, chosen and rejected in one forward. Reports
@@ -35,32 +35,44 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--trainable", default="full", choices=["full", "head", "lora", "last_k"])
+    ap.add_argument("--trainable", nargs="+", default=["full", "last_k"], choices=["full", "head", "lora", "last_k"])
     ap.add_argument("--out", default="tools/results/train_cpu.json")
     args = ap.parse_args()
 
     import jax
 
     from rmjax import sharding as shd
-    from rmjax.io import registry
     from rmjax.models.loading import load_model
-    from rmjax.train import params as tparams
     from rmjax.train import step as tstep
-    from rmjax.train.config import load_config
 
-    run = load_config(None, [f"train.trainable={args.trainable}", f"train.batch_size={args.pairs}",
-                             "train.grad_accum=1", "model.dtype=float32", "optim.warmup_steps=1",
-                             "optim.lr=1e-5", "train.lora_rank=8", "train.last_k=4"])
     mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
     loaded = load_model("smollm2-135m-instruct", mesh=mesh, strategy="dp")
     host = batch_of_pairs(loaded.tokenizer, args.pairs, args.seq)
     tokens = host["chosen_ids"].size * 2
 
     head = tstep.init_head(jax.random.key(0), loaded.config.hidden_size)
+    result = {**environment(), "benchmark": "train_step", "model": "smollm2-135m-instruct", "pairs": args.pairs,
+              "seq": args.seq, "dtype": "float32", "last_k": 4}
+    for mode in args.trainable:
+        result[mode] = bench_mode(mode, loaded, head, host, mesh, args.steps, tokens)
+        write_result(args.out, result)  # keep finished modes if a later one is interrupted
+    result["peak_rss_mb"] = peak_rss_mb()
+    write_result(args.out, result)
+
+
+def bench_mode(mode, loaded, head, host, mesh, steps, tokens) -> dict:
+    """One trainable subset in both frameworks: full, or the last 4 layers + final norm + head
+    (torch: requires_grad off below them, so autograd stops there too)."""
+    from rmjax.io import registry
+    from rmjax.train import params as tparams
+    from rmjax.train import step as tstep
+    from rmjax.train.config import load_config
+
+    run = load_config(None, [f"train.trainable={mode}", f"train.batch_size={len(host['chosen_ids'])}",
+                             "train.grad_accum=1", "model.dtype=float32", "optim.warmup_steps=1",
+                             "optim.lr=1e-5", "train.lora_rank=8", "train.last_k=4"])
     full = {"backbone": loaded.params, "head": head}
-    if args.trainable == "lora":
-        full["lora"] = tparams.init_lora(loaded.params, 8, jax.random.key(1))
-    trainable, frozen = tparams.split(full, args.trainable, 4)
+    trainable, frozen = tparams.split(full, mode, 4)
     opt = tstep.make_optimizer(run)
     state = tstep.create_state(trainable, opt, mesh)
     fn = tstep.make_train_step(state, frozen, mesh, config=loaded.config, run=run, optimizer=opt)
@@ -75,7 +87,8 @@ def main() -> None:
         state, metrics = compiled(state, frozen, batch)
         losses.append(float(metrics["loss"]))
 
-    t_rmjax = median_time(rmjax_step, repeats=args.steps)
+    t_rmjax = median_time(rmjax_step, repeats=steps)
+    del state
 
     # PyTorch: LlamaForSequenceClassification with the same weights (transformers' GGUF reader)
     from transformers import AutoModelForSequenceClassification
@@ -86,6 +99,10 @@ def main() -> None:
     model.config.pad_token_id = loaded.tokenizer.pad_id
     with torch.no_grad():
         model.score.weight.copy_(torch.tensor(np.asarray(head["score"]["kernel"]).T))
+    if mode == "last_k":
+        model.model.embed_tokens.weight.requires_grad_(False)
+        for layer in model.model.layers[:-4]:
+            layer.requires_grad_(False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
@@ -101,17 +118,13 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
-        torch_losses.append(float(loss))
+        torch_losses.append(float(loss.detach()))
 
-    t_torch = median_time(torch_step, repeats=args.steps)
-    result = {
-        **environment(), "benchmark": "train_step", "model": "smollm2-135m-instruct", "pairs": args.pairs,
-        "seq": args.seq, "dtype": "float32", "trainable_rmjax": args.trainable, "trainable_torch": "full",
-        "rmjax_tokens_per_s": tokens / t_rmjax, "hf_torch_tokens_per_s": tokens / t_torch,
-        "ratio_rmjax_over_hf": t_torch / t_rmjax, "rmjax_compile_s": compile_s,
-        "first_loss": {"rmjax": losses[0], "hf_torch": torch_losses[0]}, "peak_rss_mb": peak_rss_mb(),
-    }
-    write_result(args.out, result)
+    t_torch = median_time(torch_step, repeats=steps)
+    return {"trainable_params": {"rmjax": tparams.count(trainable), "hf_torch": sum(p.numel() for p in params)},
+            "rmjax_tokens_per_s": tokens / t_rmjax, "hf_torch_tokens_per_s": tokens / t_torch,
+            "ratio_rmjax_over_hf": t_torch / t_rmjax, "rmjax_compile_s": compile_s,
+            "first_loss": {"rmjax": losses[0], "hf_torch": torch_losses[0]}}
 
 
 if __name__ == "__main__":

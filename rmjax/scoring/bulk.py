@@ -25,7 +25,7 @@ from rmjax.data.chat import render, template_name
 from rmjax.data.records import ScoringRecord
 from rmjax.errors import ConfigError
 from rmjax.scoring import packing
-from rmjax.scoring.engine import Encoded, bucket, pad_batch, paired_score_fn, score_fn
+from rmjax.scoring.engine import Encoded, pad_batch, paired_score_fn, score_fn
 
 
 @dataclasses.dataclass
