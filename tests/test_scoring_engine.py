@@ -35,10 +35,10 @@ def test_prefix_cache_scoring_equals_naive(tiny):
         for j, resp in enumerate(e.responses):
             ref = naive_response_logprobs(params, config, e.prompt, resp)
             row = g * 2 + j
-            np.testing.assert_allclose(np.asarray(out["tokens"])[row, :len(resp)], ref, atol=1e-4)
-            np.testing.assert_allclose(float(out["sum"][row]), ref.sum(), atol=1e-4)
+            np.testing.assert_allclose(np.asarray(out["tokens"])[row, :len(resp)], ref, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(float(out["sum"][row]), ref.sum(), rtol=1e-5, atol=1e-5)
             assert float(out["count"][row]) == len(resp)
-            np.testing.assert_allclose(float(out["mean"][row]), ref.mean(), atol=1e-4)
+            np.testing.assert_allclose(float(out["mean"][row]), ref.mean(), rtol=1e-5, atol=1e-5)
             from rmjax.models import forward
             full = np.concatenate([e.prompt, resp])[None].astype(np.int32)
             h = np.asarray(forward(params, config, full).hidden)[0, -1]

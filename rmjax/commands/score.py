@@ -23,11 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sequence log-prob in the implicit reward: sum, or mean (length-normalised)")
     p.add_argument("--template", choices=TEMPLATE_CHOICES, default="model",
                    help="chat rendering: each model's own template (plain HH layout for base models) or a fixed one")
-    p.add_argument("--sample", type=int, default=200,
+    p.add_argument("--sample", type=int, default=64,
                    help="score a fixed, seeded sample of this many examples (0 = the whole corpus)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--over-length", choices=["truncate", "drop"], default="truncate")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="tokens per sequence (prompt + response) for each model; see --over-length")
+    p.add_argument("--over-length", choices=["truncate", "drop"], default="truncate",
+                   help="over-long sequences: truncate (drop the oldest prompt tokens) or drop the example (counted)")
     p.add_argument("--on-error", choices=["fail", "skip"], default="skip")
     p.add_argument("--pack-length", type=int, default=512,
                    help="pack prompt trees (prompt once, its responses as branches) into rows of this many "
