@@ -161,6 +161,18 @@ def test_eval_rm_on_exported_run_and_sweep(model_dir, tmp_path, capsys):
     assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
                        "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"), *extra]) == 0
     assert capsys.readouterr().out.count("skip (complete)") == 2
+    # each seed-0 RM scores the Big Two nouns on value prompts: tables ready for `rmjax value-bias`
+    assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
+                       "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"),
+                       "--value-scores", "--value-prompt-keys", "best_ever_one", "worst_ever_one", *extra]) == 0
+    import pandas as pd
+    tables = sorted((root / "value_scores").glob("*.csv"))
+    assert len(tables) == 2
+    scores = pd.read_csv(tables[0], keep_default_na=False)
+    assert list(scores.columns) == ["response", "best_ever_one", "worst_ever_one"] and len(scores) == 263
+    assert scores["best_ever_one"].std() > 0
+    families = pd.read_csv(root / "value_scores_families.csv")
+    assert sorted(families["model"]) == [t.stem for t in tables]
 
     final = next(root.glob("*/harmless/f0.05/s0/final"))
     assert (final / "tokenizer.json").exists()

@@ -2,11 +2,17 @@
 
     python experiments/rm_ablation/sweep.py [--models smollm2-135m-instruct gemma3-270m]
         [--sources helpful harmless both] [--fractions 0.25 0.5 1.0] [--seeds 0]
-        [--base experiments/rm_ablation/base.yaml] [--root runs/rm_ablation] [key=value ...]
+        [--base experiments/rm_ablation/base.yaml] [--root runs/rm_ablation] [--value-scores]
+        [key=value ...]
 
 Each cell is one `rmjax train` run in its own process (a crash does not end the sweep) under
 ROOT/<model>/<source>/f<fraction>/s<seed>; a cell whose result.json exists is skipped, and a killed
 cell resumes from its last checkpoint. Final metrics are collected into ROOT/results.csv and .md.
+
+--value-scores: every seed-0 RM then scores the Big Two nouns as one-word answers to the value
+prompts (`rmjax vocab-scan --mode words --rm RUN/final`), one table per RM in ROOT/value_scores/
+(the schema of the released RM scores) with ROOT/value_scores_families.csv (RM -> base model
+family), ready for `rmjax value-bias`; a table already written is kept.
 """
 from __future__ import annotations
 
@@ -29,6 +35,36 @@ def cells(args):
         yield dict(model=model, source=source, fraction=fraction, seed=seed), run_dir, overrides
 
 
+def value_scores(root: Path, done: list[tuple[dict, Path]], prompt_keys: list[str] | None) -> list[str]:
+    """Seed-0 RMs' scores of the Big Two nouns on the value prompts; returns the failed runs."""
+    from rmjax.analysis.families import infer_family
+
+    out = root / "value_scores"
+    out.mkdir(exist_ok=True)
+    families, failed = [], []
+    for keys, run_dir in done:
+        if keys["seed"] != 0:
+            continue
+        name = "_".join(run_dir.relative_to(root).parts[:-1])  # model_source_fraction
+        target = out / f"{name}.csv"
+        if not target.exists():
+            print(f"value scores: {run_dir}", flush=True)
+            scan = root / "value_scan" / name
+            cmd = [sys.executable, "-m", "rmjax.cli", "vocab-scan", "--model", "", "--rm", str(run_dir / "final"),
+                   "--mode", "words", "--words", "big2_nouns", "--out", str(scan)]
+            if prompt_keys:
+                cmd += ["--prompt-keys", *prompt_keys]
+            if subprocess.run(cmd).returncode != 0:
+                failed.append(str(run_dir))
+                continue
+            (scan / "words_rm.csv").replace(target)
+        families.append({"model": name, "family": infer_family(Path(keys["model"]).name) or Path(keys["model"]).name})
+    pd.DataFrame(families).to_csv(root / "value_scores_families.csv", index=False)
+    print(f"value scores in {out}; analyse with: rmjax value-bias --scores {out} --dictionary big2_nouns "
+          f"--families {root / 'value_scores_families.csv'} --out {root / 'value_bias'}")
+    return failed
+
+
 def collect(root: Path, rows: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.to_csv(root / "results.csv", index=False)
@@ -44,11 +80,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--base", default=str(Path(__file__).with_name("base.yaml")))
     ap.add_argument("--root", default="runs/rm_ablation")
+    ap.add_argument("--value-scores", action="store_true",
+                    help="score the Big Two nouns on the value prompts with every seed-0 RM")
+    ap.add_argument("--value-prompt-keys", nargs="*", help="only these value prompts (default all 54)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args(argv)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    rows, failed = [], []
+    rows, failed, done = [], [], []
     for keys, run_dir, overrides in cells(args):
         result_file = run_dir / "result.json"
         if result_file.exists():
@@ -59,6 +98,7 @@ def main(argv=None) -> int:
             if subprocess.run(cmd).returncode != 0 or not result_file.exists():
                 failed.append(str(run_dir))
                 continue
+        done.append((keys, run_dir))
         result = json.loads(result_file.read_text())
         ev = result.get("eval", {})
         rows.append({**keys, "train_pairs": result["train_pairs"], "steps": result["step"],
@@ -66,6 +106,8 @@ def main(argv=None) -> int:
                      **{k: v for k, v in ev.items() if k.startswith("accuracy/")}})
     if rows:
         print(collect(root, rows).to_string(index=False))
+    if args.value_scores:
+        failed += value_scores(root, done, args.value_prompt_keys)
     if failed:
         print(f"{len(failed)} runs failed: {failed}", file=sys.stderr)
         return 1

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = sub.add_parser("vocab-scan", help="score every vocabulary token (or every word of a list) as a response",
                        description="Exhaustive scoring over the value prompts; one table per mode.")
-    v.add_argument("--model", default="smollm2-135m-instruct")
+    v.add_argument("--model", default="smollm2-135m-instruct", help="model for log-probs; '' with --rm: RM scores only")
     v.add_argument("--reference", default="", help="second model: implicit reward (same tokenizer) or MWLR")
     v.add_argument("--rm", default="", help="reward model (*ForSequenceClassification dir) for RM scores")
     v.add_argument("--prompts", help="YAML {key: prompt}; default the 54 bundled value prompts")
@@ -171,7 +171,9 @@ def run_vocab_scan(args) -> int:
         prompts = {k: prompts[k] for k in args.prompt_keys}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model)
+    if not args.model and not (args.rm and args.mode != "next-token"):
+        raise RmjaxError("give --model (log-probs), or --rm with --mode response|words for RM scores only")
+    model = load_model(args.model) if args.model else None
     if args.mode == "next-token":
         table = vs.next_token_table(model, prompts, args.template)
         _write_csv(table, out / "next_token_logprobs.csv")
@@ -187,6 +189,8 @@ def run_vocab_scan(args) -> int:
     rm = load_model(args.rm) if args.rm else None
     ref = load_model(args.reference) if args.reference else None
     from rmjax.scoring.bulk import same_tokenizer
+    if ref is not None and model is None:
+        raise RmjaxError("--reference needs --model (the implicit reward compares the two)")
     if ref is not None and args.mode == "response" and not same_tokenizer(model.tokenizer, ref.tokenizer):
         raise RmjaxError("--mode response scores token ids, so --reference needs the same tokenizer; use "
                          "--mode next-token (MWLR across tokenizers) or --mode words")
@@ -205,7 +209,8 @@ def run_vocab_scan(args) -> int:
             res = vs.scan_responses(loaded, prompt_ids, cands, chunk=args.chunk, rm_head=head,
                                     progress=f"{key} [{tag}]")
             columns.setdefault(tag, {})[key] = res["rm"] if tag == "rm" else res["sum"]
-    labels = words if words is not None else [model.tokenizer.token_to_str(i) for i in range(len(cands))]
+    first = model or rm
+    labels = words if words is not None else [first.tokenizer.token_to_str(i) for i in range(len(cands))]
     for tag, cols in columns.items():
         frame = pd.DataFrame({"response": labels, **cols})
         _write_csv(frame, out / f"{args.mode}_{tag}.csv")
