@@ -164,7 +164,7 @@ def test_eval_rm_on_exported_run_and_sweep(model_dir, tmp_path, capsys):
     # each seed-0 RM scores the Big Two nouns on value prompts: tables ready for `rmjax value-bias`
     assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
                        "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"),
-                       "--value-scores", "--value-prompt-keys", "best_ever_one", "worst_ever_one", *extra]) == 0
+                       "--value-scores", "--value-prompt-keys", "best_ever_one,worst_ever_one", *extra]) == 0
     import pandas as pd
     tables = sorted((root / "value_scores").glob("*.csv"))
     assert len(tables) == 2

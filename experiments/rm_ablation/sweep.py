@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="runs/rm_ablation")
     ap.add_argument("--value-scores", action="store_true",
                     help="score the Big Two nouns on the value prompts with every seed-0 RM")
-    ap.add_argument("--value-prompt-keys", nargs="*", help="only these value prompts (default all 54)")
+    ap.add_argument("--value-prompt-keys", help="only these value prompts, comma-separated (default all 54)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args(argv)
     root = Path(args.root)
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     if rows:
         print(collect(root, rows).to_string(index=False))
     if args.value_scores:
-        failed += value_scores(root, done, args.value_prompt_keys)
+        keys = [k.strip() for k in args.value_prompt_keys.split(",") if k.strip()] if args.value_prompt_keys else None
+        failed += value_scores(root, done, keys)
     if failed:
         print(f"{len(failed)} runs failed: {failed}", file=sys.stderr)
         return 1
