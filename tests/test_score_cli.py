@@ -142,11 +142,14 @@ def test_token_logprobs_stored_and_equal_naive(models, data, tmp_path, capsys):
 
 def test_vocab_scan_cli_words_and_tokens(models, tmp_path):
     out = tmp_path / "scan"
+    words = tmp_path / "words.csv"  # a small two-column dictionary keeps the test short
+    words.write_text("Category,Word\nAgency,power\nAgency,ambition\nCommunion,kindness\nCommunion,friendship\n")
     assert main(["vocab-scan", "--model", str(models / "policy"), "--reference", str(models / "reference"),
-                 "--rm", str(models / "rm"), "--mode", "words", "--prompt-keys", "best_ever_one", "worst_ever_one",
-                 "--out", str(out), "--chunk", "64"]) == 0
+                 "--rm", str(models / "rm"), "--mode", "words", "--words", str(words),
+                 "--prompt-keys", "best_ever_one", "worst_ever_one", "--out", str(out), "--chunk", "64"]) == 0
     rm = pd.read_csv(out / "words_rm.csv")
-    assert list(rm.columns) == ["response", "best_ever_one", "worst_ever_one"] and len(rm) == 263
+    assert list(rm.columns) == ["response", "best_ever_one", "worst_ever_one"]
+    assert sorted(rm["response"]) == ["ambition", "friendship", "kindness", "power"]
     implicit = pd.read_csv(out / "words_implicit_reward.csv")
     pol, ref = pd.read_csv(out / "words_policy.csv"), pd.read_csv(out / "words_reference.csv")
     np.testing.assert_allclose(implicit["best_ever_one"], pol["best_ever_one"] - ref["best_ever_one"], atol=1e-4)

@@ -115,7 +115,7 @@ def test_split_merge_roundtrip_and_lora_starts_at_base(tiny):
     np.testing.assert_allclose(np.asarray(merged["layers"]["attn"]["q_kernel"]), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["llama_gqa_tied", "gemma3_window"])
+@pytest.mark.parametrize("case", ["gemma3_window"])  # local/global layer pattern split at the cut
 def test_frozen_prefix_forward_equals_forward_and_last_k_grads(case):
     from rmjax.models.transformer import forward, forward_frozen_prefix
 
