@@ -244,9 +244,9 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, return_all_hidden, return_kv, name="layers")
         x_last, outs = layers(x, shared, per_layer)
-        hidden = RMSNorm(c.norm_eps, c.norm_plus_one, "norm", c.params_dtype, name="final_norm")(x_last)
-        if not final_norm:
-            hidden = x_last
+        hidden = x_last
+        if final_norm:
+            hidden = RMSNorm(c.norm_eps, c.norm_plus_one, "norm", c.params_dtype, name="final_norm")(x_last)
         all_hidden = None
         if return_all_hidden:
             all_hidden = jnp.concatenate([x[None], outs["hidden"]], axis=0)

@@ -155,8 +155,7 @@ class Scorer:
                                              batch_tokens=s.batch_tokens, buckets=s.buckets):
                 self.real_tokens += pb.real_tokens
                 self.padded_tokens += pb.padded_tokens
-                self.naive_tokens += sum(len(encoded[k].prompt) * len(encoded[k].responses)
-                                         + sum(map(len, encoded[k].responses)) for k in {k for k, _ in pb.sequences})
+                self.naive_tokens += sum(encoded[k].unshared_tokens for k in {k for k, _ in pb.sequences})
                 for role, stats in self._call(name, slot, pb.arrays):
                     for key, per_example in packing.unpack(pb, jax.device_get(stats)).items():
                         out.setdefault(key, {})[role] = per_example
@@ -167,7 +166,7 @@ class Scorer:
             batch, real = pad_batch(exs, rows, pad, s.buckets)
             self.real_tokens += real
             self.padded_tokens += batch["prompt_ids"].size + batch["response_ids"].size
-            self.naive_tokens += sum(len(e.prompt) * len(e.responses) + sum(map(len, e.responses)) for e in exs)
+            self.naive_tokens += sum(e.unshared_tokens for e in exs)
             r = len(exs[0].responses)
             for role, stats in self._call(name, slot, batch):
                 stats = jax.device_get(stats)

@@ -37,6 +37,11 @@ class Encoded:
     responses: tuple[np.ndarray, ...]
     truncated: bool = False
 
+    @property
+    def unshared_tokens(self) -> int:
+        """Tokens of scoring every response as a full sequence (the prompt once per response)."""
+        return len(self.prompt) * len(self.responses) + sum(len(r) for r in self.responses)
+
 
 def bucket(n: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int:
     for b in buckets:

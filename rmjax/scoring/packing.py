@@ -186,10 +186,11 @@ def unpack(batch: PackedBatch, stats: dict) -> dict[int, dict[str, np.ndarray]]:
                 out[key][name][j] = values[s]
     if "tokens" in stats:
         per_seq = np.split(stats["tokens"][:len(seq_of_target)], np.flatnonzero(np.diff(seq_of_target)) + 1)
+        width: dict[int, int] = {}
+        for (key, _), lp in zip(batch.sequences, per_seq):
+            width[key] = max(width.get(key, 0), len(lp))
+        for key, n in n_responses.items():
+            out[key]["tokens"] = np.zeros((n, width[key]), np.float32)
         for (key, j), lp in zip(batch.sequences, per_seq):
-            tok = out[key].setdefault("tokens", np.zeros((n_responses[key], 0), np.float32))
-            if tok.shape[1] < len(lp):
-                tok = np.pad(tok, ((0, 0), (0, len(lp) - tok.shape[1])))
-            tok[j, :len(lp)] = lp
-            out[key]["tokens"] = tok
+            out[key]["tokens"][j, :len(lp)] = lp
     return out
