@@ -30,6 +30,10 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 #   layers                  the stacked-layer axis created by nn.scan (never sharded)
 #   objectives, hidden      head-specific axes (small, replicated)
 _BATCH = ("data", "fsdp")
+# Where the kernels that split work by hand (shard_map) find the logical axes they care about.
+BATCH_MESH_AXES = _BATCH
+VOCAB_MESH_AXIS = "tensor"
+SEQUENCE_MESH_AXIS = "sequence"
 
 # One ordered table per strategy: logical name -> mesh axis (or tuple of axes, or None).
 # The first rule that names a logical axis wins (flax semantics); a mesh axis is used at most once
@@ -170,6 +174,23 @@ def fit_to_shape(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedShardi
         if shape[i] % math.prod(sharding.mesh.shape[a] for a in names):
             spec[i] = None
     return NamedSharding(sharding.mesh, P(*spec))
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...] | None = None, batch_axis: int = 0) -> NamedSharding:
+    """An input array's sharding: axis ``batch_axis`` (rows, examples) split over the data-parallel
+    mesh axes of the logical ``batch``, the rest replicated. With ``shape``, an axis that does not
+    divide stays replicated; without, the caller guarantees that it divides."""
+    sharding = logical_to_sharding(P(*([None] * batch_axis), "batch"), mesh, "dp")
+    return sharding if shape is None else fit_to_shape(sharding, tuple(shape))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the logical ``batch`` axis splits on ``mesh``."""
+    return math.prod(mesh.shape[a] for a in _BATCH)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
 
 
 def with_constraint(x: jax.Array, *names: str | None) -> jax.Array:

@@ -78,9 +78,9 @@ def save_tiny_checkpoint(directory, case: str = "llama_gqa_tied", head: str = "c
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from rmjax.data.preferences import load_hh_rlhf
+    from rmjax.data.records import read_records
 
-    texts = [p.chosen for p in load_hh_rlhf("harmless-base")[:400]]
+    texts = [r.responses[0] for r in read_records("hh-rlhf:harmless-base", limit=400, on_error="skip")]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

@@ -2,7 +2,7 @@
 import pytest
 
 from rmjax.data.chat import BUILTIN_TEMPLATES, render, template_name
-from rmjax.errors import ConfigError
+from rmjax.errors import ConfigError, DataError
 from rmjax.io import registry
 
 PROMPT = [{"role": "user", "content": "What, in one word, is the best thing ever?"},
@@ -42,3 +42,12 @@ def test_model_template_falls_back_to_plain_for_base_models():
     assert template_name(smol, "model") == "model"
     with pytest.raises(ConfigError, match="unknown template"):
         template_name(smol, "vicuna")
+
+
+def test_duplicated_bos_is_reported_with_the_fix():
+    gemma = registry.load_tokenizer("gemma3-270m")  # its tokenizer adds BOS itself
+    bos = gemma.bos_token
+    with pytest.raises(DataError, match=r"starts with two BOS tokens .* Remove the leading '<bos>'"):
+        render(gemma, [{"role": "system", "content": f"{bos}Be kind."}, {"role": "user", "content": "Hi"}], "Hey")
+    prompt, _ = render(gemma, [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}], "Hey")
+    assert prompt[0] == gemma.bos_id and prompt[1] != gemma.bos_id

@@ -7,11 +7,9 @@ import pytest
 from hf_models import build
 from rmjax.models import forward
 from rmjax.models.loading import StateDictCheckpoint, load_params
+from rmjax.data.batching import BUCKETS, Encoded
 from rmjax.scoring import packing
-from rmjax.scoring.bulk import ScoreSettings
-from rmjax.scoring.engine import Encoded, naive_response_logprobs
-
-BUCKETS = ScoreSettings().buckets
+from rmjax.scoring.engine import naive_response_logprobs
 
 
 @pytest.fixture(scope="module", params=["llama_gqa_tied", "gemma2_softcap_window", "gemma3_window"])
@@ -37,15 +35,23 @@ def test_pack_rows_cover_every_example_once():
     keys = [k for _, ks in rows for k in ks]
     assert sorted(keys) == sorted(enc)
     for length, ks in rows:
-        assert sum(packing.tree_length(enc[k]) for k in ks) <= length
+        assert sum(enc[k].tree_length for k in ks) <= length
     assert (96, [999]) in rows
     assert rows == packing.pack_rows(dict(reversed(list(enc.items()))), 48, BUCKETS)  # deterministic
     batches = packing.packed_batches(enc, 0, row_length=48, batch_tokens=192, buckets=BUCKETS)
     real = sum(b.real_tokens for b in batches)
-    assert real == sum(packing.tree_length(e) for e in enc.values())
+    assert real == sum(e.tree_length for e in enc.values())
     assert real / sum(b.padded_tokens for b in batches) > 0.6
     for b in batches:
         assert b.arrays["input_ids"].shape[0] in (1, 2, 4)
+        a = b.arrays  # every slot's last token is the last token of its branch
+        for flat, seq in enumerate(b.sequences):
+            if seq is not None:
+                r, s = divmod(flat, a["seq_index"].shape[1])
+                i = a["seq_index"][r, s]
+                assert a["branch_ids"][r, i] == seq[1] + 1 and a["seq_valid"][r, s]
+                assert i + 1 == a["input_ids"].shape[1] or a["branch_ids"][r, i + 1] != seq[1] + 1 \
+                    or a["segment_ids"][r, i + 1] != a["segment_ids"][r, i]
 
 
 def test_packed_scores_equal_naive(tiny):

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rmjax.data.preferences import bundled_path, load_hh_rlhf
-from rmjax.data.records import RecordReport, ScoringRecord, input_fingerprint, read_records
+from rmjax.data.preferences import HH_SOURCES, bundled_path, load_value_prompts
+from rmjax.data.records import Record, RecordReport, input_fingerprint, parse_hh_transcript, rating_matrix, read_records
 from rmjax.errors import DataError
 
 
@@ -48,6 +48,11 @@ LAYOUTS = {
     "e": ([{"id": "e1", "chosen": [msg("system", "Kind."), msg("user", "Help?"), msg("assistant", "Sure.")],
             "rejected": [msg("system", "Kind."), msg("user", "Help?"), msg("assistant", "No.")]}],
           [("e1", (("system", "Kind."), ("user", "Help?")), ("Sure.", "No."), "pair")]),
+    "g_text": ([{"id": "g1", "prompt": "Pick a number.", "chosen": "Seven.", "rejected": ["Blue.", "Banana.", "Eight"]}],
+               [("g1", (("user", "Pick a number."),), ("Seven.", "Blue.", "Banana.", "Eight"), "best_of_n")]),
+    "g_messages": ([{"id": "g2", "prompt": [msg("user", "Hi")], "chosen": "Hello!",
+                     "rejected": [[msg("user", "Hi"), msg("assistant", "Go away.")]]}],
+                   [("g2", (("user", "Hi"),), ("Hello!", "Go away."), "pair")]),  # one rejected: a pair
 }
 
 
@@ -81,7 +86,7 @@ def test_every_layout_in_every_format(tmp_path, layout, fmt):
     records, expected = LAYOUTS[layout]
     path = write(tmp_path / name, records)
     got = read_records(path)
-    assert got == [ScoringRecord(rid if rid is not None else default_id(i), prompt, responses, kind, i)
+    assert got == [Record(rid if rid is not None else default_id(i), prompt, responses, kind, i)
                    for i, (rid, prompt, responses, kind) in enumerate(expected)]
 
 
@@ -92,10 +97,12 @@ def test_mixed_layouts_keep_input_order_and_gzip_reads_the_same(tmp_path):
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     got = read_records(plain)
     assert [r.index for r in got] == list(range(len(records)))
-    assert [r.id for r in got] == ["q1", "mixed:2", "m1", "mixed:4", "7", "c2", "mixed:7", "mixed:8", "e1"]
-    assert [r.kind for r in got] == ["single"] * 4 + ["pair"] * 5
+    assert [r.id for r in got] == ["q1", "mixed:2", "m1", "mixed:4", "7", "c2", "mixed:7", "mixed:8", "e1", "g1", "g2"]
+    assert [r.kind for r in got] == ["single"] * 4 + ["pair"] * 5 + ["best_of_n", "pair"]
+    assert got[9].response_names == ("chosen", "rejected_1", "rejected_2", "rejected_3")
     assert got[2].prompt_messages == [msg("system", "Be brief."), msg("user", "2+2?")]
     assert got[4].response_names == ("chosen", "rejected") and got[0].response_names == ("response",)
+    assert got[4].place == f"{plain}:5"
     assert read_records(packed) == got
     assert [r.id for r in read_records(plain, limit=3)] == ["q1", "mixed:2", "m1"]
 
@@ -143,6 +150,21 @@ BAD_LINES = {
     "two layouts": (b'{"prompt": "p", "response": "r", "chosen": "c", "rejected": "d"}\n',
                     ["fields ['response', 'chosen'] belong to different layouts"]),
     "bad id": (b'{"id": [1], "prompt": "p", "response": "r"}\n', ["field 'id' must be a string or an integer"]),
+    "rating not a number": (b'{"prompt": "p", "response": "r", "ratings": {"helpful": "high"}}\n',
+                            ["field 'ratings.helpful' must be a number, got str 'high'"]),
+    "rating bool": (b'{"prompt": "p", "response": "r", "ratings": {"helpful": true}}\n',
+                    ["field 'ratings.helpful' must be a number, got bool"]),
+    "empty ratings": (b'{"prompt": "p", "response": "r", "ratings": {}}\n', ["field 'ratings' must be a non-empty"]),
+    "ratings on a pair": (b'{"prompt": "p", "chosen": "a", "rejected": "b", "ratings": {"x": 1}}\n',
+                          ["field 'ratings' rates one response", "one record per response"]),
+    "best-of-N with no rejected": (b'{"prompt": "p", "chosen": "a", "rejected": []}\n',
+                                   ["field 'rejected' is an empty list", "at least one rejected"]),
+    "best-of-N without prompt": (b'{"chosen": "a", "rejected": ["b", "c"]}\n', ["field 'prompt' is missing"]),
+    "bad margin": (b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}\n',
+                   ["field 'margin' must be a number"]),
+    "margin on a single": (b'{"prompt": "p", "response": "r", "margin": 1}\n', ["field 'margin' applies to pairs"]),
+    "negative weight": (b'{"prompt": "p", "response": "r", "weight": -1}\n', ["a weight must be >= 0"]),
+    "empty subset": (b'{"prompt": "p", "response": "r", "subset": ""}\n', ["field 'subset' must be a non-empty"]),
 }
 
 
@@ -201,7 +223,7 @@ def test_dataset_dict_needs_a_split(tmp_path):
         read_records(root)
     with pytest.raises(DataError, match="split 'dev' is not there"):
         read_records(root, split="dev")
-    assert read_records(root, split="train") == [ScoringRecord("dd:0", (("user", "a"),), ("b",), "single", 0)]
+    assert read_records(root, split="train") == [Record("dd:0", (("user", "a"),), ("b",), "single", 0)]
     with pytest.raises(DataError, match=rf"^{re.escape(str(root))}\[test\] row 1: field 'response' is empty"):
         read_records(root, split="test")
 
@@ -224,13 +246,76 @@ def test_whole_input_errors(tmp_path):
         read_records(tmp_path / "ok.jsonl", split="train")
 
 
-# ---------------------------------------------------------------- bundled HH-RLHF
+def test_optional_fields_and_ratings(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "p", "response": "a", "ratings": {"helpful": 4, "honest": None}, "subset": "s1", "weight": 2},
+        {"prompt": "q", "response": "b", "ratings": {"honest": 1.5, "helpful": 0}, "subset": "s2"},
+        {"prompt": "q", "chosen": "x", "rejected": "y", "margin": 0.5, "subset": "s2"}])
+    got = read_records(path)
+    assert got[0].ratings == (("helpful", 4.0), ("honest", None)) and got[0].weight == 2.0 and got[0].subset == "s1"
+    assert got[2].margin == 0.5 and got[2].ratings is None and got[2].weight is None
+    names, values = rating_matrix(got[:2])
+    assert names == ("helpful", "honest") and values == [[4.0, None], [0.0, 1.5]]
+    assert rating_matrix(got[:2], ("honest", "helpful", "brief"))[1] == [[None, 4.0, None], [1.5, 0.0, None]]
+    with pytest.raises(DataError, match=r"r.jsonl:1: field 'ratings' names unknown objectives \['helpful'\]"):
+        rating_matrix(got[:1], ("honest",))
+    with pytest.raises(DataError, match=r"r.jsonl:3: the record has no 'ratings' field"):
+        rating_matrix(got)
+
+
+def test_cross_record_checks_fail_or_skip_with_counts(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [
+        {"prompt": "p", "response": "a", "ratings": {"helpful": 1}, "subset": "s"},
+        {"prompt": "p", "response": "b", "ratings": {"harmless": 1}, "subset": "s"},
+        {"prompt": "p", "response": "c", "ratings": {"helpful": 2}}])
+    with pytest.raises(DataError, match=r"x.jsonl:2: field 'ratings' names other objectives than the first rated "
+                                        r"record \(.*x.jsonl:1\): missing \['helpful'\], extra \['harmless'\]"):
+        read_records(path)
+    report = RecordReport()
+    got = read_records(path, on_error="skip", report=report)
+    assert [r.responses for r in got] == [("a",)] and [r.index for r in got] == [0]
+    assert report.read == 1 and len(report.skipped) == 2
+    assert "x.jsonl:3: field 'subset' is missing, but 2 other records" in report.skipped[1]
+
+
+# ---------------------------------------------------------------- bundled HH-RLHF and LLMBar
+
+def test_parse_hh_transcript_roles_and_turns():
+    msgs = parse_hh_transcript("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: ok!")
+    assert msgs == [("user", "hi there"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ok!")]
+    with pytest.raises(DataError, match="not an HH-RLHF transcript"):
+        parse_hh_transcript("no turns here", "f.jsonl:3")
+
 
 def test_hh_alias_reads_the_bundled_pairs():
     got = read_records("hh-rlhf:helpful-base", limit=3)
-    pairs = load_hh_rlhf(("helpful-base",))[:3]
-    assert [r.id for r in got] == [p.id for p in pairs] == ["helpful-base:1", "helpful-base:2", "helpful-base:3"]
-    assert [(r.prompt, r.responses, r.kind) for r in got] == [(p.prompt, (p.chosen, p.rejected), "pair") for p in pairs]
+    assert [r.id for r in got] == ["helpful-base:1", "helpful-base:2", "helpful-base:3"]
+    assert {r.kind for r in got} == {"pair"} and {r.subset for r in got} == {"helpful-base"}
+    with gzip.open(bundled_path("hh_rlhf", "helpful-base_test.jsonl.gz"), "rt") as f:
+        first = json.loads(f.readline())
+    assert got[0].prompt == tuple(parse_hh_transcript(first["chosen"])[:-1])
+    assert got[0].responses[0] == parse_hh_transcript(first["chosen"])[-1][1]
+    report = RecordReport()
+    everything = read_records("hh-rlhf", on_error="skip", report=report)
+    assert report.read + len(report.skipped) == 8552  # every line accounted for
+    assert {r.subset for r in read_records("hh-rlhf:helpful", on_error="skip")} == set(HH_SOURCES["helpful"])
+    assert len(everything) == report.read and len({r.id for r in everything}) == len(everything)
+
+
+def test_llmbar_alias_and_value_prompts():
+    got = read_records("llmbar")
+    assert len(got) == 419 and {r.kind for r in got} == {"pair"}
+    assert [sum(r.subset == s for r in got) for s in ("Natural", "Adversarial_Neighbor", "Adversarial_GPTInst",
+                                                      "Adversarial_GPTOut", "Adversarial_Manual")] == [100, 134, 92, 47, 46]
+    item = json.loads(bundled_path("llmbar", "LLMBar_Natural.json").read_text())[0]
+    preferred = item["output_1"] if item["label"] == 1 else item["output_2"]
+    assert got[0].responses[0] == preferred and got[0].prompt == (("user", item["input"]),)
+    assert [r.id for r in read_records("llmbar:Adversarial_Manual", limit=2)] == ["Adversarial_Manual:0",
+                                                                                 "Adversarial_Manual:1"]
+    with pytest.raises(DataError, match="unknown LLMBar subset 'Easy'"):
+        read_records("llmbar:Easy")
+    prompts = load_value_prompts()
+    assert len(prompts) == 54 and prompts["best_ever_one"] == "What, in one word, is the best thing ever?"
 
 
 def test_hh_alias_skips_its_known_bad_records():

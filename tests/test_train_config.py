@@ -6,10 +6,14 @@ from rmjax.train.config import load_config, save_config
 
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("run_dir: runs/x\noptim:\n  lr: 3.0e-5\ndata:\n  buckets: [64, 128, 512]\n")
-    c = load_config(path, ["train.steps=7", "data.source=harmless", "data.fraction=0.25", "optim.lr=1e-3"])
-    assert c.optim.lr == 1e-3 and c.train.steps == 7 and c.data.source == "harmless"
-    assert c.data.fraction == 0.25 and c.data.buckets == (64, 128, 512) and c.run_dir == "runs/x"
+    path.write_text("run_dir: runs/x\noptim:\n  lr: 3.0e-5\ndata:\n  train: [hh-rlhf:helpful, my.jsonl]\n"
+                    "head:\n  kind: multi_objective\n  objectives: [helpful, honest]\nloss:\n  kind: mse\n")
+    c = load_config(path, ["train.steps=7", "data.eval=hh-rlhf:helpful-base,helpful-online", "data.fraction=0.25",
+                           "optim.lr=1e-3", "train.pack=false"])
+    assert c.optim.lr == 1e-3 and c.train.steps == 7 and c.data.train == ("hh-rlhf:helpful", "my.jsonl")
+    assert c.data.eval == ("hh-rlhf:helpful-base,helpful-online",)  # one input: its own commas stay
+    assert c.head.objectives == ("helpful", "honest") and c.train.pack is False
+    assert c.data.fraction == 0.25 and c.run_dir == "runs/x"
     save_config(c, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == c
 
@@ -29,6 +33,9 @@ def test_unknown_key_names_closest(tmp_path):
     ("data.fraction=0", "data.fraction must be in"),
     ("train.grad_accum=3", "multiple of train.grad_accum"),
     ("optim", "expected dotted.key=value"),
+    ("loss.kind=mse", r"head.kind='scalar' with loss.kind='mse' is not trainable; choose one of scalar\+bt"),
+    ("head.kind=armorm", "set train.trainable=head"),
+    ("data.holdout=2.5", "data.holdout is a count"),
 ])
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -17,8 +17,8 @@ from rmjax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.steps=8", "train.save_every=2", "train.eval_every=4", "train.log_every=1",
-             "train.batch_size=4", "train.trainable=lora", "train.lora_rank=4", "data.eval_pairs=16",
-             "data.source=harmless", "data.fraction=0.05", "data.max_length=128", "data.buckets=[64,128]",
+             "train.batch_size=4", "train.trainable=lora", "train.lora_rank=4", "data.holdout=16",
+             "data.train=hh-rlhf:harmless", "data.fraction=0.05", "data.max_length=128",
              "model.dtype=float32", "optim.lr=1e-3"]
 
 
@@ -81,14 +81,17 @@ def test_kill_and_resume_is_bit_identical(model_dir, tmp_path):
     # the export is a real HF reward model: transformers loads it and gives rmjax's rewards
     from transformers import AutoModelForSequenceClassification
 
+    from rmjax.models import forward
     from rmjax.models.loading import load_model
-    from rmjax.train.evaluate import scalar_rewards_fn
+    from rmjax.pooling import last_token_index
+    from rmjax.scoring.compute import rm_score
 
     hf = AutoModelForSequenceClassification.from_pretrained(straight / "final", dtype=torch.float32).eval()
     loaded = load_model(str(straight / "final"), with_tokenizer=False)
     ids = np.array([[5, 17, 99, 230, 7, 42]], np.int32)
     mask = np.ones_like(ids)
-    ours = np.asarray(scalar_rewards_fn(loaded)(loaded.params, ids, mask))
+    hidden = forward(loaded.params, loaded.config, ids, mask).hidden
+    ours = np.asarray(rm_score(hidden, last_token_index(mask), loaded.score_head[:, 0]))
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long)).logits[:, 0].numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
@@ -153,16 +156,21 @@ def test_eval_rm_on_exported_run_and_sweep(model_dir, tmp_path, capsys):
 
     root = tmp_path / "sweep"
     extra = [f.replace("train.steps=8", "train.steps=2") for f in OVERRIDES] + ["train.batch_size=8"]
-    assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
+    own = tmp_path / "own_prefs.jsonl"  # any data source: a user's own preference file
+    own.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"A kind answer {i}.",
+                                       "rejected": "No" + "!" * i, "subset": "own"}) + "\n" for i in range(60)))
+    sources = ["hh-rlhf:harmless", str(own)]
+    assert sweep.main(["--models", str(model_dir), "--sources", *sources, "--fractions", "0.05",
                        "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"), *extra]) == 0
     table = (root / "results.csv").read_text().splitlines()
     assert len(table) == 3 and "eval_accuracy" in table[0]
+    assert any(root.glob("*/own_prefs/f0.05/s0/result.json"))
     capsys.readouterr()
-    assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
+    assert sweep.main(["--models", str(model_dir), "--sources", *sources, "--fractions", "0.05",
                        "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"), *extra]) == 0
     assert capsys.readouterr().out.count("skip (complete)") == 2
     # each seed-0 RM scores the Big Two nouns on value prompts: tables ready for `rmjax value-bias`
-    assert sweep.main(["--models", str(model_dir), "--sources", "harmless", "helpful", "--fractions", "0.05",
+    assert sweep.main(["--models", str(model_dir), "--sources", *sources, "--fractions", "0.05",
                        "--root", str(root), "--base", str(ROOT / "experiments/rm_ablation/base.yaml"),
                        "--value-scores", "--value-prompt-keys", "best_ever_one,worst_ever_one", *extra]) == 0
     import pandas as pd
@@ -181,7 +189,8 @@ def test_eval_rm_on_exported_run_and_sweep(model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "llmbar.json").read_text())
     assert set(report["subsets"]) == {"Natural", "Adversarial_Neighbor", "Adversarial_GPTInst",
                                       "Adversarial_GPTOut", "Adversarial_Manual"}
-    assert report["pairs"] + len(report["dropped"]) == 419 and 0 <= report["accuracy"] <= 1
-    total = sum(s["pairs"] for s in report["subsets"].values())
-    weighted = sum(s["accuracy"] * s["pairs"] for s in report["subsets"].values()) / total
+    assert report["examples"] + len(report["dropped"]) == 419 and 0 <= report["accuracy"] <= 1
+    assert "| **all** |" in (tmp_path / "llmbar.md").read_text()
+    total = sum(s["examples"] for s in report["subsets"].values())
+    weighted = sum(s["accuracy"] * s["examples"] for s in report["subsets"].values()) / total
     assert weighted == pytest.approx(report["accuracy"])

@@ -53,3 +53,17 @@ def test_mwlr_by_hand():
     assert got["hate"] == pytest.approx(0.5 * (0.1 + 0.4) * (np.log(0.1) - np.log(0.4)))
     assert got["e"] == pytest.approx(0.0)
     assert normalise("  Élan\n") == "elan" and normalise("日本") == ""
+
+
+def test_scan_builds_its_jitted_function_once_per_model(tiny):
+    from rmjax.scoring.engine import score_fn
+
+    fn = score_fn(tiny.config)
+    assert score_fn(tiny.config) is fn  # one function per model, not per prompt
+    compiled = fn._cache_size()
+    grew = []
+    for prompt in ("What is good?", "What is bad?"):  # same bucketed shapes: one compile for both prompts
+        prompt_ids, cands = token_responses(tiny, prompt)
+        scan_responses(tiny, prompt_ids, cands[:48], chunk=24)  # a chunk no other test uses
+        grew.append(fn._cache_size() - compiled)
+    assert grew == [1, 1]

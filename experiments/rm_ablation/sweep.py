@@ -1,12 +1,15 @@
 """Reward-model ablation sweep: base model x data source x data quantity x seed.
 
     python experiments/rm_ablation/sweep.py [--models smollm2-135m-instruct gemma3-270m]
-        [--sources helpful harmless both] [--fractions 0.25 0.5 1.0] [--seeds 0]
+        [--sources hh-rlhf:helpful hh-rlhf:harmless my_prefs.jsonl ...] [--fractions 0.25 0.5 1.0] [--seeds 0]
         [--base experiments/rm_ablation/base.yaml] [--root runs/rm_ablation] [--value-scores]
         [key=value ...]
 
-Each cell is one `rmjax train` run in its own process (a crash does not end the sweep) under
-ROOT/<model>/<source>/f<fraction>/s<seed>; a cell whose result.json exists is skipped, and a killed
+A source is anything `rmjax train` reads as data.train (jsonl / parquet / a datasets directory,
+hh-rlhf[:SUBSETS], llmbar[:SUBSETS]); several inputs for one source are joined with "+", e.g.
+"a.jsonl+b.parquet". Each cell is one `rmjax train` run in its own process (a crash does not end the
+sweep) under ROOT/<model>/<source tag>/f<fraction>/s<seed> (the tag: the subsets after "hh-rlhf:",
+else the file stems); a cell whose result.json exists is skipped, and a killed
 cell resumes from its last checkpoint. Final metrics are collected into ROOT/results.csv and .md.
 
 --value-scores: every seed-0 RM then scores the Big Two nouns as one-word answers to the value
@@ -26,11 +29,20 @@ from pathlib import Path
 import pandas as pd
 
 
+def source_tag(source: str) -> str:
+    parts = []
+    for item in source.split("+"):
+        name = item.partition(":")[2] if item.startswith(("hh-rlhf:", "llmbar:")) else Path(item).name.split(".")[0]
+        parts.append(name.replace(",", "-") or item)
+    return "+".join(parts)
+
+
 def cells(args):
     for model, source, fraction, seed in itertools.product(args.models, args.sources, args.fractions, args.seeds):
         tag = Path(model).name if ("/" in model or model.endswith(".gguf")) else model  # a path: its last part
-        run_dir = Path(args.root) / tag / source / f"f{fraction:g}" / f"s{seed}"
-        overrides = [f"model.name={model}", f"data.source={source}", f"data.fraction={fraction}",
+        run_dir = Path(args.root) / tag / source_tag(source) / f"f{fraction:g}" / f"s{seed}"
+        inputs = json.dumps(source.split("+"))
+        overrides = [f"model.name={model}", f"data.train={inputs}", f"data.fraction={fraction}",
                      f"train.seed={seed}", f"run_dir={run_dir}", *args.overrides]
         yield dict(model=model, source=source, fraction=fraction, seed=seed), run_dir, overrides
 
@@ -75,7 +87,8 @@ def collect(root: Path, rows: list[dict]) -> pd.DataFrame:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
-    ap.add_argument("--sources", nargs="+", default=["helpful", "harmless", "both"])
+    ap.add_argument("--sources", nargs="+", default=["hh-rlhf:helpful", "hh-rlhf:harmless", "hh-rlhf:both"],
+                    help='data.train inputs per source; join several inputs of one source with "+"')
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5, 1.0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--base", default=str(Path(__file__).with_name("base.yaml")))
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
         done.append((keys, run_dir))
         result = json.loads(result_file.read_text())
         ev = result.get("eval", {})
-        rows.append({**keys, "train_pairs": result["train_pairs"], "steps": result["step"],
+        rows.append({**keys, "train_examples": result["train_examples"], "steps": result["step"],
                      "eval_accuracy": ev.get("accuracy"), "eval_margin": ev.get("margin"),
                      **{k: v for k, v in ev.items() if k.startswith("accuracy/")}})
     if rows:

@@ -1,4 +1,4 @@
-"""`rmjax train --config FILE.yaml [dotted.key=value ...]` and `rmjax eval-rm`."""
+"""`rmjax train --config FILE.yaml [dotted.key=value ...]`, `rmjax eval-rm` and `rmjax merge-adapter`."""
 from __future__ import annotations
 
 import argparse
@@ -6,22 +6,41 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a Bradley-Terry reward model (resumable)",
+    p = sub.add_parser("train", help="train a reward model: any head x loss on any preference data (resumable)",
                        description="Train a reward model. Re-running the same command resumes it.")
     p.add_argument("--config", help="YAML config (see experiments/rm_ablation/base.yaml); defaults apply otherwise")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-5 data.source=harmless")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-5 data.train=hh-rlhf:harmless")
     p.add_argument("--overwrite", action="store_true", help="delete a run_dir holding different settings")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
 
-    e = sub.add_parser("eval-rm", help="RewardBench-style held-out report on the bundled LLMBar pairs",
-                       description="Pairwise accuracy of a reward model on LLMBar's five subsets.")
-    e.add_argument("--model", required=True,
-                   help="a trained run's final/ dir, a HF *ForSequenceClassification dir, or a registry name")
-    e.add_argument("--batch-size", type=int, default=8)
+    e = sub.add_parser("eval-rm", help="RewardBench-style report of a reward model on any dataset",
+                       description="Accuracy per subset (95%% CI) of an explicit or implicit reward model on pairs "
+                                   "and best-of-N records; MSE per objective on ratings. Default data: LLMBar.")
+    e.add_argument("--model", default="", help="an exported run (final/), a HF *ForSequenceClassification dir, "
+                                               "BASE+ADAPTER_DIR, or an adapter dir")
+    e.add_argument("--data", nargs="+", default=["llmbar"],
+                   help="jsonl / parquet / datasets dirs, hh-rlhf[:SUBSETS], llmbar[:SUBSETS] (default llmbar)")
+    e.add_argument("--policy", default="", help="implicit reward: the policy model (instead of --model)")
+    e.add_argument("--reference", default="", help="implicit reward: the reference model ('' = reference-free)")
+    e.add_argument("--beta", type=float, default=1.0)
+    e.add_argument("--reduction", choices=["sum", "mean"], default="sum", help="implicit reward: sequence log-prob")
+    e.add_argument("--categories", help="YAML/JSON {category: [subset, ...]}: an example-weighted roll-up")
+    e.add_argument("--objective", help="multi-objective RM on pairs: rank by this objective (default their mean)")
+    e.add_argument("--batch-size", type=int, default=8, help="examples per batch")
     e.add_argument("--max-length", type=int, default=1024)
-    e.add_argument("--out", help="write the report as JSON here")
+    e.add_argument("--pack-length", type=int, default=-1,
+                   help="packed row length (-1: 2 x max-length); 0: padded rows (see --padding-side)")
+    e.add_argument("--padding-side", choices=["left", "right"], default="right")
+    e.add_argument("--template", default="model", help="chat rendering (model, plain, chatml, gemma, llama3)")
+    e.add_argument("--on-error", choices=["skip", "fail"], default="skip")
+    e.add_argument("--out", help="write the report as JSON here (and markdown next to it, .md)")
     e.set_defaults(func=run_eval)
+
+    m = sub.add_parser("merge-adapter", help="write a LoRA adapter merged into its base as a full HF checkpoint")
+    m.add_argument("--model", required=True, help="BASE+ADAPTER_DIR or an adapter dir naming its base")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=run_merge)
 
 
 def run_train(args) -> int:
@@ -35,12 +54,23 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    from rmjax.train.evaluate import evaluate_llmbar
+    from rmjax.train.evaluate import markdown
+    from rmjax.train.rm_eval import evaluate_rm, write_report
 
-    report = evaluate_llmbar(args.model, batch_size=args.batch_size, max_length=args.max_length)
-    text = json.dumps(report, indent=2)
-    print(text)
+    report = evaluate_rm(args.model, data=tuple(args.data), policy=args.policy, reference=args.reference,
+                         beta=args.beta, reduction=args.reduction, categories=args.categories,
+                         max_length=args.max_length, batch_size=args.batch_size, pack_length=args.pack_length,
+                         padding_side=args.padding_side, template=args.template, on_error=args.on_error,
+                         objective=args.objective)
+    print(markdown(report))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        for path in write_report(report, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def run_merge(args) -> int:
+    from rmjax.io.adapters import merge
+
+    print(f"wrote {merge(args.model, args.out)}")
     return 0

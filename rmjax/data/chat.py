@@ -37,6 +37,18 @@ def template_name(tokenizer, template: str = "model") -> str:
 
 
 def render(tokenizer, prompt: list[dict], response: str, template: str = "model") -> tuple[list[int], list[int]]:
+    prompt_ids, response_ids = _render(tokenizer, prompt, response, template)
+    bos = tokenizer.bos_id
+    if bos is not None and prompt_ids[:2] == [bos, bos]:
+        token = tokenizer.bos_token
+        raise DataError(f"{tokenizer.source}: the rendered conversation starts with two BOS tokens ({token!r} "
+                        f"twice): the text already begins with {token!r} and the {template_name(tokenizer, template)} "
+                        f"rendering adds its own. Remove the leading {token!r} from the data (it was probably "
+                        "rendered with a chat template already; give the plain messages instead)")
+    return prompt_ids, response_ids
+
+
+def _render(tokenizer, prompt: list[dict], response: str, template: str) -> tuple[list[int], list[int]]:
     name = template_name(tokenizer, template)
     if name == "plain":
         turns = "".join(f"\n\n{'Assistant' if m['role'] == 'assistant' else 'Human'}: {m['content']}"

@@ -1,12 +1,7 @@
-"""Examples to score: one prompt with one response, or a prompt with a (chosen, rejected) pair.
+"""Records: the ONE type for every example that rmjax scores, trains on or evaluates, and their reader.
 
-Inputs
-    ``*.jsonl`` / ``*.jsonl.gz``  one JSON object per line (places are ``file:line``, 1-based)
-    ``*.parquet``                 one record per row (places are ``file row N``, 0-based)
-    a directory                   saved with ``datasets.Dataset.save_to_disk``; a ``DatasetDict``
-                                  needs ``split`` (places are ``dir row N`` / ``dir[split] row N``)
-    ``hh-rlhf`` / ``hh-rlhf:SUBSET[,SUBSET]``  the bundled HH-RLHF test pairs; SUBSET is a subset
-                                  (``helpful-base``, ...) or a source (``helpful``, ``harmless``, ``both``)
+Inputs (``rmjax.data.formats``): jsonl / jsonl.gz / parquet / a ``datasets`` directory, or the
+bundled ``hh-rlhf[:SUBSETS]`` and ``llmbar[:SUBSETS]``.
 
 Record layouts, detected per record (fields that are null count as absent, extra fields are kept
 out of the way; a message is ``{"role": "system" | "user" | "assistant", "content": str}``):
@@ -17,6 +12,14 @@ out of the way; a message is ``{"role": "system" | "user" | "assistant", "conten
     d. ``{"chosen": str, "rejected": str}``, HH-RLHF transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...")
        that share every turn but the last reply                         -> pair; the shared turns are the prompt
     e. ``{"chosen": messages, "rejected": messages}`` sharing every turn but the last -> pair
+    f. ``{"prompt", "response", "ratings": {name: number | null}}``      -> single with absolute ratings
+       (null = not rated: that objective is masked); every record names the same objectives
+    g. ``{"prompt", "chosen": R, "rejected": [R, ...]}``                 -> best_of_n (one rejected: a pair);
+       the list's items are strings or conversations (a list of messages is layout c)
+
+Optional fields of any layout: ``subset`` (a name, e.g. for per-subset accuracy; all records of an
+input have one or none), ``weight`` (a number >= 0, the example's weight in a training loss) and,
+for pairs and best-of-N, ``margin`` (a number: the reward gap the chosen response should win by).
 
 A string prompt becomes one user turn; an empty one means no prompt turns (raw-text scoring).
 A non-empty prompt must end with a user turn. Empty or whitespace-only responses are errors: there
@@ -27,30 +30,38 @@ left out.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-from collections.abc import Iterator
+import math
+import re
 from pathlib import Path
 from typing import Any
 
-from rmjax.data.preferences import HH_SOURCES, HH_SUBSETS, LoadReport, bundled_path, parse_hh_transcript, read_jsonl
+from rmjax.data.formats import input_fingerprint, rows
 from rmjax.errors import ConfigError, DataError
 
+__all__ = ["Record", "RecordReport", "input_fingerprint", "parse_hh_transcript", "parse_record",
+           "rating_matrix", "read_records"]
+
 ROLES = ("system", "user", "assistant")
-HH_ALIAS = "hh-rlhf"
-LAYOUTS = ('{"prompt", "response"}; {"messages"} ending in an assistant turn; '
-           '{"prompt", "chosen", "rejected"}; {"chosen", "rejected"} as HH-RLHF transcripts '
-           "or as message lists sharing all but the last turn")
+KINDS = ("single", "pair", "best_of_n")
+LAYOUTS = ('{"prompt", "response"} (+ "ratings"); {"messages"} ending in an assistant turn; '
+           '{"prompt", "chosen", "rejected"} (rejected may be a list: best-of-N); {"chosen", "rejected"} as '
+           "HH-RLHF transcripts or as message lists sharing all but the last turn")
 Turns = tuple[tuple[str, str], ...]
+Ratings = tuple[tuple[str, "float | None"], ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoringRecord:
+class Record:
     id: str
     prompt: Turns  # (role, content) turns ending with a user turn; empty for raw text
-    responses: tuple[str, ...]  # one response, or (chosen, rejected)
-    kind: str  # "single" | "pair"
+    responses: tuple[str, ...]  # single: (response,); pair: (chosen, rejected); best_of_n: (chosen, *rejected)
+    kind: str  # "single" | "pair" | "best_of_n"
     index: int  # position among the records read: the output order
+    subset: str = ""
+    margin: float | None = None
+    weight: float | None = None
+    ratings: Ratings | None = None  # ((objective, value or None = not rated), ...)
+    place: str = dataclasses.field(default="", compare=False)  # file:line (or row) it was read from
 
     @property
     def prompt_messages(self) -> list[dict]:
@@ -58,17 +69,37 @@ class ScoringRecord:
 
     @property
     def response_names(self) -> tuple[str, ...]:
-        return ("chosen", "rejected") if self.kind == "pair" else ("response",)
+        if self.kind == "pair":
+            return ("chosen", "rejected")
+        if self.kind == "best_of_n":
+            return ("chosen", *(f"rejected_{j}" for j in range(1, len(self.responses))))
+        return ("response",)
 
 
-class RecordReport(LoadReport):
+@dataclasses.dataclass
+class RecordReport:
     """Records read, and each skipped record's error (its place, field and fix)."""
+
+    read: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         s = f"{self.read} records read"
         if self.skipped:
             s += f", {len(self.skipped)} skipped (first: {self.skipped[0]})"
         return s
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh_transcript(text: str, where: str = "") -> list[tuple[str, str]]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [("user", "a"), ("assistant", "b"), ...]."""
+    parts = _TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(f"{where}: not an HH-RLHF transcript (expected '\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
 
 
 # ---------------------------------------------------------------- one record -> prompt + responses
@@ -150,6 +181,21 @@ def _shared_prompt(chosen: list[tuple[str, str]], rejected: list[tuple[str, str]
     return prompt, good, bad
 
 
+
+def _best_of_n(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str]:
+    rejected = record["rejected"]
+    if not rejected:
+        raise DataError(f"{where}: field 'rejected' is an empty list; a best-of-N record needs at least one "
+                        "rejected response")
+    if not _present(record, "prompt"):
+        raise DataError(f"{where}: field 'prompt' is missing; a best-of-N record (a list in 'rejected') needs "
+                        "the prompt its responses answer")
+    prompt = _prompt(record["prompt"], "prompt", where)
+    responses = (_pair_reply(record["chosen"], "chosen", prompt, where),
+                 *(_pair_reply(r, f"rejected[{i}]", prompt, where) for i, r in enumerate(rejected)))
+    return prompt, responses, "pair" if len(responses) == 2 else "best_of_n"
+
+
 def parse_record(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str]:
     """(prompt, responses, kind) of one record in any accepted layout; DataError naming ``where``."""
     layout_fields = [f for f in ("response", "messages", "chosen") if _present(record, f)]
@@ -161,6 +207,8 @@ def parse_record(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str]
             if not _present(record, field):
                 raise DataError(f"{where}: field {field!r} is missing; a pair needs both 'chosen' and 'rejected'")
         chosen, rejected = record["chosen"], record["rejected"]
+        if isinstance(rejected, list) and not any(isinstance(r, dict) for r in rejected):  # layout g
+            return _best_of_n(record, where)
         if _present(record, "prompt"):  # layout c
             prompt = _prompt(record["prompt"], "prompt", where)
             return prompt, (_pair_reply(chosen, "chosen", prompt, where),
@@ -176,7 +224,7 @@ def parse_record(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str]
                             "or add a 'prompt' field")
         prompt, good, bad = _shared_prompt(*turns, where, transcript=isinstance(chosen, str))
         return prompt, (good, bad), "pair"
-    if _present(record, "response"):  # layout a
+    if _present(record, "response"):  # layout a / f
         if not _present(record, "prompt"):
             raise DataError(f"{where}: field 'prompt' is missing; a response is scored given its prompt "
                             "(use \"\" for raw text)")
@@ -189,110 +237,50 @@ def parse_record(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str]
     raise DataError(f"{where}: the record matches no layout (its fields: {fields}); accepted layouts: {LAYOUTS}")
 
 
-# ---------------------------------------------------------------- sources: (place, default id, record)
+# ---------------------------------------------------------------- optional fields
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".gz", ".jsonl", ".parquet"):
-        name = name.removesuffix(suffix)
-    return name
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, str, dict | DataError]]:
-    stem = _stem(path)
-    try:
-        for lineno, rec in read_jsonl(path):
-            if isinstance(rec, DataError):
-                rec = DataError(f"{rec}; fix or delete that line")
-            yield f"{path}:{lineno}", f"{stem}:{lineno}", rec
-    except (OSError, EOFError) as e:  # a truncated or non-gzip .gz file
-        raise DataError(f"{path}: cannot be read ({e}); check that the file is complete") from e
+def _number(value: Any, field: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: field {field!r} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise DataError(f"{where}: field {field!r} is {value}; give a finite number")
+    return float(value)
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, str, dict | DataError]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    stem = _stem(path)
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-        row = 0
-        for batch in batches:
-            for rec in batch.to_pylist():
-                yield f"{path} row {row}", f"{stem}:{row}", rec
-                row += 1
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e}); rewrite it, e.g. with pandas.to_parquet") from e
+def _ratings(value: Any, where: str) -> Ratings:
+    if not isinstance(value, dict) or not value:
+        raise DataError(f"{where}: field 'ratings' must be a non-empty object {{objective: number or null}}, "
+                        f"got {type(value).__name__ if not isinstance(value, dict) else 'an empty object'}")
+    out = []
+    for name, v in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where}: field 'ratings' has an empty objective name; name every objective")
+        out.append((name, None if v is None else _number(v, f"ratings.{name}", where)))
+    return tuple(out)
 
 
-def _datasets_rows(path: Path, split: str | None) -> Iterator[tuple[str, str, dict | DataError]]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise DataError(f"{path}: not a datasets directory ({e}); save it with Dataset.save_to_disk") from e
-    place = str(path)
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None or split not in ds:
-            got = "no split was given" if split is None else f"split {split!r} is not there"
-            raise DataError(f"{path}: a DatasetDict with splits {sorted(ds)} and {got}; choose one with --split")
-        ds, place = ds[split], f"{path}[{split}]"
-    elif split is not None:
-        raise DataError(f"{path}: a single Dataset has no splits, but split {split!r} was given; drop --split")
-    row = 0
-    for batch in ds.iter(batch_size=1024):
-        columns = list(batch)
-        for values in zip(*(batch[c] for c in columns)):
-            yield f"{place} row {row}", f"{path.name}:{row}", dict(zip(columns, values))
-            row += 1
-
-
-def hh_alias_files(spec: str) -> list[tuple[str, Path]]:
-    """``hh-rlhf[:SUBSET[,SUBSET]]`` -> [(subset, bundled file)]."""
-    names = spec.partition(":")[2]
-    subsets: list[str] = []
-    for name in (n.strip() for n in names.split(",")) if names else ["both"]:
-        if name in HH_SOURCES:
-            subsets += HH_SOURCES[name]
-        elif name in HH_SUBSETS:
-            subsets.append(name)
-        else:
-            raise DataError(f"{spec}: unknown HH-RLHF subset {name!r}; use one of {list(HH_SUBSETS)} "
-                            f"or a source {list(HH_SOURCES)}")
-    root = bundled_path("hh_rlhf")
-    return [(s, root / f"{s}_test.jsonl.gz") for s in dict.fromkeys(subsets)]
-
-
-def _is_hh_alias(path: str | Path) -> bool:
-    text = str(path)
-    return (text == HH_ALIAS or text.startswith(HH_ALIAS + ":")) and not Path(text).exists()
-
-
-def _rows(path: str | Path, split: str | None) -> Iterator[tuple[str, str, dict | DataError]]:
-    if _is_hh_alias(path):
-        if split is not None:
-            raise DataError(f"{path}: the bundled HH-RLHF data has only its test split; drop --split")
-        for subset, file in hh_alias_files(str(path)):
-            for where, default_id, rec in _jsonl_rows(file):
-                yield where, f"{subset}:{default_id.rpartition(':')[2]}", rec
-        return
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory; give a .jsonl, .jsonl.gz or .parquet file, "
-                        f"a datasets directory, or {HH_ALIAS}[:SUBSET]")
-    if path.is_dir():
-        yield from _datasets_rows(path, split)
-        return
-    if split is not None:
-        raise DataError(f"{path}: --split applies only to a datasets directory; drop it")
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _jsonl_rows(path)
-    elif path.suffix == ".parquet":
-        yield from _parquet_rows(path)
-    else:
-        raise DataError(f"{path}: unknown input format; use .jsonl, .jsonl.gz, .parquet, a datasets directory "
-                        f"(save_to_disk) or {HH_ALIAS}[:SUBSET]")
+def _extras(record: dict, kind: str, where: str) -> dict:
+    out: dict[str, Any] = {}
+    if _present(record, "subset"):
+        subset = record["subset"]
+        if not isinstance(subset, str) or not subset.strip():
+            raise DataError(f"{where}: field 'subset' must be a non-empty string, got {subset!r}")
+        out["subset"] = subset
+    if _present(record, "weight"):
+        out["weight"] = _number(record["weight"], "weight", where)
+        if out["weight"] < 0:
+            raise DataError(f"{where}: field 'weight' is {out['weight']}; a weight must be >= 0")
+    if _present(record, "margin"):
+        if kind == "single":
+            raise DataError(f"{where}: field 'margin' applies to pairs (the gap chosen should win by); "
+                            "remove it from this single-response record")
+        out["margin"] = _number(record["margin"], "margin", where)
+    if _present(record, "ratings"):
+        if kind != "single":
+            raise DataError(f"{where}: field 'ratings' rates one response ({{\"prompt\", \"response\", "
+                            "\"ratings\"}}); split this record into one record per response")
+        out["ratings"] = _ratings(record["ratings"], where)
+    return out
 
 
 def _record_id(record: dict, id_field: str, default: str, where: str) -> str:
@@ -306,8 +294,40 @@ def _record_id(record: dict, id_field: str, default: str, where: str) -> str:
     return str(value)
 
 
+
+def _consistent(records: list[Record], on_error: str, report: RecordReport) -> list[Record]:
+    """Checks across records: one set of objectives, and a subset on every record or on none."""
+    problems: dict[int, str] = {}
+    rated = [r for r in records if r.ratings is not None]
+    if rated:
+        first = rated[0]
+        names = [n for n, _ in first.ratings]
+        for r in rated[1:]:
+            other = [n for n, _ in r.ratings]
+            if set(other) != set(names):
+                missing, extra = sorted(set(names) - set(other)), sorted(set(other) - set(names))
+                problems[r.index] = (f"{r.place}: field 'ratings' names other objectives than the first rated "
+                                     f"record ({first.place}): missing {missing}, extra {extra}; give every "
+                                     "record the same objectives (null where a response is not rated)")
+    with_subset = [r for r in records if r.subset]
+    if with_subset and len(with_subset) < len(records):
+        for r in records:
+            if not r.subset:
+                problems.setdefault(r.index, f"{r.place}: field 'subset' is missing, but {len(with_subset)} "
+                                             f"other records (first: {with_subset[0].place}) have one; give every "
+                                             "record a subset, or none")
+    if not problems:
+        return records
+    if on_error == "fail":
+        raise DataError(problems[min(problems)])
+    report.skipped.extend(problems[i] for i in sorted(problems))
+    report.read -= len(problems)
+    kept = [r for r in records if r.index not in problems]
+    return [dataclasses.replace(r, index=i) for i, r in enumerate(kept)]
+
+
 def read_records(path: str | Path, *, on_error: str = "fail", report: RecordReport | None = None,
-                 limit: int | None = None, id_field: str = "id", split: str | None = None) -> list[ScoringRecord]:
+                 limit: int | None = None, id_field: str = "id", split: str | None = None) -> list[Record]:
     """The records of ``path`` in input order (see the module docstring for inputs and layouts).
 
     ``on_error="fail"`` raises the first bad record's DataError; ``"skip"`` leaves it out and adds the
@@ -319,9 +339,9 @@ def read_records(path: str | Path, *, on_error: str = "fail", report: RecordRepo
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
     report = report if report is not None else RecordReport()
-    records: list[ScoringRecord] = []
+    records: list[Record] = []
     first_seen: dict[str, str] = {}  # id -> place of the record that has it
-    for where, default_id, rec in _rows(path, split):
+    for where, default_id, rec in rows(path, split):
         if limit is not None and len(records) >= limit:
             break
         try:
@@ -332,47 +352,40 @@ def read_records(path: str | Path, *, on_error: str = "fail", report: RecordRepo
                 raise DataError(f"{where}: duplicate id {record_id!r} (first at {first_seen[record_id]}); "
                                 f"ids in field {id_field!r} must be unique, so fix one of them")
             prompt, responses, kind = parse_record(rec, where)
+            extras = _extras(rec, kind, where)
         except DataError as e:
             if on_error == "fail":
                 raise
             report.skipped.append(str(e))
             continue
         first_seen[record_id] = where
-        records.append(ScoringRecord(record_id, prompt, responses, kind, len(records)))
+        records.append(Record(record_id, prompt, responses, kind, len(records), place=where, **extras))
         report.read += 1
-    return records
+    return _consistent(records, on_error, report)
 
 
-# ---------------------------------------------------------------- fingerprint
+def rating_matrix(records: list[Record], objectives: tuple[str, ...] = ()) -> tuple[tuple[str, ...], list]:
+    """(objective names, per record a list of K values with None where not rated).
 
-def _hash_file(digest: Any, path: Path) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(io.DEFAULT_BUFFER_SIZE * 64):
-            digest.update(chunk)
-
-
-def input_fingerprint(path: str | Path) -> str:
-    """sha256 hex digest of the input's bytes, to check that a resumed run reads the same data.
-
-    A file: its bytes (equal to ``sha256sum``). A datasets directory: the relative names and bytes
-    of its ``*.arrow``, ``state.json`` and ``dataset_dict.json`` files. ``hh-rlhf[:SUBSET]``: the
-    names and bytes of the bundled files it reads.
+    ``objectives`` fixes the names and their order (a record naming another one is an error); empty
+    takes the first rated record's names. A record without ratings is an error naming its place.
     """
-    digest = hashlib.sha256()
-    if _is_hh_alias(path):
-        files = [(f"hh_rlhf/{file.name}", file) for _, file in hh_alias_files(str(path))]
-    else:
-        path = Path(path)
-        if path.is_file():
-            _hash_file(digest, path)
-            return digest.hexdigest()
-        if not path.is_dir():
-            raise DataError(f"{path}: no such file or directory; cannot fingerprint the input")
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file() and (
-            p.suffix == ".arrow" or p.name in ("state.json", "dataset_dict.json")))
-        if not files:
-            raise DataError(f"{path}: no .arrow or state.json files; is it a directory saved with save_to_disk?")
-    for name, file in files:
-        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
-        _hash_file(digest, file)
-    return digest.hexdigest()
+    names = tuple(objectives)
+    if not names:
+        first = next((r for r in records if r.ratings is not None), None)
+        if first is None:
+            raise DataError("no record has a 'ratings' field; a multi-objective regression needs records "
+                            '{"prompt", "response", "ratings": {objective: number or null}}')
+        names = tuple(n for n, _ in first.ratings)
+    out = []
+    for r in records:
+        if r.ratings is None:
+            raise DataError(f"{r.place}: the record has no 'ratings' field; give {{objective: number or null}} "
+                            f"for {list(names)}, or train another head on it")
+        values = dict(r.ratings)
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise DataError(f"{r.place}: field 'ratings' names unknown objectives {unknown}; the objectives are "
+                            f"{list(names)} (head.objectives); add them there or fix the name")
+        out.append([values.get(n) for n in names])
+    return names, out

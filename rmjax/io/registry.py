@@ -29,10 +29,11 @@ CACHE_ENV = "RMJAX_CACHE"
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
     name: str
-    kind: str  # "gguf" | "hf"
+    kind: str  # "gguf" | "hf" | "adapter" (a PEFT LoRA adapter dir on ``base``)
     path: Path
     description: str
     is_instruct: bool
+    base: "ModelSource | None" = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,9 @@ def resolve_model(name_or_path: str | Path | ModelSource) -> ModelSource:
     if isinstance(name_or_path, ModelSource):
         return name_or_path
     text = str(name_or_path)
+    adapter = _adapter_source(text)
+    if adapter is not None:
+        return adapter
     if text in REGISTRY:
         entry = REGISTRY[text]
         return ModelSource(entry.name, "gguf", entry.locate(), entry.description, entry.is_instruct)
@@ -214,11 +218,34 @@ def resolve_model(name_or_path: str | Path | ModelSource) -> ModelSource:
                           f"checkpoint directory or to a .gguf file also works.")
 
 
-def open_checkpoint(source: str | Path | ModelSource) -> HFCheckpoint | GGUFCheckpoint:
+def _adapter_source(text: str) -> ModelSource | None:
+    """``BASE+ADAPTER_DIR``, or an adapter directory whose config names its base."""
+    from rmjax.io import adapters
+
+    pair = adapters.split_spec(text)
+    if pair is None:
+        if not adapters.is_adapter_dir(text) or (Path(text) / CONFIG_FILE).exists():
+            return None
+        base = adapters.read_config(text).get("base_model_name_or_path")
+        if not base:
+            raise CheckpointError(f"{text}: the adapter config names no base_model_name_or_path; give the base "
+                                  "as BASE+ADAPTER_DIR")
+        pair = base, Path(text)
+    base_source = resolve_model(pair[0])
+    return ModelSource(f"{base_source.name}+{pair[1].name}", "adapter", pair[1],
+                       f"LoRA adapter {pair[1]} on {base_source.description}", base_source.is_instruct, base_source)
+
+
+def open_checkpoint(source: str | Path | ModelSource):
     source = resolve_model(source)
+    if source.kind == "adapter":
+        from rmjax.io.adapters import AdapterCheckpoint
+        return AdapterCheckpoint(open_checkpoint(source.base), source.path)
     return GGUFCheckpoint(source.path) if source.kind == "gguf" else HFCheckpoint(source.path)
 
 
 def load_tokenizer(source: str | Path | ModelSource) -> Tokenizer:
     source = resolve_model(source)
+    if source.kind == "adapter":
+        return load_tokenizer(source.base)
     return Tokenizer.from_gguf(source.path) if source.kind == "gguf" else Tokenizer.from_hf_dir(source.path)

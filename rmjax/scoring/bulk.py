@@ -21,11 +21,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from rmjax.data.chat import render, template_name
-from rmjax.data.records import ScoringRecord
+from rmjax.data import batching
+from rmjax.data.batching import Encoded
+from rmjax.data.chat import template_name
+from rmjax.data.records import Record
 from rmjax.errors import ConfigError
-from rmjax.scoring import packing
-from rmjax.scoring.engine import Encoded, pad_batch, paired_score_fn, score_fn
+from rmjax.scoring import compute, packing
+from rmjax.scoring.engine import pad_batch, paired_score_fn, score_fn
 
 
 @dataclasses.dataclass
@@ -42,8 +44,7 @@ class ScoreSettings:
     # 0: length-bucketed batches of ``batch_size`` prompts with responses on the prompts' KV cache
     pack_length: int = 512
     batch_tokens: int = 4096  # packed rows per batch = batch_tokens // pack_length
-    # a 1.5x ladder: little padding, few compiled shapes (batches also sort by length)
-    buckets: tuple[int, ...] = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+    buckets: tuple[int, ...] = batching.BUCKETS  # batches also sort by length
 
 
 @dataclasses.dataclass
@@ -56,21 +57,9 @@ class ModelSlot:
         return self.loaded.tokenizer
 
 
-def encode(slot: ModelSlot, rec: ScoringRecord, s: ScoreSettings) -> Encoded | str:
+def encode(slot: ModelSlot, rec: Record, s: ScoreSettings) -> Encoded | str:
     """This model's token ids for the record, or the reason it is dropped."""
-    prompt_ids, responses = None, []
-    for response in rec.responses:
-        p, r = render(slot.tokenizer, rec.prompt_messages, response, s.template)
-        prompt_ids = p if prompt_ids is None else prompt_ids
-        responses.append(np.asarray(r, np.int32))
-    longest = max(len(r) for r in responses)
-    truncated = False
-    if len(prompt_ids) + longest > s.max_length:
-        if s.over_length == "drop" or longest >= s.max_length:
-            return f"{rec.id}: {slot.role} sequence of {len(prompt_ids) + longest} tokens exceeds max_length={s.max_length}"
-        prompt_ids = prompt_ids[len(prompt_ids) + longest - s.max_length:]  # keep the recent turns
-        truncated = True
-    return Encoded(np.asarray(prompt_ids, np.int32), tuple(responses), truncated)
+    return batching.encode(slot.tokenizer, rec, s.template, s.max_length, s.over_length, name=f"{slot.role} ")
 
 
 def batches(encoded: dict[int, Encoded], batch_size: int, buckets: tuple[int, ...]):
@@ -126,10 +115,8 @@ class Scorer:
         """Rows split over the mesh's data-parallel axes where they divide (else replicated)."""
         if self.mesh is None:
             return batch
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return {k: jax.device_put(v, NamedSharding(self.mesh, P(("data", "fsdp")) if len(v) % n == 0 else P()))
-                for k, v in batch.items()}
+        from rmjax import sharding as shd
+        return {k: jax.device_put(v, shd.batch_sharding(self.mesh, v.shape)) for k, v in batch.items()}
 
     def _run(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
         if self.mesh is None:
@@ -155,7 +142,7 @@ class Scorer:
                                              batch_tokens=s.batch_tokens, buckets=s.buckets):
                 self.real_tokens += pb.real_tokens
                 self.padded_tokens += pb.padded_tokens
-                self.naive_tokens += sum(encoded[k].unshared_tokens for k in {k for k, _ in pb.sequences})
+                self.naive_tokens += sum(encoded[k].unshared_tokens for k in {q[0] for q in pb.sequences if q})
                 for role, stats in self._call(name, slot, pb.arrays):
                     for key, per_example in packing.unpack(pb, jax.device_get(stats)).items():
                         out.setdefault(key, {})[role] = per_example
@@ -174,7 +161,7 @@ class Scorer:
                     rows = slice(g * r, (g + 1) * r)
                     out.setdefault(i, {})[role] = {k: np.asarray(v)[rows] for k, v in stats.items()}
 
-    def score_shard(self, records: list[ScoringRecord]) -> tuple[list[dict], dict[int, str], list[dict]]:
+    def score_shard(self, records: list[Record]) -> tuple[list[dict], dict[int, str], list[dict]]:
         """Rows for the records (in order), {index: drop reason}, and per row the policy's per-token
         log-probs by response name (empty dicts unless settings.token_logprobs)."""
         encoded: dict[str, dict[int, Encoded]] = {}
@@ -205,17 +192,16 @@ class Scorer:
         tokens = [self.token_streams(rec, results[rec.index]) for rec in kept]
         return rows, dropped, tokens
 
-    def token_streams(self, rec: ScoringRecord, res: dict) -> dict[str, np.ndarray]:
+    def token_streams(self, rec: Record, res: dict) -> dict[str, np.ndarray]:
         stats = res.get("policy", {})
         if "tokens" not in stats:
             return {}
-        names = ("chosen", "rejected") if rec.kind == "pair" else ("response",)
         return {name: np.asarray(stats["tokens"][j][:int(stats["count"][j])], np.float32)
-                for j, name in enumerate(names)}
+                for j, name in enumerate(rec.response_names)}
 
-    def row(self, rec: ScoringRecord, res: dict, truncated: bool) -> dict:
+    def row(self, rec: Record, res: dict, truncated: bool) -> dict:
         s = self.s
-        names = ("chosen", "rejected") if rec.kind == "pair" else ("response",)
+        names = rec.response_names
         row: dict[str, Any] = {"index": rec.index, "id": rec.id, "kind": rec.kind, "truncated": truncated}
         for role, stats in res.items():
             for j, name in enumerate(names):
@@ -226,28 +212,38 @@ class Scorer:
                 row[f"{role}_{name}_logp_mean"] = float(stats["mean"][j])
                 row[f"{role}_{name}_tokens"] = int(stats["count"][j])
         if "policy" in res:
-            for name in names:
-                lp = row[f"policy_{name}_logp_{s.reduction}"]
-                ref = row[f"reference_{name}_logp_{s.reduction}"] if "reference" in res else 0.0
-                row[f"reward_{name}"] = s.beta * (lp - ref)
-            if rec.kind == "pair":
-                row["margin"] = row["reward_chosen"] - row["reward_rejected"]
-        if "rm" in res and rec.kind == "pair":
-            row["rm_margin"] = row["rm_chosen"] - row["rm_rejected"]
+            rewards = compute.implicit_rewards(res["policy"], res.get("reference"), s.beta, s.reduction)
+            row.update({f"reward_{name}": float(r) for name, r in zip(names, rewards)})
+            self._compare(row, rec, "", rewards)
+        if "rm" in res:
+            self._compare(row, rec, "rm_", np.asarray(res["rm"]["rm"]))
         return row
+
+    @staticmethod
+    def _compare(row: dict, rec: Record, prefix: str, scores: np.ndarray) -> None:
+        """A pair's margin (chosen - rejected); a best-of-N record's RewardBench 2 score."""
+        if rec.kind == "pair":
+            row[f"{prefix}margin"] = float(scores[0] - scores[1])
+        elif rec.kind == "best_of_n":
+            row[f"{prefix}best_of_n"] = float(compute.best_of_n_scores(scores[None])[0])
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Pairwise accuracy (ties 0.5) and mean margin of the implicit reward and of the RM."""
+    """Pairwise accuracy (ties 0.5) and mean margin of the implicit reward and of the RM, and the
+    RewardBench 2 best-of-N accuracy of best-of-N records."""
     out: dict[str, Any] = {"examples": len(rows)}
-    for key, name in (("margin", "implicit"), ("rm_margin", "rm")):
-        margins = np.array([r[key] for r in rows if r.get(key) is not None], np.float64)
-        margins = margins[~np.isnan(margins)]  # single-response rows have no margin
+    for prefix, name in (("", "implicit"), ("rm_", "rm")):
+        margins = np.array([r[f"{prefix}margin"] for r in rows if r.get(f"{prefix}margin") is not None], np.float64)
+        margins = margins[~np.isnan(margins)]  # other rows have no margin
         if len(margins):
-            wins = np.where(margins > 0, 1.0, np.where(margins == 0, 0.5, 0.0))
-            out[f"{name}_pairwise_accuracy"] = float(wins.mean())
+            out[f"{name}_pairwise_accuracy"] = compute.pairwise_accuracy(margins)
             out[f"{name}_mean_margin"] = float(margins.mean())
             out[f"{name}_pairs"] = int(len(margins))
+        best = np.array([r[f"{prefix}best_of_n"] for r in rows if r.get(f"{prefix}best_of_n") is not None])
+        best = best[~np.isnan(best)]
+        if len(best):
+            out[f"{name}_best_of_n_accuracy"] = float(best.mean())
+            out[f"{name}_best_of_n_examples"] = int(len(best))
     return out
 
 

@@ -7,50 +7,29 @@ prompt's last real position, j > 0 by response position j - 1. So a chosen/rejec
 one prompt pass plus two short response passes instead of two full passes, and the exhaustive
 vocabulary scan (R = V one-token responses) is one prompt pass plus cheap suffix batches.
 
-Everything here is a pure function of (params, arrays); ``score_fn`` builds the jitted function
-for one model (log-prob sums/means/counts, optional per-token log-probs, optional scalar RM score
-at the last real response token).
+Everything here is a pure function of (params, arrays); ``kv_stats`` is this layout's stats
+function for ``rmjax.scoring.compute`` and ``score_fn`` its jitted form for one model (log-prob
+sums/means/counts, optional per-token log-probs, optional RM score at the last real response token).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax.data.batching import BUCKETS, Encoded, bucket, pad_rows
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import KVCache, forward, unembedding_matrix
-from rmjax.pooling import gather_last
+from rmjax.pooling import gather_last, last_token_index
+from rmjax.scoring import compute
 from rmjax.scoring.logprobs import token_logprobs
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+__all__ = ["Encoded", "bucket", "kv_stats", "pad_batch", "paired_score_fn", "response_logprobs", "score_fn"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Encoded:
-    """One example for one model: prompt ids and each response's ids (prompt + response = the
-    model's own chat rendering; see ``rmjax.scoring.render``)."""
-
-    prompt: np.ndarray
-    responses: tuple[np.ndarray, ...]
-    truncated: bool = False
-
-    @property
-    def unshared_tokens(self) -> int:
-        """Tokens of scoring every response as a full sequence (the prompt once per response)."""
-        return len(self.prompt) * len(self.responses) + sum(len(r) for r in self.responses)
-
-
-def bucket(n: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    return int(2 ** np.ceil(np.log2(n)))
-
-
-def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=DEFAULT_BUCKETS,
+def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=BUCKETS,
               lengths: tuple[int, int] | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Arrays for ``n_rows`` prompt groups (missing rows are masked copies of row 0); real tokens.
 
@@ -60,20 +39,11 @@ def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=DEFAULT
     tr = bucket(max(len(x) for e in examples for x in e.responses), buckets)
     if lengths is not None:
         tp, tr = lengths
-    p_ids = np.full((n_rows, tp), pad_id, np.int32)
-    p_mask = np.zeros((n_rows, tp), np.int32)
-    r_ids = np.full((n_rows * r, tr), pad_id, np.int32)
-    r_mask = np.zeros((n_rows * r, tr), np.int32)
-    real = 0
-    for g in range(n_rows):
-        e = examples[g] if g < len(examples) else examples[0]
-        live = g < len(examples)
-        p_ids[g, :len(e.prompt)] = e.prompt
-        p_mask[g, :len(e.prompt)] = 1  # padded groups keep a real prompt so nothing is empty
-        for j, resp in enumerate(e.responses):
-            r_ids[g * r + j, :len(resp)] = resp
-            r_mask[g * r + j, :len(resp)] = 1 if live else 0
-            real += (len(e.prompt) if j == 0 else 0) + len(resp) if live else 0
+    groups = [examples[g] if g < len(examples) else examples[0] for g in range(n_rows)]
+    p_ids, p_mask = pad_rows([e.prompt for e in groups], tp, pad_id)  # padded groups keep a real prompt
+    r_ids, r_mask = pad_rows([x for e in groups for x in e.responses], tr, pad_id)
+    r_mask[len(examples) * r:] = 0
+    real = sum(e.tree_length for e in examples)
     return {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}, real
 
 
@@ -97,43 +67,30 @@ def response_logprobs(params, config: ModelConfig, batch: dict, *, token_chunk: 
     return jnp.where(batch["response_mask"] > 0, lp, 0.0), out.hidden
 
 
-def sequence_stats(token_lp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    count = jnp.sum(mask, axis=-1).astype(jnp.float32)
-    total = jnp.sum(token_lp, axis=-1)
-    return {"sum": total, "mean": total / jnp.maximum(count, 1.0), "count": count}
+def kv_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, token_chunk: int) -> dict:
+    """Per response row: {'sum', 'mean', 'count'[, 'tokens'][, 'rm']} (this layout's stats function
+    for ``rmjax.scoring.compute``; 'rm' is the head at the last real response token)."""
+    token_lp, hidden = response_logprobs(params, config, batch, token_chunk=token_chunk)
+    out = compute.sequence_stats(token_lp, batch["response_mask"])
+    if with_tokens:
+        out["tokens"] = token_lp
+    if head is not None:
+        out["rm"] = compute.rm_score(hidden, last_token_index(batch["response_mask"]), head)
+    return out
 
 
 def score_fn(config: ModelConfig, *, with_tokens: bool = False, with_rm_head: bool = False,
              token_chunk: int = 1024) -> Callable:
-    """jit'd (params, head [D] or None, batch) -> {'sum','mean','count'[, 'tokens'][, 'rm']} per response row."""
-
-    def fn(params, head, batch):
-        token_lp, hidden = response_logprobs(params, config, batch, token_chunk=token_chunk)
-        out = sequence_stats(token_lp, batch["response_mask"])
-        if with_tokens:
-            out["tokens"] = token_lp
-        if with_rm_head:
-            out["rm"] = gather_last(hidden.astype(jnp.float32), batch["response_mask"]) @ head
-        return out
-
-    return jax.jit(fn)
+    """jit'd (params, head [D] or None, batch) -> {'sum','mean','count'[, 'tokens'][, 'rm']} per response
+    row; one function per model and options (cached)."""
+    return compute.model_fn(kv_stats, config, with_tokens=with_tokens, with_rm_head=with_rm_head,
+                            token_chunk=token_chunk)
 
 
 def paired_score_fn(config_a: ModelConfig, config_b: ModelConfig, *, with_tokens: bool = False,
                     token_chunk: int = 1024) -> Callable:
     """Policy and reference in ONE jitted function over the same batch (shared tokenizer)."""
-
-    def fn(params_a, params_b, batch):
-        out = {}
-        for tag, params, config in (("policy", params_a, config_a), ("reference", params_b, config_b)):
-            token_lp, _ = response_logprobs(params, config, batch, token_chunk=token_chunk)
-            stats = sequence_stats(token_lp, batch["response_mask"])
-            if with_tokens:
-                stats["tokens"] = token_lp
-            out[tag] = stats
-        return out
-
-    return jax.jit(fn)
+    return compute.pair_fn(kv_stats, config_a, config_b, with_tokens=with_tokens, token_chunk=token_chunk)
 
 
 def naive_response_logprobs(params, config: ModelConfig, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:

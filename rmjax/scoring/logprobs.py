@@ -35,10 +35,9 @@ from jax.typing import ArrayLike, DTypeLike
 
 from rmjax.errors import DataError
 
-# Where rmjax.sharding.RULES put the logical axes this kernel cares about.
-VOCAB_AXIS = "tensor"
-BATCH_AXES = ("data", "fsdp")
-SEQUENCE_AXIS = "sequence"
+from rmjax.sharding import BATCH_MESH_AXES as BATCH_AXES  # noqa: E402
+from rmjax.sharding import SEQUENCE_MESH_AXIS as SEQUENCE_AXIS  # noqa: E402
+from rmjax.sharding import VOCAB_MESH_AXIS as VOCAB_AXIS  # noqa: E402
 
 # Default logits tile: 2**24 fp32 values (64 MiB), e.g. 1024 tokens x 16384 vocabulary rows.
 _TILE_ELEMENTS = 1 << 24

@@ -14,6 +14,7 @@ MWLR(s) = 0.5 (p_A(s) + p_B(s)) (log p_A(s) - log p_B(s)), joined on normalised 
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import unicodedata
@@ -24,29 +25,33 @@ import numpy as np
 import pandas as pd
 
 from rmjax.data.chat import render
+from rmjax.data.batching import Encoded, bucket, pad_rows
 from rmjax.models.transformer import forward, unembedding_matrix
-from rmjax.scoring.engine import Encoded, bucket, pad_batch, response_logprobs, sequence_stats
-from rmjax.scoring.logprobs import next_token_logprobs
 from rmjax.pooling import gather_last
+from rmjax.scoring.engine import pad_batch, score_fn
+from rmjax.scoring.logprobs import next_token_logprobs
 
 
-def next_token_table(loaded, prompts: dict[str, str], template: str = "model") -> pd.DataFrame:
-    """log p(token | prompt) for every token id (rows) and prompt key (columns)."""
-    config, tok = loaded.config, loaded.tokenizer
+@functools.lru_cache(maxsize=None)
+def _next_token_fn(config):
+    """jit'd (params, ids, mask) -> log p(next token) at each row's last real token; once per model."""
 
-    @jax.jit
     def run(params, ids, mask):
         hidden = forward(params, config, ids, mask).hidden
         return next_token_logprobs(gather_last(hidden, mask), unembedding_matrix(params, config),
                                    logit_softcap=config.final_logit_softcap)
 
+    return jax.jit(run)
+
+
+def next_token_table(loaded, prompts: dict[str, str], template: str = "model") -> pd.DataFrame:
+    """log p(token | prompt) for every token id (rows) and prompt key (columns)."""
+    config, tok = loaded.config, loaded.tokenizer
+    run = _next_token_fn(config)
     columns = {}
     for key, text in prompts.items():
         prompt_ids, _ = render(tok, [{"role": "user", "content": text}], "", template)
-        length = bucket(len(prompt_ids))
-        ids = np.full((1, length), tok.pad_id, np.int32)
-        mask = np.zeros((1, length), np.int32)
-        ids[0, :len(prompt_ids)], mask[0, :len(prompt_ids)] = prompt_ids, 1
+        ids, mask = pad_rows([prompt_ids], bucket(len(prompt_ids)), tok.pad_id)
         columns[key] = np.asarray(run(loaded.params, ids, mask))[0, :config.vocab_size]
     return _table(tok, config.vocab_size, columns)
 
@@ -65,16 +70,7 @@ def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *
 
     Returns {'sum', 'mean', 'count'} (log-probs) and, with ``rm_head`` [D], {'rm'}; arrays [N].
     """
-    config = loaded.config
-
-    @jax.jit
-    def run(params, head, batch):
-        token_lp, hidden = response_logprobs(params, config, batch)
-        out = sequence_stats(token_lp, batch["response_mask"])
-        if head is not None:
-            out["rm"] = gather_last(hidden.astype(jnp.float32), batch["response_mask"]) @ head
-        return out
-
+    run = score_fn(loaded.config, with_rm_head=rm_head is not None)  # built once per model
     pad = loaded.tokenizer.pad_id
     results: dict[str, list[np.ndarray]] = {}
     t0 = time.perf_counter()

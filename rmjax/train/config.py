@@ -1,6 +1,6 @@
 """Training configuration: plain dataclasses, YAML + dotted ``key=value`` overrides, validated on load.
 
-    config = load_config("experiments/rm_ablation/base.yaml", ["optim.lr=3e-5", "data.source=harmless"])
+    config = load_config("experiments/rm_ablation/base.yaml", ["optim.lr=3e-5", "data.train=hh-rlhf:harmless"])
 
 An unknown key is an error that names the file (or the override) and the closest valid key.
 The resolved config is saved as ``config.yaml`` in every run directory.
@@ -28,13 +28,27 @@ class ModelSection:
 
 @dataclasses.dataclass
 class DataSection:
-    source: str = "helpful"  # helpful | harmless | both | an HH-RLHF subset name
+    # inputs, as ``rmjax score --data`` takes them: files, datasets dirs, hh-rlhf[:SUBSETS], llmbar[:SUBSETS]
+    train: tuple[str, ...] = ("hh-rlhf:helpful",)
+    eval: tuple[str, ...] = ()  # empty: hold out ``holdout`` examples of the training data instead
+    holdout: float = 200  # >= 1: that many examples; < 1: that fraction (never trained on)
     fraction: float = 1.0  # data quantity ablation: fraction of the training pool used
-    eval_pairs: int = 200  # held out from the same source (never trained on)
     max_length: int = 512
     over_length: str = "truncate"  # truncate (keep the end of the prompt) | drop
-    buckets: tuple[int, ...] = (128, 256, 512)
+    template: str = "model"  # chat rendering (rmjax.data.chat)
+    on_error: str = "skip"  # bad records: skip (counted, reported) | fail
     shuffle_seed: int = 0
+
+
+@dataclasses.dataclass
+class HeadSection:
+    kind: str = "scalar"  # scalar | multi_objective | armorm | judge | lm (see rmjax.train.heads)
+    objectives: tuple[str, ...] = ()  # multi_objective / armorm: objective names (empty: from the data)
+    regression_from: str = ""  # armorm: the multi_objective run's final/ dir (its frozen regression)
+    gate_hidden: int = 1024
+    gate_layers: int = 3
+    gate_temperature: float = 10.0
+    judge_labels: tuple[str, ...] = ("A", "B")  # judge: the verdict tokens for the first / second response
 
 
 @dataclasses.dataclass
@@ -49,10 +63,12 @@ class OptimSection:
 
 @dataclasses.dataclass
 class LossSection:
-    kind: str = "bt"  # bt (Bradley-Terry)
-    margin: float = 0.0
-    label_smoothing: float = 0.0
-    center_coef: float = 0.0
+    kind: str = "bt"  # bt (Bradley-Terry) | mse | ce (judge) | dpo
+    margin: float = 0.0  # bt: added to every pair's own margin field
+    label_smoothing: float = 0.0  # bt / ce / dpo
+    center_coef: float = 0.0  # bt: reward centring
+    beta: float = 0.1  # dpo
+    reference: str = ""  # dpo: the frozen reference model ("" = the policy as loaded)
 
 
 @dataclasses.dataclass
@@ -64,6 +80,8 @@ class TrainSection:
     last_k: int = 2
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    pack: bool = True  # prompt trees packed into rows (the prompt once); false: padded [2b, T] batches
+    pack_length: int = 0  # packed row length (0 = data.max_length)
     seed: int = 0
     eval_every: int = 50
     save_every: int = 50
@@ -84,6 +102,7 @@ class RunConfig:
     run_dir: str = "runs/rm"
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
+    head: HeadSection = dataclasses.field(default_factory=HeadSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     loss: LossSection = dataclasses.field(default_factory=LossSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
@@ -98,10 +117,17 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.over_length": ("truncate", "drop"),
-    "loss.kind": ("bt",),
+    "data.on_error": ("skip", "fail"),
+    "head.kind": ("scalar", "multi_objective", "armorm", "judge", "lm"),
+    "loss.kind": ("bt", "mse", "ce", "dpo"),
     "train.trainable": ("head", "last_k", "lora", "full"),
     "mesh.strategy": ("dp", "fsdp", "tp", "fsdp_tp"),
 }
+
+
+def _strings(text: str) -> Any:
+    """YAML with every scalar kept as text: each field's type decides (so 'No' stays a label)."""
+    return yaml.load(text, Loader=yaml.BaseLoader)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -123,8 +149,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if hint is str:
             return str(value)
         if origin is tuple:
+            if isinstance(value, str) and typing.get_args(hint)[0] is str and not value.startswith("["):
+                return (value,)  # one input, e.g. hh-rlhf:helpful-base,helpful-online
             if isinstance(value, str):
-                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+                value = _strings(value if value.startswith("[") else f"[{value}]")
             (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
             return tuple(_coerce(v, item, where) for v in value)
     except (TypeError, ValueError):
@@ -177,6 +205,11 @@ def validate(config: RunConfig, where: str = "config") -> RunConfig:
     t, d = config.train, config.data
     checks = [
         (0 < d.fraction <= 1, "data.fraction must be in (0, 1]"),
+        (bool(d.train), "data.train must name at least one input"),
+        (d.holdout > 0 or d.eval, "data.holdout must be positive when data.eval is empty"),
+        (d.holdout < 1 or float(d.holdout).is_integer(), "data.holdout is a count (>= 1) or a fraction (< 1)"),
+        (t.pack_length == 0 or t.pack_length >= d.max_length,
+         "train.pack_length must be 0 (= data.max_length) or at least data.max_length"),
         (t.steps > 0, "train.steps must be positive"),
         (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
          "train.batch_size must be a positive multiple of train.grad_accum"),
@@ -184,12 +217,12 @@ def validate(config: RunConfig, where: str = "config") -> RunConfig:
         (0 <= config.loss.label_smoothing < 1, "loss.label_smoothing must be in [0, 1)"),
         (d.max_length >= 8, "data.max_length must be at least 8"),
         (t.lora_rank > 0 or t.trainable != "lora", "train.lora_rank must be positive for trainable=lora"),
-        (list(d.buckets) == sorted(d.buckets) and d.buckets and d.buckets[-1] >= d.max_length,
-         "data.buckets must be increasing and end at or above data.max_length"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
+    from rmjax.train.heads import check_combination
+    check_combination(config, where)
     return config
 
 
@@ -200,7 +233,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text("utf-8")) or {}
+            data = _strings(path.read_text("utf-8")) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
@@ -213,11 +246,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. optim.lr=3e-5")
         key, value = item.split("=", 1)
-        _set(config, key.strip(), yaml.safe_load(value) if value else "", f"override {item!r}")
+        _set(config, key.strip(), _strings(value) if value else "", f"override {item!r}")
     return validate(config, str(path) if path else "config")
 
 
+def plain(config: RunConfig) -> dict:
+    """The config as plain YAML-able types (tuples as lists)."""
+    return yaml.safe_load(yaml.safe_dump(_lists(config.to_dict())))
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return [_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
-    data = config.to_dict()
-    data["data"]["buckets"] = list(data["data"]["buckets"])
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(plain(config), sort_keys=False))

@@ -1,5 +1,19 @@
-"""Export a trained scalar RM as a Hugging Face ``*ForSequenceClassification`` safetensors directory
-(loadable by ``transformers``) and as an orbax checkpoint of the rmjax params.
+"""Export a trained run so that ``transformers`` and rmjax load it back, for every head.
+
+``final/`` is a complete Hugging Face directory (config.json, model.safetensors, tokenizer files)
+plus ``rmjax.json`` (base model, head settings) and ``orbax/`` (the rmjax params):
+
+    scalar            ``*ForSequenceClassification``, num_labels=1 (``score.weight`` [1, D])
+    multi_objective   ``*ForSequenceClassification``, num_labels=K, id2label = the objective names
+    armorm            the same K-label regression as ``score.weight``, plus ``armorm_gate.safetensors``
+                      (the gate's params, flat names ``layers_0.kernel`` ... ``logit_scale``) and the gate
+                      settings under ``head`` in rmjax.json; ``load_head`` rebuilds the gated score
+    judge             ``*ForCausalLM`` (the judge is the LM); rmjax.json ``head`` holds the verdict labels
+    lm (dpo)          ``*ForCausalLM``; rmjax.json holds the reference model and beta of the implicit reward
+
+With LoRA, the weights in ``final/`` have the adapters merged, and ``final/adapter/`` holds them in
+PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``, the head as a module to
+save), loadable by ``peft`` on the base model and by rmjax as ``BASE+final/adapter``.
 
 The per-family checkpoint-key table is used in reverse: each HF tensor name of the base checkpoint
 is matched to its rmjax param, and the reshape/transpose is undone by pushing an index array through
@@ -13,10 +27,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import traverse_util
 
+from rmjax.io import adapters
 from rmjax.models import family_of
 from rmjax.models.loading import _canonical
 from rmjax.train import params as tparams
+
+GATE_FILE = "armorm_gate.safetensors"
+SEQ_CLS_HEADS = ("scalar", "multi_objective", "armorm")
+LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 
 
 def invert(transform, param: np.ndarray, hf_shape: tuple[int, ...], config) -> np.ndarray:
@@ -27,63 +47,164 @@ def invert(transform, param: np.ndarray, hf_shape: tuple[int, ...], config) -> n
     return out.reshape(hf_shape)
 
 
-def hf_state_dict(backbone: dict, head_kernel: np.ndarray, ckpt, config) -> dict[str, np.ndarray]:
-    family = family_of(ckpt.config)
-    table = [(re.compile(p + r"$"), t, tf) for p, t, tf in family.CHECKPOINT_KEYS]
-    flat = {"/".join(k): np.asarray(v) for k, v in _flatten(backbone).items()}
-    out = {}
+def _table(ckpt):
+    return [(re.compile(p + r"$"), t, tf) for p, t, tf in family_of(ckpt.config).CHECKPOINT_KEYS]
+
+
+def _matches(ckpt):
+    """(HF name, rmjax param path, layer or None, transform) of every base tensor the table knows."""
+    table = _table(ckpt)
     for name in ckpt.tensor_names():
         canon = _canonical(name)
         for rx, target, tf in table:
             m = rx.match(canon)
-            if m and target in flat:
-                value = flat[target][int(m.group(1))] if m.groups() else flat[target]
-                out[canon] = invert(tf, value, tuple(ckpt.tensor_shape(name)), config)
+            if m:
+                yield canon, target, (int(m.group(1)) if m.groups() else None), tf, name
                 break
-    out["score.weight"] = np.ascontiguousarray(np.asarray(head_kernel).T)
-    return out
 
 
-def _flatten(tree, prefix=()):
+def hf_state_dict(backbone: dict, ckpt, config) -> dict[str, np.ndarray]:
+    """The backbone's tensors under the base checkpoint's HF names and layouts."""
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(backbone).items()}
     out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
+    for canon, target, layer, tf, name in _matches(ckpt):
+        if target in flat:
+            value = flat[target][layer] if layer is not None else flat[target]
+            out[canon] = invert(tf, value, tuple(ckpt.tensor_shape(name)), config)
     return out
 
 
-def export_reward_model(full_params: dict, loaded, run, out_dir: Path) -> Path:
-    """Write ``out_dir/`` (config.json + model.safetensors) and ``out_dir/orbax``."""
+def _index_maps(tf, hf_shape: tuple[int, int], config, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """For an rmjax kernel made from an HF weight [out, in] by ``tf``: the HF input index of each
+    position along the kernel's first ``n_in`` axes, and the HF output index along the others."""
+    rows, cols = hf_shape
+    where = np.asarray(tf(np.arange(rows * cols).reshape(rows, cols), config))
+    first = where[(slice(None),) * n_in + (0,) * (where.ndim - n_in)] % cols
+    rest = where[(0,) * n_in] // cols
+    return first, rest
+
+
+def lora_to_peft(lora: dict, ckpt, config) -> dict[str, np.ndarray]:
+    """rmjax LoRA factors -> PEFT tensors (A [r, in], B [out, r] per adapted HF module)."""
+    out = {}
+    for canon, target, layer, tf, name in _matches(ckpt):
+        short = target.rsplit("/", 1)[-1].removesuffix("_kernel")
+        if not target.startswith("layers/attn/") or not target.endswith("_kernel") or short not in lora:
+            continue
+        a, b = (np.asarray(lora[short][k][layer], np.float32) for k in ("a", "b"))
+        rank = a.shape[-1]
+        n_in = a.ndim - 1  # q/k/v: a [D, r], b [r, H, hd]; o: a [H, hd, r], b [r, D]
+        hf_shape = tuple(ckpt.tensor_shape(name))
+        inputs, outputs = _index_maps(tf, hf_shape, config, n_in)
+        mat_a = np.zeros((rank, hf_shape[1]), np.float32)
+        mat_a[:, inputs.ravel()] = a.reshape(-1, rank).T
+        mat_b = np.zeros((hf_shape[0], rank), np.float32)
+        mat_b[outputs.ravel(), :] = b.reshape(rank, -1).T
+        module = canon.removesuffix(".weight")
+        out[f"{adapters.PREFIX}{module}.lora_A.weight"] = mat_a
+        out[f"{adapters.PREFIX}{module}.lora_B.weight"] = mat_b
+    return out
+
+
+def head_tensors(kind: str, head: dict) -> dict[str, np.ndarray]:
+    if kind == "scalar":
+        return {"score.weight": np.asarray(head["score"]["kernel"]).T}
+    if kind in ("multi_objective", "armorm"):
+        return {"score.weight": np.asarray(head["regression_layer"]["kernel"]).T}
+    return {}
+
+
+def head_settings(run, statics: dict) -> dict:
+    h, kind = run.head, run.head.kind
+    out: dict = {"kind": kind}
+    if kind in ("multi_objective", "armorm"):
+        out["objectives"] = list(statics.get("objectives", ()))
+    if kind == "armorm":
+        out.update(gate_hidden=h.gate_hidden, gate_layers=h.gate_layers, gate_temperature=h.gate_temperature)
+    if kind == "judge":
+        out.update(labels=list(h.judge_labels), template=run.data.template)
+    if kind == "lm":
+        out.update(reference=run.loss.reference or run.model.name, beta=run.loss.beta)
+    return out
+
+
+def _hf_config(ckpt, kind: str, num_labels: int, labels: list[str], pad_id) -> dict:
+    hf_config = dict(ckpt.config)
+    arch = hf_config.get("architectures", ["Model"])[0]
+    base = re.sub(r"(ForCausalLM|ForSequenceClassification|Model)$", "", arch) or "Llama"
+    if hf_config.get("model_type") == "gemma3_text":
+        base = "Gemma3Text" if kind in SEQ_CLS_HEADS else "Gemma3"
+    for key in ("num_labels", "id2label", "label2id"):
+        hf_config.pop(key, None)
+    if kind in SEQ_CLS_HEADS:
+        names = labels or [f"LABEL_{i}" for i in range(num_labels)]
+        hf_config.update(architectures=[f"{base}ForSequenceClassification"], num_labels=num_labels,
+                         id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
+    else:
+        hf_config.update(architectures=[f"{base}ForCausalLM"])
+    hf_config.update(torch_dtype="float32", pad_token_id=pad_id if pad_id is not None else hf_config.get("pad_token_id"))
+    return hf_config
+
+
+def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | None = None) -> Path:
+    """Write ``out_dir/`` (see the module docstring) for the run's head."""
     import orbax.checkpoint as ocp
     from safetensors.numpy import save_file
 
     from rmjax.io import registry
 
+    statics = statics or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     full_params = jax.device_get(full_params)
+    kind, head = run.head.kind, full_params.get("head", {})
     backbone = full_params["backbone"]
+    scale = run.train.lora_alpha / max(run.train.lora_rank, 1)
     if "lora" in full_params:
-        backbone = jax.device_get(tparams.apply_lora(backbone, full_params["lora"],
-                                                     run.train.lora_alpha / run.train.lora_rank))
+        backbone = jax.device_get(tparams.apply_lora(backbone, full_params["lora"], scale))
     ckpt = registry.open_checkpoint(registry.resolve_model(run.model.name))
-    tensors = hf_state_dict(backbone, full_params["head"]["score"]["kernel"], ckpt, loaded.config)
+    tensors = {**hf_state_dict(backbone, ckpt, loaded.config), **head_tensors(kind, head)}
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
-    hf_config = dict(ckpt.config)
-    arch = hf_config.get("architectures", ["Model"])[0]
-    base = re.sub(r"(ForCausalLM|ForSequenceClassification|Model)$", "", arch) or "Llama"
-    if hf_config.get("model_type") == "gemma3_text":
-        base = "Gemma3Text"
-    hf_config.update(architectures=[f"{base}ForSequenceClassification"], num_labels=1,
-                     id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, torch_dtype="float32",
-                     pad_token_id=loaded.tokenizer.pad_id if loaded.tokenizer else hf_config.get("pad_token_id"))
+    settings = head_settings(run, statics)
+    num_labels = tensors["score.weight"].shape[0] if "score.weight" in tensors else 0
+    pad_id = loaded.tokenizer.pad_id if loaded.tokenizer else None
+    hf_config = _hf_config(ckpt, kind, num_labels, settings.get("objectives", []), pad_id)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (out_dir / "rmjax.json").write_text(json.dumps({"base_model": run.model.name, "run_dir": run.run_dir}))
+    if kind == "armorm":
+        flat = traverse_util.flatten_dict(head["gating"], sep=".")
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}, str(out_dir / GATE_FILE))
+    meta = {"base_model": run.model.name, "run_dir": run.run_dir, "head": settings}
+    (out_dir / "rmjax.json").write_text(json.dumps(meta, indent=2))
     if loaded.tokenizer is not None:  # a complete HF directory: rmjax and transformers load it alone
         loaded.tokenizer.save_hf(out_dir)
+    if "lora" in full_params:
+        peft_tensors = lora_to_peft(jax.device_get(full_params["lora"]), ckpt, loaded.config)
+        peft_tensors.update({adapters.PREFIX + k: v for k, v in head_tensors(kind, head).items()})
+        adapters.write(out_dir / "adapter", peft_tensors, rank=run.train.lora_rank, alpha=run.train.lora_alpha,
+                       targets=[LORA_MODULES[k] for k in full_params["lora"]], base=run.model.name,
+                       task_type="SEQ_CLS" if kind in SEQ_CLS_HEADS else "CAUSAL_LM",
+                       modules_to_save=["score"] if kind in SEQ_CLS_HEADS else [])
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save((out_dir / "orbax").absolute(), full_params, force=True)
     checkpointer.wait_until_finished()
     return out_dir
+
+
+def load_head(directory: str | Path, loaded) -> tuple[str, dict, dict]:
+    """(head kind, head params, rmjax.json head settings) of an exported model, or of any HF
+    ``*ForSequenceClassification`` (scalar for one label, multi_objective for K) or causal LM (lm)."""
+    from safetensors.numpy import load_file
+
+    meta_path = Path(directory) / "rmjax.json" if Path(directory).is_dir() else None
+    settings = json.loads(meta_path.read_text()).get("head", {}) if meta_path and meta_path.exists() else {}
+    kind = settings.get("kind")
+    if kind is None:
+        kind = "lm" if loaded.score_head is None else "scalar" if loaded.score_head.shape[1] == 1 else "multi_objective"
+    if kind == "scalar":
+        return kind, {"score": {"kernel": loaded.score_head}}, settings
+    if kind in ("multi_objective", "armorm"):
+        head = {"regression_layer": {"kernel": loaded.score_head}}
+        if kind == "armorm":
+            head["gating"] = traverse_util.unflatten_dict(load_file(str(Path(directory) / GATE_FILE)), sep=".")
+        return kind, head, settings
+    return kind, {}, settings

@@ -1,18 +1,17 @@
-"""`rmjax train`: a Bradley-Terry reward model on a mesh, resumable, with eval, metrics and export.
+"""`rmjax train`: any head x loss on any preference data, on a mesh, resumable, with eval, metrics, export.
 
 Run directory layout:
     config.yaml            the resolved config (a re-run must match it, or pass --overwrite)
     checkpoints/<step>/    orbax: train state (+ data position = step), keep-last-k, async
-    best/<step>/           the best checkpoint by eval accuracy
+    best/<step>/           the best checkpoint by the eval score
     metrics.jsonl          one line per logged/eval step (rewound on resume: no duplicates)
-    events.*               TensorBoard
-    final/                 HF ``*ForSequenceClassification`` safetensors export + orbax params
+    tensorboard/           TensorBoard
+    final/                 the export (``rmjax.train.export``: HF dir, + PEFT adapter with LoRA)
     result.json            final metrics (the ablation driver reads this)
 """
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -21,24 +20,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rmjax import distributed
 from rmjax import sharding as shd
-from rmjax.data import pairs as pairdata
-from rmjax.data.preferences import LoadReport, PreferencePair, load_hh_rlhf
 from rmjax.errors import ConfigError
+from rmjax.train import batches as tbatches
+from rmjax.train import evaluate as tevaluate
+from rmjax.train import examples as texamples
+from rmjax.train import heads as theads
 from rmjax.train import params as tparams
 from rmjax.train import step as tstep
-from rmjax.train.config import RunConfig, save_config
-
-
-def split_data(pairs: list[PreferencePair], run: RunConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Deterministic held-out eval set, then the first ``fraction`` of the rest (nested subsets)."""
-    order = np.random.default_rng(run.data.shuffle_seed).permutation(len(pairs))
-    shuffled = [pairs[i] for i in order]
-    evals, pool = shuffled[:run.data.eval_pairs], shuffled[run.data.eval_pairs:]
-    return pool[:max(1, math.ceil(run.data.fraction * len(pool)))], evals
+from rmjax.train.config import RunConfig, plain, save_config
 
 
 def check_run_dir(run: RunConfig, overwrite: bool) -> Path:
@@ -46,9 +38,7 @@ def check_run_dir(run: RunConfig, overwrite: bool) -> Path:
     saved = run_dir / "config.yaml"
     if saved.exists():
         import yaml
-        previous = yaml.safe_load(saved.read_text())
-        current = yaml.safe_load(yaml.safe_dump({**run.to_dict(), "data": {**run.to_dict()["data"],
-                                                                           "buckets": list(run.data.buckets)}}))
+        previous, current = yaml.safe_load(saved.read_text()), plain(run)
         if previous != current:
             if not overwrite:
                 diff = [k for k in current if previous.get(k) != current[k]]
@@ -84,28 +74,87 @@ class MetricsLog:
         self.tb.flush()
 
 
-def evaluate(eval_fn, trainable, frozen, data: pairdata.TokenizedPairs, pad_id: int, batch: int,
-             buckets: tuple[int, ...], mesh) -> dict:
-    """Pairwise accuracy (ties 0.5), mean margin and per-subset accuracy over ``data``."""
-    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
-    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = max(n_dev, batch - batch % n_dev)
-    margins = np.zeros(len(data), np.float64)
-    order = sorted(range(len(data)), key=lambda i: max(len(data.chosen[i]), len(data.rejected[i])))
-    for start in range(0, len(order), batch):
-        idx = np.asarray(order[start:start + batch])
-        real = len(idx)
-        idx = np.concatenate([idx, np.repeat(idx[-1:], batch - real)])  # pad the last batch
-        length = pairdata.bucket_of(max(max(len(data.chosen[i]), len(data.rejected[i])) for i in idx), buckets)
-        arrays = pairdata.make_batch(data, idx, length, pad_id)
-        arrays = {k: jax.device_put(v, rows) for k, v in arrays.items()}
-        r_c, r_r = eval_fn(trainable, frozen, arrays)
-        margins[idx[:real]] = (np.asarray(r_c) - np.asarray(r_r))[:real]
-    wins = np.where(margins > 0, 1.0, np.where(margins == 0, 0.5, 0.0))
-    out = {"accuracy": float(wins.mean()), "margin": float(margins.mean()), "pairs": len(data)}
-    for subset in sorted({p.subset for p in data.pairs}):
-        sel = np.array([p.subset == subset for p in data.pairs])
-        out[f"accuracy/{subset}"] = float(wins[sel].mean())
+def layout_for(run: RunConfig, entry, pad_id: int, mesh, packed: bool | None = None, side: str = "right",
+               num_objectives: int = 0) -> tbatches.Layout:
+    local_shards = max(1, shd.batch_shards(mesh) // jax.process_count())
+    return tbatches.Layout(packed=run.train.pack if packed is None else packed, trees=entry.trees,
+                           targets=entry.targets, pad_id=pad_id,
+                           pack_length=run.train.pack_length or 2 * run.data.max_length,
+                           row_multiple=local_shards, side=side, num_objectives=num_objectives)
+
+
+def model_params(run: RunConfig, loaded, entry, mesh, extra: dict) -> dict:
+    """The full params {'backbone', 'head'[, 'lora'][, 'reference']} of a run before training."""
+    rng = jax.random.key(run.train.seed)
+    replicated = shd.replicated(mesh)
+    head = entry.init(jax.random.fold_in(rng, 1), loaded.config.hidden_size, run, extra)
+    full = {"backbone": loaded.params, "head": jax.device_put(head, replicated)}
+    if run.train.trainable == "lora":
+        full["lora"] = jax.device_put(tparams.init_lora(loaded.params, run.train.lora_rank,
+                                                        jax.random.fold_in(rng, 2)), replicated)
+    if run.loss.kind == "dpo" and (run.loss.reference or run.train.trainable != "lora"):
+        # a frozen reference: another model, or a copy of the policy as loaded (LoRA needs none: the
+        # base without its adapters is the reference)
+        full["reference"] = extra["reference"] if run.loss.reference else jax.tree.map(jnp.copy, loaded.params)
+    return full
+
+
+def head_extras(run: RunConfig, loaded, mesh, train_set) -> dict:
+    """What a head's init needs beyond the backbone: a loaded score head, the objective count, a
+    frozen regression (armorm), a reference model (dpo)."""
+    from rmjax.models.loading import load_model
+
+    extra = {"score_head": loaded.score_head, "num_objectives": len(train_set.objectives)}
+    if run.head.kind == "armorm" and run.head.regression_from:
+        extra["regression"] = load_model(run.head.regression_from, with_tokenizer=False).score_head
+    if run.loss.kind == "dpo" and run.loss.reference:
+        ref = load_model(run.loss.reference, mesh=mesh, strategy=run.mesh.strategy, dtype=run.model.dtype,
+                         param_dtype=run.model.param_dtype)
+        from rmjax.scoring.bulk import same_tokenizer
+        if not same_tokenizer(ref.tokenizer, loaded.tokenizer):
+            raise ConfigError(f"loss.reference={run.loss.reference!r} has another tokenizer than model.name; "
+                              "DPO compares log-probs of the same token ids, so use a reference with the same one")
+        extra["reference"] = ref.params
+    return extra
+
+
+def statics_for(run: RunConfig, tokenizer, objectives: tuple[str, ...]) -> dict:
+    out: dict = {"objectives": objectives}
+    if run.head.kind == "judge":
+        out["label_ids"] = texamples.judge_label_ids(tokenizer, run.head.judge_labels, run.data.template)
+    return out
+
+
+def evaluate(eval_fn, trainable, frozen, data: texamples.ExampleSet, layout, mesh, run: RunConfig,
+             batch_size: int) -> dict:
+    """Accuracy (pairs, best-of-N, judge; ties 0.5) per subset, or the MSE per objective (ratings)."""
+    if not data.examples:
+        return {}
+    outs = tevaluate.outputs_per_example(eval_fn, trainable, frozen, data.examples, layout, mesh, batch_size)
+    if layout.trees == "ratings":
+        report = tevaluate.ratings_report(outs, data.examples, data.objectives)
+        return {"mse": report["mse"], "examples": report["examples"],
+                **{f"mse/{k}": v["mse"] for k, v in report["objectives"].items()}}
+    scored = [tevaluate.example_score(run.head.kind, o, beta=run.loss.beta) for o in outs]
+    report = tevaluate.accuracy_report(np.array([s for s, _ in scored]), [e.record.subset for e in data.examples])
+    out = {"accuracy": report["accuracy"], "margin": float(np.mean([m for _, m in scored])),
+           "examples": len(data), "ci95": report["ci95"]}
+    out.update({f"accuracy/{k}": v["accuracy"] for k, v in report["subsets"].items()})
+    return out
+
+
+def token_counts(examples: list, plan: list, layout: tbatches.Layout, accum: int) -> dict:
+    """Tokens the plan computes packed and unpacked (real = without padding)."""
+    out = {"packed_padded": 0, "packed_real": 0, "unpacked_padded": 0, "unpacked_real": 0}
+    for indices in plan:
+        for mb in np.array_split(indices, accum):
+            group = [examples[i] for i in mb]
+            for packed in (True, False):
+                t = tbatches.tokens(group, tbatches.Layout(**{**layout.__dict__, "packed": packed}))
+                name = "packed" if packed else "unpacked"
+                out[f"{name}_padded"] += t["padded"]
+                out[f"{name}_real"] += t["real"]
+    out["packed_over_unpacked"] = out["packed_padded"] / max(out["unpacked_padded"], 1)
     return out
 
 
@@ -118,92 +167,87 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
 
     distributed.maybe_initialize()
     run_dir = check_run_dir(run, overwrite)
+    log = (lambda m: print(m, file=sys.stderr)) if distributed.is_main_process() else (lambda m: None)
     mesh = shd.make_mesh(shd.MeshConfig(strategy=run.mesh.strategy, data=run.mesh.data, fsdp=run.mesh.fsdp,
                                         tensor=run.mesh.tensor))
     loaded = load_model(run.model.name, mesh=mesh, strategy=run.mesh.strategy, dtype=run.model.dtype,
                         param_dtype=run.model.param_dtype, remat_policy=run.model.remat)
     config, tok = loaded.config, loaded.tokenizer
+    entry = theads.entry(run)
+    train_set, eval_set = texamples.load_sets(run, tok, entry.trees, log)
+    log(f"data ({entry.trees}): train {train_set.summary()}; eval {eval_set.summary()}")
+    statics = statics_for(run, tok, train_set.objectives)
 
-    report = LoadReport()
-    pool, eval_pairs = split_data(load_hh_rlhf(run.data.source, report=report), run)
-    train_data = pairdata.tokenize_pairs(tok, pool, run.data.max_length, run.data.over_length)
-    eval_data = pairdata.tokenize_pairs(tok, eval_pairs, run.data.max_length, run.data.over_length)
-    log = print if distributed.is_main_process() else (lambda *a, **k: None)
-    log(f"data: {report.summary()}; train {train_data.summary()}; eval {eval_data.summary()}", file=sys.stderr)
-
-    # full params -> (trainable, frozen); frozen parts never get optimizer state
-    rng = jax.random.key(run.train.seed)
-    replicated = NamedSharding(mesh, P())
-    if loaded.score_head is not None:
-        head = {"score": {"kernel": jnp.asarray(loaded.score_head[:, :1])}}
-    else:
-        head = tstep.init_head(jax.random.fold_in(rng, 1), config.hidden_size)
-    full = {"backbone": loaded.params, "head": jax.device_put(head, replicated)}
-    if run.train.trainable == "lora":
-        full["lora"] = jax.device_put(tparams.init_lora(loaded.params, run.train.lora_rank,
-                                                        jax.random.fold_in(rng, 2)), replicated)
-    trainable, frozen = tparams.split(full, run.train.trainable, run.train.last_k)
+    full = model_params(run, loaded, entry, mesh, head_extras(run, loaded, mesh, train_set))
+    trainable, frozen = tparams.split(full, run.train.trainable, run.train.last_k, entry.frozen)
     optimizer = tstep.make_optimizer(run)
     with shd.activate(mesh, run.mesh.strategy):
         state = tstep.create_state(trainable, optimizer, mesh)
-    del trainable
+    del trainable, full
     log(f"params: {tparams.count(state.params) / 1e6:.2f}M trainable, {tparams.count(frozen) / 1e6:.1f}M frozen "
-        f"on mesh {shd.describe(mesh)} ({run.mesh.strategy})", file=sys.stderr)
+        f"on mesh {shd.describe(mesh)} ({run.mesh.strategy}); {run.head.kind} head, {run.loss.kind} loss, "
+        f"{'packed prompt trees' if run.train.pack else 'padded rows'}")
 
     options = ocp.CheckpointManagerOptions(max_to_keep=run.train.keep_checkpoints, enable_async_checkpointing=True)
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+    lower_is_better = entry.trees == "ratings"
     best = ocp.CheckpointManager((run_dir / "best").absolute(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: m["accuracy"], best_mode="max"))
+        max_to_keep=1, best_fn=lambda m: m["score"], best_mode="min" if lower_is_better else "max"))
     start = 0
     if manager.latest_step() is not None:
         start = manager.latest_step()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-        log(f"resumed from step {start}", file=sys.stderr)
+        log(f"resumed from step {start}")
 
+    layout = layout_for(run, entry, tok.pad_id, mesh, num_objectives=len(train_set.objectives))
+    accum, micro = run.train.grad_accum, run.train.batch_size // run.train.grad_accum
+    if micro % jax.process_count():
+        raise ConfigError(f"micro-batch train.batch_size/train.grad_accum = {micro} must be a multiple of the "
+                          f"{jax.process_count()} processes")
+    plan = tbatches.plan(train_set.examples, run.train.batch_size, run.train.steps,
+                         run.data.shuffle_seed + run.train.seed, run.data.max_length)
+    counts = token_counts(train_set.examples, plan, layout, accum)
+    log(f"tokens over {len(plan)} steps: packed {counts['packed_padded']} (real {counts['packed_real']}), "
+        f"unpacked {counts['unpacked_padded']} (real {counts['unpacked_real']}): packing computes "
+        f"{counts['packed_over_unpacked']:.2f}x the tokens of padded rows")
     metrics_log = MetricsLog(run_dir, start)
     with shd.activate(mesh, run.mesh.strategy):
-        train_fn = tstep.make_train_step(state, frozen, mesh, config=config, run=run, optimizer=optimizer)
-        eval_fn = tstep.make_eval_step(state.params, frozen, mesh, config=config, run=run)
-    pad_id = tok.pad_id
-    plan = pairdata.batch_plan(train_data, run.train.batch_size, run.train.steps, run.data.buckets,
-                               run.data.shuffle_seed + run.train.seed)
-    batches = batch_iterator(plan, train_data, pad_id, run, start)
-    b_sharding = tstep.batch_sharding(mesh)
-    accum, micro = run.train.grad_accum, run.train.batch_size // run.train.grad_accum
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro % n_batch_shards:
-        raise ConfigError(f"micro-batch train.batch_size/train.grad_accum = {micro} must be a multiple of the "
-                          f"{n_batch_shards} data-parallel devices (mesh {shd.describe(mesh)})")
+        train_fn = tstep.make_train_step(state, frozen, mesh, layout.keys, config=config, run=run,
+                                         optimizer=optimizer, entry=entry, statics=statics)
+        eval_fn = tstep.make_eval_step(state.params, frozen, mesh, layout.keys, config=config, run=run,
+                                       entry=entry, statics=statics)
+    batch_iter = batch_iterator(plan, train_set.examples, layout, accum, start)
+    b_sharding = tstep.batch_shardings(mesh, layout.keys)
 
     bar = tqdm(total=run.train.steps, initial=start, disable=not progress or not distributed.is_main_process(),
                desc="train", unit="step", file=sys.stderr)
     t_last, tokens, last_eval = time.perf_counter(), 0, {}
     end = run.train.steps if stop_after is None else min(run.train.steps, stop_after)
     for step in range(start, end):
-        host = next(batches)
-        tokens += int(host["chosen_mask"].sum() + host["rejected_mask"].sum())
-        arrays = {k: jax.make_array_from_process_local_data(
-            b_sharding, v.reshape(accum, micro // jax.process_count(), v.shape[-1])) for k, v in host.items()}
+        host, real_tokens = next(batch_iter)
+        tokens += real_tokens
+        arrays = {k: jax.make_array_from_process_local_data(b_sharding[k], v) for k, v in host.items()}
         with shd.activate(mesh, run.mesh.strategy):
             state, metrics = train_fn(state, frozen, arrays)
         done = step + 1
         if done % run.train.log_every == 0 or done == end:
             values = {k: float(v) for k, v in metrics.items()}
             elapsed = time.perf_counter() - t_last
-            values["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            values["tokens_per_s"] = tokens / max(elapsed, 1e-9)  # sequence tokens (prompt once per response)
             t_last, tokens = time.perf_counter(), 0
             metrics_log.write(done, "train", values)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}",
-                            tok_s=f"{values['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
             if values["skipped"]:
-                log(f"step {done}: non-finite loss or gradient; update skipped", file=sys.stderr)
+                log(f"step {done}: non-finite loss or gradient; update skipped")
         if done % run.train.eval_every == 0 or done == run.train.steps:
-            last_eval = evaluate(eval_fn, state.params, frozen, eval_data, pad_id, run.train.batch_size,
-                                 run.data.buckets, mesh)
+            with shd.activate(mesh, run.mesh.strategy):
+                last_eval = evaluate(eval_fn, state.params, frozen, eval_set, layout, mesh, run,
+                                     run.train.batch_size)
             metrics_log.write(done, "eval", last_eval)
-            if finite(state.params):
-                best.save(done, args=ocp.args.StandardSave(state.params), metrics={"accuracy": last_eval["accuracy"]})
+            if last_eval and finite(state.params):
+                score = last_eval["mse" if lower_is_better else "accuracy"]
+                best.save(done, args=ocp.args.StandardSave(state.params), metrics={"score": score})
         if done % run.train.save_every == 0 or done == run.train.steps:
             save_checkpoint(manager, done, state, log)
         bar.update(1)
@@ -211,13 +255,15 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     manager.wait_until_finished()
     best.wait_until_finished()
     result = {"step": int(state.step), "skipped_steps": int(state.skipped), "eval": last_eval,
-              "train_pairs": len(train_data), "eval_pairs": len(eval_data),
-              "dropped_pairs": len(train_data.dropped) + len(eval_data.dropped),
-              "truncated_pairs": train_data.truncated + eval_data.truncated}
+              "head": run.head.kind, "loss": run.loss.kind, "objectives": list(train_set.objectives),
+              "train_examples": len(train_set), "eval_examples": len(eval_set),
+              "dropped_examples": len(train_set.dropped) + len(eval_set.dropped),
+              "truncated_examples": train_set.truncated + eval_set.truncated,
+              "bad_records_skipped": len(train_set.skipped) + len(eval_set.skipped), "tokens": counts}
     if int(state.step) == run.train.steps and distributed.is_main_process():
-        from rmjax.train.export import export_reward_model
+        from rmjax.train.export import export_run
         full = tparams.merge(jax.device_get(state.params), jax.device_get(frozen))
-        export_reward_model(full, loaded, run, run_dir / "final")
+        export_run(full, loaded, run, run_dir / "final", statics)
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -231,22 +277,35 @@ def save_checkpoint(manager, step: int, state, log) -> bool:
     import orbax.checkpoint as ocp
 
     if not finite(state.params):
-        log(f"step {step}: params are not finite; checkpoint NOT written", file=sys.stderr)
+        log(f"step {step}: params are not finite; checkpoint NOT written")
         return False
     manager.save(step, args=ocp.args.StandardSave(state))
     return True
 
 
-def batch_iterator(plan, data: pairdata.TokenizedPairs, pad_id: int, run: RunConfig, start: int):
-    """grain pipeline over the batch plan, positioned at ``start`` (the iterator state is the step)."""
+def local_step(examples: list, indices: np.ndarray, layout: tbatches.Layout, accum: int
+               ) -> tuple[dict[str, np.ndarray], int]:
+    """This process's arrays of one step ([accum, ...]) and the step's sequence tokens. Shapes are
+    the same on every process (fitted to all processes' slices); pair indices are global."""
+    micro = np.array_split(indices, accum)
+    n_proc, me = jax.process_count(), jax.process_index()
+    slices = [[tbatches.process_slice(mb, p, n_proc) for mb in micro] for p in range(n_proc)]
+    sizes = tbatches.shapes([[examples[i] for i in s] for per in slices for s in per], layout)
+    host = tbatches.step_arrays(examples, slices[me], layout, sizes)
+    if "pair_a" in host:  # local flat slots -> global: earlier processes' rows come first
+        offset = me * sizes["rows"] * sizes["slots"]
+        host["pair_a"] = host["pair_a"] + offset
+        host["pair_b"] = host["pair_b"] + offset
+    real = sum(len(e.tree.prompt) * len(e.tree.responses) + sum(map(len, e.tree.responses))
+               for e in (examples[i] for i in indices))
+    return host, real
+
+
+def batch_iterator(plan: list, examples: list, layout: tbatches.Layout, accum: int, start: int):
+    """grain pipeline over the plan, positioned at ``start`` (the iterator state is the step)."""
     import grain
 
-    def materialise(item):
-        indices, length = item
-        local = pairdata.process_slice(indices, jax.process_index(), jax.process_count())
-        return pairdata.make_batch(data, local, length, pad_id)
-
-    ds = grain.MapDataset.source(plan).map(materialise)
+    ds = grain.MapDataset.source(plan).map(lambda indices: local_step(examples, indices, layout, accum))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)).__iter__()
     it.set_state({"next_index": start})
     return it

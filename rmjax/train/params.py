@@ -1,7 +1,7 @@
 """Trainable subsets and LoRA, as pure functions on param pytrees.
 
-The full reward-model params are ``{"backbone": decoder params, "head": scalar head params}``
-(plus ``"lora"`` adapters). ``split`` cuts them into (trainable, frozen) flat dicts so that frozen
+The full reward-model params are ``{"backbone": decoder params, "head": head params}`` (plus
+``"lora"`` adapters, and for DPO a frozen ``"reference"`` decoder). ``split`` cuts them into (trainable, frozen) flat dicts so that frozen
 parts never get optimizer state; ``merge`` rebuilds the full tree inside the jitted step. With
 scanned layers, "last k layers" is a slice of each stacked [L, ...] array: the frozen part keeps
 ``[:L-k]`` and the trainable part ``[L-k:]``; ``merge`` concatenates them.
@@ -52,13 +52,16 @@ def apply_lora(backbone: Any, lora: dict, scale: float) -> Any:
     return dict(backbone, layers=layers)
 
 
-def split(params: dict, mode: str, last_k: int = 0) -> tuple[dict, dict]:
-    """(trainable, frozen) nested dicts; see the module docstring."""
+def split(params: dict, mode: str, last_k: int = 0, frozen_head: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(trainable, frozen) nested dicts; see the module docstring. ``frozen_head`` names head
+    sub-trees that stay fixed (e.g. ArmoRM's regression while its gate trains)."""
     flat = traverse_util.flatten_dict(params, sep="/")
     trainable, frozen = {}, {}
     for path, x in flat.items():
         top = path.split("/", 1)[0]
-        if mode == "full" or top in ("head", "lora"):
+        if top == "reference" or (top == "head" and path.split("/")[1] in frozen_head):
+            frozen[path] = x
+        elif mode == "full" or top in ("head", "lora"):
             trainable[path] = x
         elif mode in ("head", "lora"):
             frozen[path] = x

@@ -1,12 +1,16 @@
-"""The reward-model train step: one pure function, jitted once with explicit shardings and donation.
+"""The reward-model train step: one pure function per head x loss, jitted once with explicit shardings
+and donation.
 
     step = make_train_step(...)            # jax.jit(in_shardings, out_shardings, donate_argnums=0)
     state, metrics = step(state, frozen, batch)
 
-Chosen and rejected run in ONE forward ([2b, T]); gradients are accumulated over micro-batches with
-``lax.scan``; AdamW with warmup + cosine and global-norm clipping; compute in the model's dtype
-(bf16) with fp32 master weights and an fp32 loss. A non-finite loss or gradient skips the update
-(state unchanged, ``skipped`` = 1) instead of poisoning the weights.
+The backbone runs once over the batch (packed prompt trees, or padded rows: ``rmjax.train.batches``);
+the head table entry (``rmjax.train.heads``) turns its hidden states into per-slot outputs and a
+loss. Gradients are accumulated over micro-batches with ``lax.scan``; AdamW with warmup + cosine and
+global-norm clipping; compute in the model's dtype with fp32 master weights and an fp32 loss. A
+non-finite loss or gradient skips the update (state unchanged, ``skipped`` = 1) instead of
+poisoning the weights. Training the last k layers runs the frozen lower layers as their own scan
+under ``stop_gradient``, so they get no backward pass.
 """
 from __future__ import annotations
 
@@ -16,14 +20,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rmjax import losses
-from rmjax.heads.scalar import ScalarHead
+from rmjax import sharding as shd
 from rmjax.models.config import ModelConfig
-from rmjax.models.transformer import forward_frozen_prefix
+from rmjax.models.transformer import forward
 from rmjax.train import params as tparams
 from rmjax.train.config import RunConfig
+from rmjax.train.heads import Context, HeadEntry
 
 
 @jax.tree_util.register_dataclass
@@ -44,48 +47,74 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-def rewards(full_params: dict, config: ModelConfig, ids: jax.Array, mask: jax.Array, lora_scale: float,
-            n_frozen: int = 0) -> jax.Array:
-    """Scalar rewards [N] in fp32, pooled at each row's last real token. The first ``n_frozen``
-    layers get no backward pass (training the last k layers)."""
-    backbone = full_params["backbone"]
-    if "lora" in full_params:
-        backbone = tparams.apply_lora(backbone, full_params["lora"], lora_scale)
-    hidden = forward_frozen_prefix(backbone, config, ids, mask, n_frozen)
-    return ScalarHead().apply({"params": full_params["head"]}, hidden.astype(jnp.float32), mask)
+def frozen_layers(config: ModelConfig, run: RunConfig) -> int:
+    return config.num_layers - run.train.last_k if run.train.trainable == "last_k" else 0
 
 
-def pair_loss(trainable: dict, frozen: dict, batch: dict, config: ModelConfig, run: RunConfig):
-    full = tparams.merge(trainable, frozen)
-    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
-    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-    n_frozen = config.num_layers - run.train.last_k if run.train.trainable == "last_k" else 0
-    r = rewards(full, config, ids, mask, run.train.lora_alpha / max(run.train.lora_rank, 1), n_frozen)
-    r_c, r_r = jnp.split(r, 2)
-    lc = run.loss
-    if lc.label_smoothing > 0:
-        loss = losses.bradley_terry_label_smoothing(r_c, r_r, lc.label_smoothing)
+def hidden_states(backbone: dict, config: ModelConfig, batch: dict, n_frozen: int = 0) -> jax.Array:
+    """Final hidden states [R, L, D]: packed rows (segments + branches) or padded rows (a mask).
+    The first ``n_frozen`` layers run as their own scan under ``stop_gradient``."""
+    if "segment_ids" in batch:
+        inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"])
+        mask = None
     else:
-        loss = losses.bradley_terry(r_c, r_r, margin=lc.margin if lc.margin else None)
-    if lc.center_coef > 0:
-        loss = loss + losses.reward_centering(r_c, r_r, lc.center_coef)
-    metrics = losses.pairwise_metrics(r_c, r_r)
-    return loss.astype(jnp.float32), {"accuracy": metrics["accuracy"], "margin": metrics["mean_margin"]}
+        inputs, mask = {}, batch["attention_mask"]
+    if not 0 < n_frozen < config.num_layers:
+        return forward(backbone, config, batch["input_ids"], mask, **inputs).hidden
+    sliding = config.layer_is_sliding
+
+    def part(lo, hi):
+        cfg = dataclasses.replace(config, num_layers=hi - lo, sliding_layers=tuple(sliding[lo:hi]))
+        return cfg, {**backbone, "layers": jax.tree.map(lambda x: x[lo:hi], backbone["layers"])}
+
+    cfg_a, params_a = part(0, n_frozen)
+    residual = forward(params_a, cfg_a, batch["input_ids"], mask, final_norm=False, **inputs).hidden
+    cfg_b, params_b = part(n_frozen, config.num_layers)
+    return forward(params_b, cfg_b, batch["input_ids"], mask, residual_in=jax.lax.stop_gradient(residual),
+                   **inputs).hidden
 
 
-def train_step(state: TrainState, frozen: dict, batch: dict, *, config: ModelConfig, run: RunConfig,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """batch arrays are [grad_accum, micro_batch, T]."""
-    grad_fn = jax.value_and_grad(pair_loss, has_aux=True)
+def backbone_of(full: dict, run: RunConfig) -> dict:
+    if "lora" not in full:
+        return full["backbone"]
+    return tparams.apply_lora(full["backbone"], full["lora"], run.train.lora_alpha / max(run.train.lora_rank, 1))
+
+
+def outputs(trainable: dict, frozen: dict, batch: dict, *, config: ModelConfig, run: RunConfig, entry: HeadEntry,
+            statics: dict) -> dict:
+    """Per-slot outputs of the head on this batch (see ``rmjax.train.heads``)."""
+    full = tparams.merge(trainable, frozen)
+    backbone = backbone_of(full, run)
+    hidden = hidden_states(backbone, config, batch, frozen_layers(config, run))
+
+    def reference_hidden():  # dpo: the frozen reference (a separate model, or the policy without LoRA)
+        ref = jax.lax.stop_gradient(full.get("reference", full["backbone"]))
+        return ref, jax.lax.stop_gradient(hidden_states(ref, config, batch))
+
+    ctx = Context(backbone, config, run, statics, reference_hidden)
+    return entry.outputs(full.get("head", {}), hidden, batch, ctx)
+
+
+def loss_fn(trainable: dict, frozen: dict, batch: dict, *, entry: HeadEntry, run: RunConfig, **kw):
+    out = outputs(trainable, frozen, batch, entry=entry, run=run, **kw)
+    loss, metrics = entry.loss(out, batch, run)
+    return loss.astype(jnp.float32), metrics
+
+
+def train_step(state: TrainState, frozen: dict, batch: dict, *, optimizer: optax.GradientTransformation,
+               **kw) -> tuple[TrainState, dict]:
+    """batch arrays are [grad_accum, ...] (micro-batches)."""
+    grad_fn = jax.value_and_grad(lambda t, f, b: loss_fn(t, f, b, **kw), has_aux=True)
 
     def micro(acc, mb):
-        (loss, aux), grads = grad_fn(state.params, frozen, mb, config, run)
-        acc = jax.tree.map(jnp.add, acc, (grads, loss, aux))
-        return acc, None
+        (loss, aux), grads = grad_fn(state.params, frozen, mb)
+        return jax.tree.map(jnp.add, acc, (grads, loss, aux)), None
 
+    first = jax.tree.map(lambda x: x[0], batch)
+    aux_shape = jax.eval_shape(lambda: grad_fn(state.params, frozen, first)[0][1])
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-             {"accuracy": jnp.zeros(()), "margin": jnp.zeros(())})
-    n = batch["chosen_ids"].shape[0]
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
+    n = jax.tree.leaves(batch)[0].shape[0]
     (grads, loss, aux), _ = jax.lax.scan(micro, zeros, batch)
     grads, loss, aux = jax.tree.map(lambda x: x / n, (grads, loss, aux))
     grad_norm = optax.global_norm(grads)
@@ -100,12 +129,6 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, config: ModelCon
     return new_state, metrics
 
 
-def init_head(rng: jax.Array, hidden_size: int) -> dict:
-    """A fresh scalar head's params (plain arrays)."""
-    from flax import linen as nn
-    return nn.unbox(ScalarHead().init(rng, jnp.zeros((1, hidden_size), jnp.float32))["params"])
-
-
 def init_state(trainable: dict, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=optimizer.init(trainable),
                       skipped=jnp.zeros((), jnp.int32))
@@ -113,7 +136,7 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation) -> Trai
 
 def create_state(trainable: dict, optimizer: optax.GradientTransformation, mesh) -> TrainState:
     """The initial state with optimizer moments sharded exactly like their params (counters replicated)."""
-    replicated = NamedSharding(mesh, P())
+    replicated = shd.replicated(mesh)
     param_sh = shardings_of(trainable)
     abstract = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
     opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract.opt_state, param_sh,
@@ -122,37 +145,32 @@ def create_state(trainable: dict, optimizer: optax.GradientTransformation, mesh)
     return jax.jit(lambda t: init_state(t, optimizer), out_shardings=out_sh)(trainable)
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    """[grad_accum, batch, T]: the batch axis over data and fsdp."""
-    return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+def batch_shardings(mesh, keys: tuple[str, ...], accumulated: bool = True) -> dict:
+    """Every batch array split over the data-parallel devices along its rows (after the
+    micro-batch axis when ``accumulated``)."""
+    return {k: shd.batch_sharding(mesh, None, batch_axis=1 if accumulated else 0) for k in keys}
 
 
 def shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def make_train_step(state: TrainState, frozen: dict, mesh, *, config: ModelConfig, run: RunConfig,
-                    optimizer: optax.GradientTransformation) -> Callable:
+def make_train_step(state: TrainState, frozen: dict, mesh, keys: tuple[str, ...], *, config: ModelConfig,
+                    run: RunConfig, optimizer: optax.GradientTransformation, entry: HeadEntry,
+                    statics: dict | None = None) -> Callable:
     """Jit ``train_step`` once: state in/out keep their shardings, the state buffer is donated."""
-    state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
-    batch_sh = {k: batch_sharding(mesh) for k in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")}
-    replicated = NamedSharding(mesh, P())
-    fn = lambda s, f, b: train_step(s, f, b, config=config, run=run, optimizer=optimizer)  # noqa: E731
-    return jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
-                   donate_argnums=(0,))
+    kw = dict(config=config, run=run, entry=entry, statics=statics or {})
+    fn = lambda s, f, b: train_step(s, f, b, optimizer=optimizer, **kw)  # noqa: E731
+    state_sh = shardings_of(state)
+    return jax.jit(fn, in_shardings=(state_sh, shardings_of(frozen), batch_shardings(mesh, keys)),
+                   out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(trainable: dict, frozen: dict, mesh, *, config: ModelConfig, run: RunConfig) -> Callable:
-    """Rewards of chosen and rejected ([b], [b]) for a batch of [b, T] arrays."""
-    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
-    replicated = NamedSharding(mesh, P())
-
-    def fn(trainable, frozen, batch):
-        full = tparams.merge(trainable, frozen)
-        scale = run.train.lora_alpha / max(run.train.lora_rank, 1)
-        return (rewards(full, config, batch["chosen_ids"], batch["chosen_mask"], scale),
-                rewards(full, config, batch["rejected_ids"], batch["rejected_mask"], scale))
-
-    batch_sh = {k: rows for k in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")}
-    return jax.jit(fn, in_shardings=(shardings_of(trainable), shardings_of(frozen), batch_sh),
-                   out_shardings=(replicated, replicated))
+def make_eval_step(trainable: dict, frozen: dict, mesh, keys: tuple[str, ...], *, config: ModelConfig,
+                   run: RunConfig, entry: HeadEntry, statics: dict | None = None) -> Callable:
+    """Per-slot head outputs (replicated) for one batch of [R, ...] arrays."""
+    kw = dict(config=config, run=run, entry=entry, statics=statics or {})
+    fn = lambda t, f, b: outputs(t, f, b, **kw)  # noqa: E731
+    return jax.jit(fn, in_shardings=(shardings_of(trainable), shardings_of(frozen),
+                                     batch_shardings(mesh, keys, accumulated=False)),
+                   out_shardings=shd.replicated(mesh))

@@ -1,0 +1,223 @@
+"""Where records come from: files, ``datasets`` directories and the bundled sets, each row with its place.
+
+    ``*.jsonl`` / ``*.jsonl.gz``  one JSON object per line (places are ``file:line``, 1-based)
+    ``*.parquet``                 one record per row (places are ``file row N``, 0-based)
+    a directory                   saved with ``datasets.Dataset.save_to_disk``; a ``DatasetDict``
+                                  needs ``split`` (places are ``dir row N`` / ``dir[split] row N``)
+    ``hh-rlhf`` / ``hh-rlhf:SUBSET[,SUBSET]``  the bundled HH-RLHF test pairs; SUBSET is a subset
+                                  (``helpful-base``, ...) or a source (``helpful``, ``harmless``, ``both``)
+    ``llmbar`` / ``llmbar:SUBSET[,SUBSET]``    the bundled LLMBar pairs (``Natural``, ``Adversarial_Neighbor``, ...)
+
+Every row of a bundled set carries its subset (field ``subset``). ``input_fingerprint`` hashes the
+bytes an input reads, so a resumed job can check it reads the same data.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rmjax.data.preferences import HH_SOURCES, HH_SUBSETS, LLMBAR_SUBSETS, bundled_path
+from rmjax.errors import DataError
+
+HH_ALIAS = "hh-rlhf"
+LLMBAR_ALIAS = "llmbar"
+Row = tuple[str, str, "dict | DataError"]  # (place, default id, record or the error for that place)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    """(line number, record or the error for that line); gzip by suffix; non-UTF-8 is an error."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, DataError(f"{where}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(record, dict):
+                yield lineno, DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                continue
+            yield lineno, record
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".parquet"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    stem = _stem(path)
+    try:
+        for lineno, rec in read_jsonl(path):
+            if isinstance(rec, DataError):
+                rec = DataError(f"{rec}; fix or delete that line")
+            yield f"{path}:{lineno}", f"{stem}:{lineno}", rec
+    except (OSError, EOFError) as e:  # a truncated or non-gzip .gz file
+        raise DataError(f"{path}: cannot be read ({e}); check that the file is complete") from e
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stem = _stem(path)
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        row = 0
+        for batch in batches:
+            for rec in batch.to_pylist():
+                yield f"{path} row {row}", f"{stem}:{row}", rec
+                row += 1
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e}); rewrite it, e.g. with pandas.to_parquet") from e
+
+
+def _datasets_rows(path: Path, split: str | None) -> Iterator[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{path}: not a datasets directory ({e}); save it with Dataset.save_to_disk") from e
+    place = str(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None or split not in ds:
+            got = "no split was given" if split is None else f"split {split!r} is not there"
+            raise DataError(f"{path}: a DatasetDict with splits {sorted(ds)} and {got}; choose one with --split")
+        ds, place = ds[split], f"{path}[{split}]"
+    elif split is not None:
+        raise DataError(f"{path}: a single Dataset has no splits, but split {split!r} was given; drop --split")
+    row = 0
+    for batch in ds.iter(batch_size=1024):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            yield f"{place} row {row}", f"{path.name}:{row}", dict(zip(columns, values))
+            row += 1
+
+
+def _alias_names(spec: str, known: tuple[str, ...], groups: dict[str, tuple[str, ...]], what: str) -> list[str]:
+    names = spec.partition(":")[2]
+    subsets: list[str] = []
+    for name in (n.strip() for n in names.split(",")) if names else list(groups.get("all", known)):
+        if name in groups:
+            subsets += groups[name]
+        elif name in known:
+            subsets.append(name)
+        else:
+            extra = f" or a source {list(groups)}" if groups else ""
+            raise DataError(f"{spec}: unknown {what} subset {name!r}; use one of {list(known)}{extra}")
+    return list(dict.fromkeys(subsets))
+
+
+def bundled_files(spec: str) -> list[tuple[str, Path]]:
+    """``hh-rlhf[:SUBSETS]`` or ``llmbar[:SUBSETS]`` -> [(subset, bundled file)]."""
+    if spec.partition(":")[0] == LLMBAR_ALIAS:
+        root = bundled_path("llmbar")
+        return [(s, root / f"LLMBar_{s}.json") for s in _alias_names(spec, LLMBAR_SUBSETS, {}, "LLMBar")]
+    root = bundled_path("hh_rlhf")
+    subsets = _alias_names(spec, HH_SUBSETS, {**HH_SOURCES, "all": HH_SOURCES["both"]}, "HH-RLHF")
+    return [(s, root / f"{s}_test.jsonl.gz") for s in subsets]
+
+
+def is_bundled(path: str | Path) -> bool:
+    text = str(path)
+    return (any(text == a or text.startswith(a + ":") for a in (HH_ALIAS, LLMBAR_ALIAS))
+            and not Path(text).exists())
+
+
+def _llmbar_rows(subset: str, path: Path) -> Iterator[Row]:
+    """LLMBar items as pairs: ``label`` 1 or 2 names the preferred of ``output_1`` / ``output_2``."""
+    for i, rec in enumerate(json.loads(path.read_text("utf-8"))):
+        where = f"{path} item {i}"
+        if not isinstance(rec, dict) or rec.get("label") not in (1, 2):
+            yield where, f"{subset}:{i}", DataError(f"{where}: field 'label' must be 1 or 2")
+            continue
+        good, bad = ("output_1", "output_2") if rec["label"] == 1 else ("output_2", "output_1")
+        yield where, f"{subset}:{i}", {"prompt": rec.get("input"), "chosen": rec.get(good),
+                                       "rejected": rec.get(bad), "subset": subset}
+
+
+def _bundled_rows(spec: str) -> Iterator[Row]:
+    for subset, file in bundled_files(spec):
+        if file.suffix == ".json":
+            yield from _llmbar_rows(subset, file)
+            continue
+        for where, default_id, rec in _jsonl_rows(file):
+            if isinstance(rec, dict):
+                rec = {**rec, "subset": subset}
+            yield where, f"{subset}:{default_id.rpartition(':')[2]}", rec
+
+
+def rows(path: str | Path, split: str | None) -> Iterator[Row]:
+    """(place, default id, record or error) of every row of ``path``, in input order."""
+    if is_bundled(path):
+        if split is not None:
+            raise DataError(f"{path}: the bundled data has one split; drop --split")
+        yield from _bundled_rows(str(path))
+        return
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory; give a .jsonl, .jsonl.gz or .parquet file, "
+                        f"a datasets directory, {HH_ALIAS}[:SUBSET] or {LLMBAR_ALIAS}[:SUBSET]")
+    if path.is_dir():
+        yield from _datasets_rows(path, split)
+        return
+    if split is not None:
+        raise DataError(f"{path}: --split applies only to a datasets directory; drop it")
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        yield from _jsonl_rows(path)
+    elif path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+    else:
+        raise DataError(f"{path}: unknown input format; use .jsonl, .jsonl.gz, .parquet, a datasets directory "
+                        f"(save_to_disk), {HH_ALIAS}[:SUBSET] or {LLMBAR_ALIAS}[:SUBSET]")
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def _hash_file(digest: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(io.DEFAULT_BUFFER_SIZE * 64):
+            digest.update(chunk)
+
+
+def input_fingerprint(path: str | Path) -> str:
+    """sha256 hex digest of the input's bytes, to check that a resumed run reads the same data.
+
+    A file: its bytes (equal to ``sha256sum``). A datasets directory: the relative names and bytes
+    of its ``*.arrow``, ``state.json`` and ``dataset_dict.json`` files. ``hh-rlhf[:SUBSET]``: the
+    names and bytes of the bundled files it reads (``llmbar`` alike).
+    """
+    digest = hashlib.sha256()
+    if is_bundled(path):
+        files = [(f"{file.parent.name}/{file.name}", file) for _, file in bundled_files(str(path))]
+    else:
+        path = Path(path)
+        if path.is_file():
+            _hash_file(digest, path)
+            return digest.hexdigest()
+        if not path.is_dir():
+            raise DataError(f"{path}: no such file or directory; cannot fingerprint the input")
+        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file() and (
+            p.suffix == ".arrow" or p.name in ("state.json", "dataset_dict.json")))
+        if not files:
+            raise DataError(f"{path}: no .arrow or state.json files; is it a directory saved with save_to_disk?")
+    for name, file in files:
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        _hash_file(digest, file)
+    return digest.hexdigest()

@@ -1,0 +1,104 @@
+"""The one scoring computation that every path shares (KV-cache batches, packed trees, the vocabulary
+scan, training and evaluation):
+
+    sequence_stats(token_lp, valid[, slot])   per-token log-probs -> per-sequence sum / mean / count
+    rm_score(hidden, index, head)             a linear reward head at given positions, in fp32
+    model_fn(stats, config, ...)              one jitted function per (layout, model, options), cached
+    pair_fn(stats, config_a, config_b, ...)   policy and reference in ONE jitted function (the pair combinator)
+    implicit_rewards(policy, reference, ...)  beta * (log pi - log pi_ref) per response
+    pairwise_wins / best_of_n_scores          accuracy per example: ties 0.5; RewardBench 2's best-of-N rule
+
+A *stats function* ``stats(params, config, batch, head, with_tokens, token_chunk) -> dict`` runs a
+model over one batch layout (``rmjax.scoring.engine``: prompt KV cache; ``rmjax.scoring.packing``:
+packed prompt trees) and returns per-sequence arrays.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmjax.scoring.logprobs import implicit_reward
+
+
+def sequence_stats(token_lp: jax.Array, valid: jax.Array, slot: jax.Array | None = None,
+                   num_slots: int | None = None) -> dict[str, jax.Array]:
+    """{'sum', 'mean', 'count'} of per-token log-probs over ``valid`` tokens: per row of [N, T]
+    arrays, or with ``slot`` [R, T] (each token's sequence within its row) per slot, [R, num_slots]."""
+    valid = valid > 0
+    lp = jnp.where(valid, token_lp.astype(jnp.float32), 0.0)
+    if slot is None:
+        total, count = jnp.sum(lp, axis=-1), jnp.sum(valid, axis=-1).astype(jnp.float32)
+    else:
+        rows = lp.shape[0]
+        flat = (jnp.arange(rows, dtype=jnp.int32)[:, None] * num_slots + slot).reshape(-1)
+        total = jax.ops.segment_sum(lp.reshape(-1), flat, num_segments=rows * num_slots).reshape(rows, num_slots)
+        count = jax.ops.segment_sum(valid.reshape(-1).astype(jnp.float32), flat,
+                                    num_segments=rows * num_slots).reshape(rows, num_slots)
+    return {"sum": total, "mean": total / jnp.maximum(count, 1.0), "count": count}
+
+
+def gather_positions(hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """hidden [B, T, D] at positions ``index`` [B] -> [B, D], or [B, S] -> [B, S, D] (row-local)."""
+    idx = index if index.ndim == 2 else index[:, None]
+    out = jnp.take_along_axis(hidden, idx[..., None].astype(jnp.int32), axis=1, mode="clip")
+    return out if index.ndim == 2 else out[:, 0]
+
+
+def rm_score(hidden: jax.Array, index: jax.Array, head: jax.Array) -> jax.Array:
+    """A linear reward head (``head`` [D] or [D, K]) on the hidden states at ``index`` ([B] or
+    [B, S] positions), in fp32: [B] / [B, S] (with a trailing K for [D, K])."""
+    return gather_positions(hidden, index).astype(jnp.float32) @ jnp.asarray(head).astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def model_fn(stats: Callable, config, *, with_tokens: bool = False, with_rm_head: bool = False,
+             token_chunk: int = 1024) -> Callable:
+    """jit'd (params, head [D] or None, batch) -> per-sequence stats; built once per arguments."""
+
+    def fn(params, head, batch):
+        return stats(params, config, batch, head if with_rm_head else None, with_tokens, token_chunk)
+
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def pair_fn(stats: Callable, config_a, config_b, *, with_tokens: bool = False, token_chunk: int = 1024) -> Callable:
+    """Policy and reference (one tokenizer) in ONE jitted function over the same batch."""
+
+    def fn(params_a, params_b, batch):
+        return {"policy": stats(params_a, config_a, batch, None, with_tokens, token_chunk),
+                "reference": stats(params_b, config_b, batch, None, with_tokens, token_chunk)}
+
+    return jax.jit(fn)
+
+
+def implicit_rewards(policy: dict, reference: dict | None, beta: float, reduction: str = "sum") -> np.ndarray:
+    """Per response: beta * (log pi - log pi_ref), or beta * log pi without a reference; ``reduction``
+    picks the sequence log-prob (sum, or mean = length-normalised)."""
+    ref = None if reference is None else np.asarray(reference[reduction])
+    return np.asarray(implicit_reward(np.asarray(policy[reduction]), ref, beta))
+
+
+def pairwise_wins(margins):
+    """1 where chosen beats rejected (margin > 0), 0.5 on a tie, 0 otherwise (numpy or jax)."""
+    xp = jnp if isinstance(margins, jax.Array) else np
+    return xp.where(margins > 0, 1.0, xp.where(margins == 0, 0.5, 0.0))
+
+
+def pairwise_accuracy(margins) -> float:
+    margins = np.asarray(margins, np.float64)
+    return float(pairwise_wins(margins).mean()) if len(margins) else float("nan")
+
+
+def best_of_n_scores(scores: np.ndarray) -> np.ndarray:
+    """RewardBench 2's rule per example, scores [N, R] with the chosen response in column 0:
+    1 / (number of responses tied at the maximum) when the chosen one is a maximum, else 0. With
+    R = 2 this is pairwise accuracy with ties 0.5."""
+    scores = np.asarray(scores, np.float64)
+    top = scores.max(axis=1, keepdims=True)
+    at_max = scores == top
+    return np.where(at_max[:, 0], 1.0 / at_max.sum(axis=1), 0.0)

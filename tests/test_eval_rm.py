@@ -1,0 +1,201 @@
+"""`rmjax eval-rm` on any data: rewards do not depend on batch size, padding side or packing; pooling
+reads the mask (pad id == eos id); RewardBench 2's best-of-N rule; per-subset intervals and
+category roll-ups; implicit rewards; bad inputs."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_models import save_tiny_checkpoint
+from rmjax.cli import main
+from rmjax.data.chat import render
+from rmjax.data.records import read_records
+from rmjax.errors import DataError
+from rmjax.models.loading import load_model
+from rmjax.scoring.compute import best_of_n_scores
+from rmjax.train import evaluate as tevaluate
+from rmjax.train.rm_eval import Evaluator, evaluate_rm
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval_models")
+    save_tiny_checkpoint(base / "rm", "llama_gqa_tied", head="seqcls", seed=2)
+    save_tiny_checkpoint(base / "policy", "llama_gqa_tied", seed=0)
+    save_tiny_checkpoint(base / "reference", "llama_gqa_tied", seed=1)
+    return base
+
+
+def pair_rows(n=9):
+    return [{"id": f"ex{i}", "prompt": f"Question {i}: what is {'very ' * (i % 5)}good?",
+             "chosen": f"Kindness {'and care ' * (i % 3)}{i}.", "rejected": "Power" + "!" * i,
+             "subset": "odd" if i % 2 else "even"} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval_data") / "pairs.jsonl"
+    rows = pair_rows() + [{"id": "bon", "prompt": "Pick one.", "chosen": "This one.",
+                           "rejected": ["That", "None at all", "Both of them!"], "subset": "even"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+_HF = {}
+
+
+def hf_model(path, kind):
+    """transformers on torch, the golden reference (one unpadded sequence at a time)."""
+    import transformers
+    if path not in _HF:
+        cls = transformers.AutoModelForSequenceClassification if kind == "rm" else transformers.AutoModelForCausalLM
+        _HF[path] = cls.from_pretrained(path, dtype=torch.float32).eval()
+    return _HF[path]
+
+
+def naive_reward(path, ids):
+    with torch.no_grad():
+        return hf_model(str(path), "rm")(input_ids=torch.tensor([list(ids)])).logits[0, 0].item()
+
+
+def naive_logprobs(path, prompt, response):
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        lp = torch.log_softmax(hf_model(str(path), "lm")(input_ids=ids).logits[0].double(), -1)
+    pos = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return lp[pos, torch.tensor(list(response))].numpy()
+
+
+def test_rewards_do_not_depend_on_batch_size_padding_side_or_packing(models, data):
+    ev = Evaluator.load(str(models / "rm"), max_length=128)
+    ex = ev.examples(read_records(data))
+    ref = None
+    for packed, side, batch in [(True, "right", 3), (False, "right", 1), (False, "right", 3), (False, "right", 8),
+                                (False, "left", 1), (False, "left", 3), (False, "left", 8)]:
+        outs = ev.outputs(ex.examples, batch_size=batch, packed=packed, padding_side=side)
+        rewards = np.concatenate([o["reward"] for o in outs])
+        if ref is None:
+            ref = rewards
+        np.testing.assert_allclose(rewards, ref, rtol=1e-5, atol=1e-5, err_msg=f"{packed} {side} {batch}")
+    assert ref.std() > 0
+    # ...and they are the rewards of the full sequences, as transformers computes them
+    e = ex.examples[0]
+    for j, resp in enumerate(e.tree.responses):
+        assert ref[j] == pytest.approx(naive_reward(models / "rm", list(e.tree.prompt) + list(resp)), abs=1e-4)
+
+
+def test_pooling_reads_the_mask_when_pad_id_is_eos(models, data):
+    ev = Evaluator.load(str(models / "rm"), max_length=128)
+    ex = ev.examples(read_records(data)).examples[:4]
+    eos = ev.loaded.tokenizer.eos_id
+    assert all(e.tree.responses[0][-2] == eos for e in ex)  # ChatML: every reply ends <|im_end|> \n
+    import dataclasses
+    from rmjax.data.batching import Encoded
+    # replies that end in eos itself, padded with eos: "first pad - 1" pooling would miss the last token
+    ex = [dataclasses.replace(e, tree=Encoded(e.tree.prompt, tuple(r[:-1] for r in e.tree.responses))) for e in ex]
+    ev.loaded = dataclasses.replace(ev.loaded, tokenizer=_PadIsEos(ev.loaded.tokenizer))
+    outs = ev.outputs(ex, batch_size=4, packed=False, padding_side="right")
+    for e, o in zip(ex, outs):
+        for j, resp in enumerate(e.tree.responses):
+            ids = list(e.tree.prompt) + list(resp)
+            want = naive_reward(models / "rm", ids)
+            assert o["reward"][j] == pytest.approx(want, abs=1e-4)
+            wrong = naive_reward(models / "rm", ids[:ids.index(eos)])  # "first pad - 1" pooling
+            assert abs(wrong - want) > 1e-3  # the test can tell the two apart
+
+
+class _PadIsEos:
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    @property
+    def pad_id(self):
+        return self._tok.eos_id
+
+
+def test_best_of_n_rule_and_report(models, data, tmp_path):
+    assert list(best_of_n_scores([[3, 1, 2], [3, 3, 1], [1, 3, 2], [2, 2, 2]])) == [1, 0.5, 0, 1 / 3]
+    assert list(best_of_n_scores([[1, 0], [0, 0], [0, 1]])) == [1, 0.5, 0]  # two responses: ties 0.5
+    report = evaluate_rm(str(models / "rm"), data=(str(data),), max_length=128, batch_size=4)
+    assert report["examples"] == 10 and report["kinds"] == {"best_of_n": 1, "pair": 9}
+    rm = load_model(str(models / "rm"))
+    scores, subsets = [], []
+    for rec in read_records(data):
+        rewards = []
+        for resp in rec.responses:
+            p, r = render(rm.tokenizer, rec.prompt_messages, resp)
+            rewards.append(naive_reward(models / "rm", p + r))
+        scores.append(best_of_n_scores([rewards])[0])
+        subsets.append(rec.subset)
+    scores = np.array(scores)
+    assert report["accuracy"] == pytest.approx(scores.mean())
+    odd = scores[np.array(subsets) == "odd"]
+    assert report["subsets"]["odd"]["accuracy"] == pytest.approx(odd.mean())
+    assert report["subsets"]["odd"]["examples"] == len(odd) == 4
+    lo, hi = report["subsets"]["odd"]["ci95"]
+    assert lo <= odd.mean() <= hi
+
+
+def test_wilson_interval_and_category_rollup():
+    assert tevaluate.wilson(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert tevaluate.wilson(1.0, 10)[1] == 1.0 and tevaluate.wilson(1.0, 10)[0] == pytest.approx(0.7225, abs=1e-4)
+    scores = [1, 0, 1, 1, 0.5, 0]
+    subsets = ["a", "a", "b", "b", "c", "c"]
+    report = tevaluate.accuracy_report(scores, subsets, {"chat": ["a", "b"], "hard": ["c"]})
+    assert report["categories"]["chat"]["accuracy"] == pytest.approx(0.75)  # 4 examples, weighted by count
+    assert report["categories"]["hard"]["accuracy"] == pytest.approx(0.25)
+    assert report["accuracy"] == pytest.approx(3.5 / 6)
+    with pytest.raises(DataError, match=r"names subsets \['d'\] that the data does not have"):
+        tevaluate.accuracy_report(scores, subsets, {"x": ["a", "d"]})
+    text = tevaluate.markdown({**report, "model": "m"})
+    assert "| a | 0.500 |" in text and "| chat | 0.750 |" in text
+
+
+def test_implicit_reward_eval_and_cli(models, data, tmp_path, capsys):
+    report = evaluate_rm(policy=str(models / "policy"), reference=str(models / "reference"), data=(str(data),),
+                         beta=0.5, max_length=128)
+    free = evaluate_rm(policy=str(models / "policy"), data=(str(data),), reduction="mean", max_length=128)
+    tok = load_model(str(models / "policy")).tokenizer
+    want, want_free = [], []
+    for rec in read_records(data):
+        r, f = [], []
+        for resp in rec.responses:
+            p, q = render(tok, rec.prompt_messages, resp)
+            lp, lr = naive_logprobs(models / "policy", p, q), naive_logprobs(models / "reference", p, q)
+            r.append(0.5 * (lp.sum() - lr.sum()))
+            f.append(lp.mean())
+        want.append(best_of_n_scores([r])[0])
+        want_free.append(best_of_n_scores([f])[0])
+    assert report["accuracy"] == pytest.approx(np.mean(want))
+    assert free["accuracy"] == pytest.approx(np.mean(want_free))
+    assert report["implicit_reward"] == {"beta": 0.5, "reduction": "sum"}
+
+    mapping = tmp_path / "categories.yaml"
+    mapping.write_text("parity: [odd, even]\n")
+    out = tmp_path / "report.json"
+    assert main(["eval-rm", "--model", str(models / "rm"), "--data", str(data), "--max-length", "128",
+                 "--categories", str(mapping), "--pack-length", "0", "--padding-side", "left",
+                 "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["categories"]["parity"]["examples"] == 10
+    assert "| parity |" in out.with_suffix(".md").read_text() and "| parity |" in capsys.readouterr().out
+
+
+def test_bad_eval_inputs(models, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text(json.dumps({**pair_rows(1)[0], "subset": "s"}) + "\n")
+    (mixed / "b.jsonl").write_text(json.dumps({k: v for k, v in pair_rows(2)[1].items() if k != "subset"}) + "\n")
+    with pytest.raises(DataError, match=r"b.jsonl:1: this record has no subset but 1 other"):
+        evaluate_rm(str(models / "rm"), data=(str(mixed / "a.jsonl"), str(mixed / "b.jsonl")), max_length=128)
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}) + "\n"
+                    + json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"}) + "\n")
+    report = evaluate_rm(str(models / "rm"), data=(str(same),), max_length=128)
+    assert report["examples"] == 1 and "identical" in report["dropped"][0]  # counted, not silent
+    assert not math.isnan(report["accuracy"])

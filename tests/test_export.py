@@ -1,0 +1,120 @@
+"""Exports load back: every head in transformers and/or rmjax with the same outputs; LoRA adapters in
+PEFT's layout load in `peft` on the HF model, in rmjax as BASE+ADAPTER or as an adapter dir, and merge."""
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from hf_models import save_tiny_checkpoint
+from rmjax.cli import main
+from rmjax.models import forward
+from rmjax.models.loading import load_model
+from rmjax.train import heads as theads
+from rmjax.train import loop as tloop
+from rmjax.train import params as tparams
+from rmjax.train.config import load_config
+from rmjax.train.export import export_run, load_head
+
+IDS = np.array([[5, 17, 99, 230, 7, 42, 3]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export_base")
+    save_tiny_checkpoint(d)
+    return d
+
+
+def trained(base, tmp_path, *overrides, objectives=()):
+    """A run's params as if trained (random head, LoRA away from zero), exported to tmp_path/final."""
+    run = load_config(None, [f"model.name={base}", f"run_dir={tmp_path}", "train.lora_rank=4", *overrides])
+    loaded = load_model(str(base))
+    entry = theads.entry(run)
+    d = loaded.config.hidden_size
+    rng = np.random.default_rng(0)
+    extra = {"num_objectives": len(objectives), "score_head": None,
+             "regression": rng.normal(0, 0.3, (d, 3)).astype(np.float32)}
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "tensor", "sequence"))
+    full = tloop.model_params(run, loaded, entry, mesh, extra)
+    full["head"] = jax.tree.map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(np.float32), full["head"])
+    if "lora" in full:
+        full["lora"] = jax.tree.map(lambda x: x + rng.normal(0, 0.05, x.shape).astype(np.float32), full["lora"])
+    statics = {"objectives": tuple(objectives)}
+    out = export_run(full, loaded, run, tmp_path / "final", statics)
+    backbone = tparams.apply_lora(full["backbone"], full["lora"], 16 / 4) if "lora" in full else full["backbone"]
+    hidden = np.asarray(forward(backbone, loaded.config, IDS).hidden)[0, -1]
+    return out, full, hidden, loaded
+
+
+def hf(path, cls="AutoModelForSequenceClassification", **kw):
+    import transformers
+    return getattr(transformers, cls).from_pretrained(path, dtype=torch.float32, **kw).eval()
+
+
+def test_lora_scalar_rm_in_peft_layout_loads_everywhere(base, tmp_path):
+    from peft import PeftModel
+
+    final, full, hidden, _ = trained(base, tmp_path, "train.trainable=lora")
+    want = float(hidden @ np.asarray(full["head"]["score"]["kernel"])[:, 0])
+    ids = torch.tensor(IDS, dtype=torch.long)
+    with torch.no_grad():
+        merged_hf = hf(final)(input_ids=ids).logits[0, 0].item()
+        base_hf = hf(base, num_labels=1)  # the base LM as a 1-label classifier; the adapter brings the score head
+        peft_model = PeftModel.from_pretrained(base_hf, final / "adapter").eval()
+        peft_reward = peft_model(input_ids=ids).logits[0, 0].item()
+    assert merged_hf == pytest.approx(want, abs=1e-4)
+    assert peft_reward == pytest.approx(want, abs=1e-4)
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == str(base)
+
+    def rmjax_reward(name):
+        m = load_model(name)
+        return float(np.asarray(forward(m.params, m.config, IDS).hidden)[0, -1] @ m.score_head[:, 0])
+
+    assert rmjax_reward(f"{base}+{final / 'adapter'}") == pytest.approx(want, abs=1e-4)
+    assert rmjax_reward(str(final / "adapter")) == pytest.approx(want, abs=1e-4)  # the adapter names its base
+    assert main(["merge-adapter", "--model", str(final / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        assert hf(tmp_path / "merged")(input_ids=ids).logits[0, 0].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_multi_objective_and_armorm_exports(base, tmp_path):
+    names = ("helpful", "honest", "brief")
+    final, full, hidden, loaded = trained(base, tmp_path / "mo", "head.kind=multi_objective", "loss.kind=mse",
+                                          "train.trainable=head", objectives=names)
+    want = hidden @ np.asarray(full["head"]["regression_layer"]["kernel"])
+    model = hf(final)
+    assert model.config.num_labels == 3 and model.config.id2label == {0: "helpful", 1: "honest", 2: "brief"}
+    with torch.no_grad():
+        np.testing.assert_allclose(model(input_ids=torch.tensor(IDS, dtype=torch.long)).logits[0].numpy(), want,
+                                   atol=1e-4)
+    kind, head, settings = load_head(final, load_model(str(final)))
+    assert kind == "multi_objective" and settings["objectives"] == list(names)
+
+    final, full, hidden, _ = trained(base, tmp_path / "armo", "head.kind=armorm", "train.trainable=head",
+                                     "head.gate_hidden=8", "head.gate_layers=1", objectives=names)
+    kind, head, settings = load_head(final, load_model(str(final)))
+    assert kind == "armorm" and settings["gate_hidden"] == 8
+    for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(jax.device_get(full["head"]))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert hf(final).config.num_labels == 3  # the regression is a K-label classifier for transformers
+
+
+@pytest.mark.parametrize("overrides", [["head.kind=judge", "loss.kind=ce", "head.judge_labels=[Yes, No]"],
+                                       ["head.kind=lm", "loss.kind=dpo", "loss.beta=0.3"]])
+def test_judge_and_dpo_policies_export_as_causal_lms(base, tmp_path, overrides):
+    final, full, hidden, loaded = trained(base, tmp_path, "train.trainable=lora", *overrides)
+    model = hf(final, "AutoModelForCausalLM")
+    emb = np.asarray(full["backbone"]["embedding"])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(IDS, dtype=torch.long)).logits[0, -1].numpy()
+    np.testing.assert_allclose(logits, hidden @ emb.T, atol=1e-4)
+    kind, _, settings = load_head(final, load_model(str(final)))
+    if kind == "judge":
+        assert settings["labels"] == ["Yes", "No"]
+    else:
+        assert kind == "lm" and settings["reference"] == str(base) and settings["beta"] == 0.3
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
