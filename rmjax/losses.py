@@ -106,8 +106,10 @@ def masked_mse(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None
 def pairwise_metrics(r_chosen: ArrayLike, r_rejected: ArrayLike,
                      weights: ArrayLike | None = None) -> dict[str, Array]:
     """``accuracy`` (chosen > rejected; ties count 0.5) and ``mean_margin`` (mean r_chosen - r_rejected)."""
+    from rmjax.scoring.compute import pairwise_wins
+
     gap = _reward_gap(r_chosen, r_rejected, None)
-    wins = jnp.where(gap > 0, 1.0, jnp.where(gap == 0, 0.5, 0.0)).astype(gap.dtype)
+    wins = pairwise_wins(gap).astype(gap.dtype)
     return {"accuracy": weighted_mean(wins, weights), "mean_margin": weighted_mean(gap, weights)}
 
 

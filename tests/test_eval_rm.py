@@ -199,3 +199,24 @@ def test_bad_eval_inputs(models, tmp_path):
     report = evaluate_rm(str(models / "rm"), data=(str(same),), max_length=128)
     assert report["examples"] == 1 and "identical" in report["dropped"][0]  # counted, not silent
     assert not math.isnan(report["accuracy"])
+
+
+def test_training_sets_hold_out_and_warn_about_eval_overlap(models, tmp_path):
+    from rmjax.train.config import load_config
+    from rmjax.train.examples import load_sets
+
+    tok = load_model(str(models / "rm")).tokenizer
+    rows = pair_rows(6)
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held.write_text("".join(json.dumps({**r, "id": f"e{i}"}) + "\n" for i, r in enumerate(rows[:2] + pair_rows(9)[8:])))
+    messages = []
+    run = load_config(None, [f"data.train={train}", f"data.eval={held}", "data.max_length=128"])
+    tr, ev = load_sets(run, tok, "pairs", messages.append)
+    assert len(tr) == 6 and len(ev) == 3
+    assert messages == [f"warning: 2 of 6 training examples also appear in the eval set ({held}); eval accuracy "
+                        "on them is not held-out"]
+    run = load_config(None, [f"data.train={train}", "data.holdout=2", "data.max_length=128"])
+    tr, ev = load_sets(run, tok, "pairs", messages.append)
+    assert len(tr) == 4 and len(ev) == 2 and not {e.record.id for e in tr.examples} & {e.record.id for e in ev.examples}
+    assert len(messages) == 1

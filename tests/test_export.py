@@ -15,9 +15,29 @@ from rmjax.train import heads as theads
 from rmjax.train import loop as tloop
 from rmjax.train import params as tparams
 from rmjax.train.config import load_config
+from rmjax.data.records import read_records
+from rmjax.train import batches as tbatches
+from rmjax.train import step as tstep
 from rmjax.train.export import export_run, load_head
+from rmjax.train.rm_eval import Evaluator, evaluate_rm
 
 IDS = np.array([[5, 17, 99, 230, 7, 42, 3]], np.int32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data(tmp_path_factory):
+    global DATA, RECORDS
+    DATA = tmp_path_factory.mktemp("export_data") / "pairs.jsonl"
+    DATA.write_text("".join(json.dumps({"prompt": f"Say something {w}.", "chosen": f"Something {w}.",
+                                        "rejected": "No."}) + "\n" for w in ("kind", "true")))
+    RECORDS = read_records(DATA)
+
+
+def _arrays(examples, ev):
+    entry = theads.entry(ev.run)
+    layout = tbatches.Layout(packed=True, trees=entry.trees, targets=entry.targets,
+                             pad_id=ev.loaded.tokenizer.pad_id, pack_length=2 * ev.run.data.max_length)
+    return tbatches.arrays(examples, layout, tbatches.shapes([examples], layout))
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +120,13 @@ def test_multi_objective_and_armorm_exports(base, tmp_path):
     for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(jax.device_get(full["head"]))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert hf(final).config.num_labels == 3  # the regression is a K-label classifier for transformers
+    ev = Evaluator.load(str(final), max_length=96)  # eval-rm rebuilds the gated score from the export
+    ex = ev.examples(RECORDS)
+    got = ev.outputs(ex.examples, batch_size=2)[0]["reward"]
+    kw = dict(config=loaded.config, run=ev.run, entry=theads.entry(ev.run), statics={})
+    arrays, slots = _arrays(ex.examples[:1], ev)
+    want = tstep.outputs({"head": full["head"]}, {"backbone": full["backbone"]}, arrays, **kw)["reward"]
+    np.testing.assert_allclose(got, np.asarray(want).reshape(-1)[slots[0]], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [["head.kind=judge", "loss.kind=ce", "head.judge_labels=[Yes, No]"],
@@ -112,6 +139,8 @@ def test_judge_and_dpo_policies_export_as_causal_lms(base, tmp_path, overrides):
         logits = model(input_ids=torch.tensor(IDS, dtype=torch.long)).logits[0, -1].numpy()
     np.testing.assert_allclose(logits, hidden @ emb.T, atol=1e-4)
     kind, _, settings = load_head(final, load_model(str(final)))
+    report = evaluate_rm(str(final), data=(str(DATA),), max_length=96)  # eval-rm takes the export as it is
+    assert report["head"] == kind and report["examples"] == 2 and 0 <= report["accuracy"] <= 1
     if kind == "judge":
         assert settings["labels"] == ["Yes", "No"]
     else:

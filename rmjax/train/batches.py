@@ -27,7 +27,8 @@ from rmjax.data import batching
 from rmjax.data.batching import BUCKETS, Encoded, bucket
 from rmjax.errors import DataError
 
-ROW_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# rows per batch (in multiples of the data-parallel devices): every count to 8, then ~1.25x steps
+ROW_LADDER = (*range(1, 9), 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MODEL_KEYS = {True: ("input_ids", "segment_ids", "branch_ids", "positions"), False: ("input_ids", "attention_mask")}
 LABEL_KEYS = {"pairs": ("pair_a", "pair_b", "pair_margin", "pair_weight"),
               "ratings": ("seq_targets", "seq_target_mask"), "judge": ("seq_label",)}
@@ -179,7 +180,8 @@ def step_arrays(examples: list, micro_batches: list[np.ndarray], layout: Layout,
 
 
 def tokens(examples: list, layout: Layout) -> dict[str, int]:
-    """Tokens one micro-batch computes: real (the trees, or the unpacked sequences) and padded."""
-    trees, rows, length = _rows(examples, layout)
-    real = sum(t.tree_length for t in trees.values())
-    return {"real": real, "padded": len(rows) * length}
+    """Tokens one micro-batch computes: real (the trees, or the unpacked sequences) and padded
+    (every position of its arrays, filler rows included)."""
+    trees, _, _ = _rows(examples, layout)
+    sizes = shapes([examples], layout)
+    return {"real": sum(t.tree_length for t in trees.values()), "padded": sizes["rows"] * sizes["length"]}

@@ -77,8 +77,11 @@ class Evaluator:
                     raise ConfigError(f"--reference {ref_name} has another tokenizer than the policy; the implicit "
                                       "reward compares log-probs of the same token ids")
                 frozen["reference"] = ref.params
+        template = settings.get("template", template)
         overrides = [f"head.kind={kind}", f"loss.kind={LOSS[kind]}", f"data.max_length={max_length}",
                      f"data.template={template}", f"loss.beta={beta}",
+                     *(f"head.{k}={settings[k]}" for k in ("gate_hidden", "gate_layers", "gate_temperature")
+                       if k in settings),
                      "train.trainable=lora" if kind == "lm" else "train.trainable=head",
                      f"head.judge_labels={json.dumps(settings.get('labels', ['A', 'B']))}"]
         if pack_length > 0:
