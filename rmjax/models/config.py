@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_BACKENDS = ("auto", "blockwise", "naive", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,11 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls/activations
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # Attention kernel (rmjax.models.attention): auto | blockwise | naive | cudnn | splash, and the
+    # blockwise kernel's query / key block sizes (upper bounds; blocks are evened out over T).
+    attention: str = "auto"
+    attention_block_q: int = 512
+    attention_block_k: int = 512
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -59,6 +65,10 @@ class ModelConfig:
                 f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention {self.attention!r} not in {ATTENTION_BACKENDS}")
+        if self.attention_block_q < 1 or self.attention_block_k < 1:
+            raise ValueError("attention block sizes must be positive")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ValueError(f"activation {self.activation!r} not in ('silu', 'gelu_tanh')")
 

@@ -21,10 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from rmjax.models import attention as attn
 from rmjax.models.config import ModelConfig
-
-# A finite "minus infinity": fully masked rows (padding queries) stay finite instead of NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 class KVCache(NamedTuple):
@@ -130,30 +128,21 @@ class Attention(nn.Module):
         sin = jnp.where(is_sliding, shared["sin_local"], shared["sin"])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
-        scale = (c.query_pre_attn_scalar or hd) ** -0.5
         b, t = q.shape[:2]
-        q = (q * scale).reshape(b, t, kvh, h // kvh, hd)  # GQA: group query heads per kv head
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        # A cached prefix: keys = [prefix; new]. A batch-1 cache is shared by every row (one prompt,
-        # many responses) through broadcasting, so it is never copied per response.
-        shared_prefix = cache_kv is not None and cache_kv[0].shape[0] == 1 and b > 1
-        if cache_kv is not None:
-            ck, cv = cache_kv[0].astype(dt), cache_kv[1].astype(dt)
-            spec = "btkgd,skd->bkgts" if shared_prefix else "btkgd,bskd->bkgts"
-            prefix_scores = jnp.einsum(spec, q, ck[0] if shared_prefix else ck, preferred_element_type=jnp.float32)
-            scores = jnp.concatenate([prefix_scores, scores], axis=-1)
-        if c.attn_logit_softcap:
-            scores = c.attn_logit_softcap * jnp.tanh(scores / c.attn_logit_softcap)
-        allowed = jnp.where(is_sliding, shared["mask_local"], shared["mask"])  # [B, T, S]
-        scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        q = q.reshape(b, t, kvh, h // kvh, hd)  # GQA: query heads grouped per kv head, K/V never repeated
+        spec = attn.AttentionSpec(scale=(c.query_pre_attn_scalar or hd) ** -0.5, causal=True,
+                                  softcap=c.attn_logit_softcap, backend=c.attention,
+                                  block_q=c.attention_block_q, block_k=c.attention_block_k)
+        window = jnp.where(is_sliding, c.sliding_window or 0, 0)
+        tokens = shared["tokens"]
         if cache_kv is None:
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        else:
-            n_prefix = ck.shape[1]
-            spec = "bkgts,skd->btkgd" if shared_prefix else "bkgts,bskd->btkgd"
-            out = (jnp.einsum(spec, probs[..., :n_prefix], cv[0] if shared_prefix else cv)
-                   + jnp.einsum("bkgts,bskd->btkgd", probs[..., n_prefix:], v))
+            out = attn.attend(q, k, v, tokens, tokens, spec, window, static_window=c.sliding_window)
+        else:  # keys = [cached prefix; new]: two attentions merged by their logsumexp (a batch-1
+            # cache serves every row by broadcasting, never copied per response)
+            ck, cv = cache_kv[0].astype(dt), cache_kv[1].astype(dt)
+            prefix = attn.attend_with_lse(q, ck, cv, tokens, shared["cache_tokens"],
+                                          dataclasses.replace(spec, causal=False), window)
+            out, _ = attn.merge(*prefix, *attn.attend_with_lse(q, k, v, tokens, tokens, spec, window))
         out = out.reshape(b, t, h, hd)
         wo = _param(self, "o_kernel", _dense_init, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
         return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), new_kv
@@ -262,11 +251,12 @@ class Decoder(nn.Module):
 
 
 def attention_inputs(c: ModelConfig, shape, attention_mask, positions, segment_ids, kv_cache, branch_ids=None):
-    """Masks, positions and RoPE tables shared by all layers (computed once, outside the scan).
+    """Token metadata, positions and RoPE tables shared by all layers (computed once, outside the scan).
 
     Positions come from the mask (left padding gives the first real token position 0) or, for
-    packed rows, restart at every segment. Causality uses the index, the sliding window uses
-    positions, so both left/right padding and a cached prefix of any padding are exact.
+    packed rows, restart at every segment. Who attends to whom is decided in ``attention.py`` from
+    per-token segment / position / branch ids (never a [T, S] mask): causality by index, the
+    sliding window by position, so left/right padding and a cached prefix of any padding are exact.
 
     ``branch_ids`` (with segment_ids and explicit positions) packs a prompt tree into one segment:
     branch 0 is the shared prompt, branch j > 0 a response that sees the prompt and itself only,
@@ -292,25 +282,8 @@ def attention_inputs(c: ModelConfig, shape, attention_mask, positions, segment_i
         else:
             positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0) + offset
     positions = positions.astype(jnp.int32)
-
-    q_idx = jnp.arange(t)
-    key_valid, key_pos, k_idx = valid, positions, q_idx
-    if kv_cache is not None:
-        s = kv_cache.mask.shape[1]
-        cache_mask = jnp.broadcast_to(kv_cache.mask.astype(bool), (b, s))  # a batch-1 cache serves every row
-        cache_pos = jnp.broadcast_to(kv_cache.positions.astype(jnp.int32), (b, s))
-        key_valid = jnp.concatenate([cache_mask, valid], axis=1)
-        key_pos = jnp.concatenate([cache_pos, positions], axis=1)
-        k_idx = jnp.arange(s + t)
-        q_idx = q_idx + s
-    mask = key_valid[:, None, :] & (k_idx[None, None, :] <= q_idx[None, :, None])
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    if branch_ids is not None:
-        mask = mask & ((branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None]))
-    mask_local = mask
-    if c.sliding_window:
-        mask_local = mask & (positions[:, :, None] - key_pos[:, None, :] < c.sliding_window)
+    segment = jnp.where(valid, 1 if segment_ids is None else segment_ids, 0).astype(jnp.int32)
+    tokens = attn.Tokens(segment, positions, None if branch_ids is None else branch_ids.astype(jnp.int32))
 
     inv = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
     cos, sin = rope_tables(positions, inv)
@@ -318,10 +291,15 @@ def attention_inputs(c: ModelConfig, shape, attention_mask, positions, segment_i
         cos_l, sin_l = rope_tables(positions, rope_inv_freq(c.head_dim, c.local_rope_theta, c.local_rope_scaling))
     else:
         cos_l, sin_l = cos, sin
-    shared = dict(mask=mask, mask_local=mask_local, cos=cos, sin=sin, cos_local=cos_l, sin_local=sin_l,
-                  key_mask=key_valid.astype(jnp.int32), key_positions=key_pos)
+    shared = dict(tokens=tokens, cos=cos, sin=sin, cos_local=cos_l, sin_local=sin_l,
+                  key_mask=valid.astype(jnp.int32), key_positions=positions)
     per_layer: dict = {"is_sliding": jnp.asarray(c.layer_is_sliding, dtype=bool)}
     if kv_cache is not None:
+        cache_mask = kv_cache.mask.astype(jnp.int32)
+        shared["cache_tokens"] = attn.Tokens(cache_mask, kv_cache.positions.astype(jnp.int32))
+        grow = lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:])  # noqa: E731
+        shared["key_mask"] = jnp.concatenate([grow(cache_mask), shared["key_mask"]], axis=1)
+        shared["key_positions"] = jnp.concatenate([grow(kv_cache.positions.astype(jnp.int32)), positions], axis=1)
         per_layer["cache_kv"] = (kv_cache.k, kv_cache.v)
     return shared, per_layer
 

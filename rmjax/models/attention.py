@@ -1,0 +1,440 @@
+"""Attention for every caller: the decoder, the prefix KV cache, packed prompt trees, the train step.
+
+    out = attend(q, k, v, q_tokens, k_tokens, spec, window)
+    out, lse = attend_with_lse(...)          # naive / blockwise: also the softmax log-normaliser
+
+q [B, T, Hkv, G, D]: query heads grouped under their KV head (GQA without repeating K/V).
+k, v [Bk, S, Hkv, D] with Bk = B, or 1 for a prefix cache shared by every row (never copied).
+out [B, T, Hkv, G, D] in q's dtype, lse [B, T, Hkv, G] in fp32. Two attentions over disjoint key
+sets merge exactly with ``merge`` (a cached prefix and the new tokens; ring attention's pieces).
+
+Who sees whom is decided from per-token metadata, never from a [T, S] mask argument:
+    ``Tokens.segment``  [B, T] int, 0 = not a token (padding). A query sees keys of its own segment.
+    ``Tokens.position`` [B, T] int: the sliding window keeps keys with q_pos - k_pos < window.
+    ``Tokens.branch``   [B, T] int or None: prompt trees. A key of branch 0 (the shared prompt) is seen
+                        by every query of its segment, a key of branch j > 0 only by queries of branch j.
+    ``spec.causal``     query index i sees key index j <= i (both index the same sequence); False when
+                        every key precedes every query (a cached prefix).
+``window`` is a traced int (<= 0: no window), so sliding and global layers share one scanned layer.
+A query that sees no key (padding) gets out = 0 and lse = ``EMPTY_LSE``: finite, never NaN.
+
+Backends (``spec.backend``):
+    naive      the reference: [B, Hkv, G, T, S] fp32 scores and an explicit mask (O(T*S) memory).
+    blockwise  flash attention in pure JAX: query blocks x key blocks with an online max/logsumexp in
+               fp32. Which blocks can hold a visible pair is decided from each block's ranges of
+               index, position, segment and branch (union over the batch's rows), and only those are
+               computed: blocks above the causal diagonal, outside a window, between different packed
+               segments or sibling branches, or made of padding are skipped, not masked. A custom VJP
+               recomputes each block from the saved logsumexp (no [T, S] residuals): O(T) memory in
+               training as well.
+    cudnn      ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU): causal attention over one
+               sequence per row with right padding, optional window, bf16/fp16, no soft-cap. Rows whose
+               padding is not on the right take the blockwise path at run time.
+    splash     the Pallas splash attention kernel (TPU) with segment ids: causal, packed segments,
+               optional window and soft-cap; no branches, no cached prefix.
+    auto       cudnn on GPU and splash on TPU where their constraints hold, blockwise otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmjax.models.config import ATTENTION_BACKENDS as BACKENDS
+EMPTY_LSE = -1e30  # lse of a query that sees no key: finite, and exp(EMPTY_LSE - x) == 0
+_BIG = np.iinfo(np.int32).max // 2
+
+
+class Tokens(NamedTuple):
+    segment: jax.Array  # [B, T] int32; 0 = padding
+    position: jax.Array  # [B, T] int32
+    branch: jax.Array | None = None  # [B, T] int32 (prompt trees) or None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    scale: float
+    causal: bool = True
+    softcap: float | None = None
+    backend: str = "auto"
+    block_q: int = 512
+    block_k: int = 512
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"attention backend {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.block_q < 1 or self.block_k < 1:
+            raise ValueError(f"attention block sizes must be positive, got {self.block_q} x {self.block_k}")
+
+
+def attend(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0, *,
+           static_window: int | None = None):
+    """Attention of q over k/v (shapes in the module docstring) -> out [B, T, Hkv, G, D].
+
+    ``static_window`` is the model's window when ``window`` is traced (it is either 0 or this value);
+    backends whose kernels need a static window (cudnn, splash) compile both and pick per layer."""
+    backend = resolve_backend(spec, q, k, q_tokens)
+    if backend in ("naive", "blockwise"):
+        return attend_with_lse(q, k, v, q_tokens, k_tokens, spec, window)[0]
+    fn = _cudnn if backend == "cudnn" else _splash
+    if not static_window:
+        return fn(q, k, v, q_tokens, k_tokens, spec, None)
+    return jax.lax.cond(jnp.asarray(window) > 0,
+                        lambda: fn(q, k, v, q_tokens, k_tokens, spec, static_window),
+                        lambda: fn(q, k, v, q_tokens, k_tokens, spec, None))
+
+
+def attend_with_lse(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0):
+    """(out, lse) from the naive or blockwise path (``auto`` = blockwise): what ``merge`` needs."""
+    if spec.backend == "naive":
+        return naive_attention(q, k, v, q_tokens, k_tokens, spec, window)
+    if spec.backend in ("cudnn", "splash"):
+        raise ValueError(f"attention backend {spec.backend!r} cannot attend over a cached prefix; "
+                         "use attention='auto' or 'blockwise' for KV-cache scoring")
+    return blockwise_attention(q, k, v, q_tokens, k_tokens, spec, window)
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets from the attention over each."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    wa, wb = jnp.exp(lse_a - lse)[..., None], jnp.exp(lse_b - lse)[..., None]
+    out = wa * out_a.astype(jnp.float32) + wb * out_b.astype(jnp.float32)
+    return out.astype(out_a.dtype), lse
+
+
+# ----------------------------------------------------------------------------- backend choice
+def unsupported_reason(backend: str, spec: AttentionSpec, q, k, q_tokens: Tokens) -> str | None:
+    """Why ``backend`` cannot run this call (None if it can)."""
+    platform = jax.devices()[0].platform
+    shared_prefix = k.shape[0] != q.shape[0]
+    if backend == "cudnn":
+        if platform != "gpu":
+            return f"cudnn attention needs an NVIDIA GPU (the default device is {platform})"
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"cudnn attention runs in bfloat16/float16, not {q.dtype} (set the model dtype to bfloat16)"
+        if spec.softcap:
+            return "cudnn attention has no logit soft-capping (Gemma 2)"
+        if q_tokens.branch is not None:
+            return "cudnn attention cannot express prompt-tree branches"
+        if not spec.causal or shared_prefix or q.shape[1] != k.shape[1]:
+            return "cudnn attention here covers causal self-attention, not a cached prefix"
+        return None
+    if backend == "splash":
+        if platform != "tpu":
+            return f"splash attention needs a TPU (the default device is {platform})"
+        if q_tokens.branch is not None:
+            return "splash attention cannot express prompt-tree branches"
+        if not spec.causal or shared_prefix or q.shape[1] != k.shape[1]:
+            return "splash attention here covers causal self-attention, not a cached prefix"
+        if q.shape[1] % 128:
+            return f"splash attention needs sequence lengths that are multiples of 128, got {q.shape[1]}"
+        return None
+    return None
+
+
+def resolve_backend(spec: AttentionSpec, q, k, q_tokens: Tokens) -> str:
+    """The backend that runs this call; a requested backend that cannot run it is an error."""
+    if spec.backend in ("naive", "blockwise"):
+        return spec.backend
+    if spec.backend in ("cudnn", "splash"):
+        reason = unsupported_reason(spec.backend, spec, q, k, q_tokens)
+        if reason:
+            raise ValueError(f"attention backend {spec.backend!r} cannot run here: {reason}; "
+                             "use attention='auto' (picks what can) or 'blockwise'")
+        return spec.backend
+    platform = jax.devices()[0].platform
+    preferred = {"gpu": "cudnn", "tpu": "splash"}.get(platform)
+    if preferred and unsupported_reason(preferred, spec, q, k, q_tokens) is None:
+        return preferred
+    return "blockwise"
+
+
+# ----------------------------------------------------------------------------- the visibility rule
+def _visible(qt: Tokens, kt: Tokens, q_idx, k_idx, causal: bool, window):
+    """Element mask [B, Tq, Tk] from token metadata (the one definition every path uses)."""
+    ok = (kt.segment[:, None, :] > 0) & (qt.segment[:, :, None] == kt.segment[:, None, :])
+    if causal:
+        ok = ok & (k_idx[None, None, :] <= q_idx[None, :, None])
+    if qt.branch is not None:
+        kb = kt.branch[:, None, :]
+        ok = ok & ((kb == 0) | (kb == qt.branch[:, :, None]))
+    w = jnp.asarray(window)
+    return ok & ((w <= 0) | (qt.position[:, :, None] - kt.position[:, None, :] < w))
+
+
+def _softcap(s, cap):
+    return s if not cap else cap * jnp.tanh(s / cap)
+
+
+def naive_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0):
+    """The reference: every score materialised, fully masked rows give zeros."""
+    b, t = q.shape[:2]
+    kt = _broadcast_tokens(k_tokens, b)
+    shared = k.shape[0] != b
+    ks, vs = (k[0], v[0]) if shared else (k, v)
+    s = jnp.einsum("bqhgd,shd->bhgqs" if shared else "bqhgd,bshd->bhgqs", q * jnp.asarray(spec.scale, q.dtype),
+                   ks, preferred_element_type=jnp.float32)
+    s = _softcap(s, spec.softcap)
+    mask = _visible(q_tokens, kt, jnp.arange(t), jnp.arange(k.shape[1]), spec.causal, window)[:, None, None]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1)
+    out = jnp.einsum("bhgqs,shd->bqhgd" if shared else "bhgqs,bshd->bqhgd",
+                     (p / jnp.where(l > 0, l, 1.0)[..., None]).astype(v.dtype), vs)
+    lse = jnp.where(l > 0, m[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), EMPTY_LSE)
+    return out.astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2))
+
+
+def _broadcast_tokens(t: Tokens, b: int) -> Tokens:
+    grow = lambda x: None if x is None else jnp.broadcast_to(x, (b,) + x.shape[1:])  # noqa: E731
+    return Tokens(grow(t.segment), grow(t.position), grow(t.branch))
+
+
+# ----------------------------------------------------------------------------- blockwise kernel
+class _Meta(NamedTuple):
+    """Per block: token metadata [n, B, blk] and the block's index range."""
+
+    segment: jax.Array
+    position: jax.Array
+    branch: jax.Array | None
+    index: jax.Array  # [n, blk] token index
+
+
+def _pad_to(x, n, axis, value=0):
+    extra = n - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _split_meta(t: Tokens, n: int, blk: int) -> _Meta:
+    def split(x):
+        x = _pad_to(x.astype(jnp.int32), n * blk, 1)
+        return jnp.moveaxis(x.reshape(x.shape[0], n, blk), 1, 0)
+
+    index = jnp.arange(n * blk, dtype=jnp.int32).reshape(n, blk)
+    return _Meta(split(t.segment), split(t.position), None if t.branch is None else split(t.branch), index)
+
+
+def _ranges(m: _Meta):
+    """Per block and row: any real token, and min/max of segment, position, branch, index over them."""
+    valid = m.segment > 0
+    lo = lambda x: jnp.min(jnp.where(valid, x, _BIG), axis=-1)  # noqa: E731
+    hi = lambda x: jnp.max(jnp.where(valid, x, -_BIG), axis=-1)  # noqa: E731
+    idx = jnp.broadcast_to(m.index[:, None, :], m.segment.shape)
+    out = dict(any=jnp.any(valid, axis=-1), seg_lo=lo(m.segment), seg_hi=hi(m.segment), pos_lo=lo(m.position),
+               pos_hi=hi(m.position), idx_lo=lo(idx), idx_hi=hi(idx))
+    if m.branch is not None:
+        out.update(br_lo=lo(m.branch), br_hi=hi(m.branch))
+    return out
+
+
+def block_visibility(qm: _Meta, km: _Meta, causal: bool, window) -> jax.Array:
+    """[nq, nk] bool: may query block i see any key of key block j, in any row of the batch?
+
+    Conservative (a True block may still be fully masked element-wise, the kernel masks it); a False
+    block certainly holds no visible pair and is never computed."""
+    a, c = _ranges(qm), _ranges(km)
+    qa = {n: x[:, None, :] for n, x in a.items()}  # [nq, 1, B]
+    ka = {n: x[None, :, :] for n, x in c.items()}  # [1, nk, B or 1]
+    vis = qa["any"] & ka["any"] & (qa["seg_lo"] <= ka["seg_hi"]) & (ka["seg_lo"] <= qa["seg_hi"])
+    if causal:
+        vis = vis & (ka["idx_lo"] <= qa["idx_hi"])
+    w = jnp.asarray(window)
+    vis = vis & ((w <= 0) | (qa["pos_lo"] - ka["pos_hi"] < w))
+    if "br_lo" in a:
+        overlap = (qa["br_lo"] <= ka["br_hi"]) & (ka["br_lo"] <= qa["br_hi"])
+        vis = vis & ((ka["br_lo"] == 0) | overlap)
+    return jnp.any(vis, axis=-1)
+
+
+def _visit_order(vis: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of ``vis``: the visible column indices first (ascending), and how many there are."""
+    n = vis.shape[-1]
+    cols = jnp.arange(n, dtype=jnp.int32)
+    order = jnp.argsort(jnp.where(vis, cols, n + cols), axis=-1).astype(jnp.int32)
+    return order, jnp.sum(vis, axis=-1).astype(jnp.int32)
+
+
+def _block_tokens(m: _Meta, i) -> Tokens:
+    return Tokens(m.segment[i], m.position[i], None if m.branch is None else m.branch[i])
+
+
+def _block_mask(qm: _Meta, i, km: _Meta, j, causal: bool, window):
+    """Element mask [B, bq, bk] of query block i against key block j (the visibility rule)."""
+    qt, kt = _block_tokens(qm, i), _block_tokens(km, j)
+    return _visible(qt, _broadcast_tokens(kt, qt.segment.shape[0]), qm.index[i], km.index[j], causal, window)
+
+
+def blockwise_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0):
+    """Flash attention in pure JAX (see the module docstring); same contract as ``naive_attention``."""
+    b, t, hkv, g, d = q.shape
+    s = k.shape[1]
+    nq, bq = _blocking(t, spec.block_q)
+    nk, bk = _blocking(s, spec.block_k)
+    qm, km = _split_meta(q_tokens, nq, bq), _split_meta(k_tokens, nk, bk)
+    vis = block_visibility(qm, km, spec.causal, window)
+    # [n, B, Hkv, (G,) blk, D] so that each block product is one batched matmul over (B, Hkv)
+    qb = jnp.moveaxis(_pad_to(q, nq * bq, 1).reshape(b, nq, bq, hkv, g, d), 1, 0).transpose(0, 1, 3, 4, 2, 5)
+    kv_b = lambda x: jnp.moveaxis(  # noqa: E731
+        _pad_to(x, nk * bk, 1).reshape(x.shape[0], nk, bk, hkv, d), 1, 0).transpose(0, 1, 3, 2, 4)
+    w = jnp.asarray(window, jnp.int32)
+    ob, lse = _flash(qb, kv_b(k), kv_b(v), qm, km, vis, w, spec.scale, spec.causal, spec.softcap)
+    out = ob.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, hkv, g, d)[:, :t]
+    lse = lse.transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, hkv, g)[:, :t]
+    return out, lse
+
+
+def _blocking(n: int, block: int) -> tuple[int, int]:
+    """(number of blocks, block size): blocks of at most ``block``, as even as possible."""
+    count = -(-n // max(1, min(block, n)))
+    return count, -(-n // count)
+
+
+def _scores(qs, kj, shared: bool, softcap):
+    spec = "bhgqd,hkd->bhgqk" if shared else "bhgqd,bhkd->bhgqk"
+    raw = jnp.einsum(spec, qs, kj[0] if shared else kj, preferred_element_type=jnp.float32)
+    return _softcap(raw, softcap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(qb, kb, vb, qm, km, vis, window, scale, causal, softcap):
+    return _flash_fwd(qb, kb, vb, qm, km, vis, window, scale, causal, softcap)[0]
+
+
+def _flash_fwd(qb, kb, vb, qm, km, vis, window, scale, causal, softcap):
+    shared = kb.shape[1] != qb.shape[1]
+    order, count = _visit_order(vis)
+    nq, b, hkv, g, bq, d = qb.shape
+
+    def q_block(_, i):
+        qs = qb[i] * jnp.asarray(scale, qb.dtype)
+
+        def step(n, carry):
+            m, l, acc = carry
+            j = order[i, n]
+            sc = _scores(qs, kb[j], shared, softcap)
+            mask = _block_mask(qm, i, km, j, causal, window)[:, None, None]
+            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, sc, EMPTY_LSE), axis=-1))
+            p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            vj = vb[j]
+            pv = jnp.einsum("bhgqk,hkd->bhgqd" if shared else "bhgqk,bhkd->bhgqd", p.astype(vb.dtype),
+                            vj[0] if shared else vj, preferred_element_type=jnp.float32)
+            return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
+
+        init = (jnp.full((b, hkv, g, bq), EMPTY_LSE, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
+                jnp.zeros((b, hkv, g, bq, d), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, count[i], step, init)
+        seen = l > 0
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
+        return None, (out.astype(qb.dtype), lse)
+
+    _, (ob, lse) = jax.lax.scan(q_block, None, jnp.arange(nq))
+    return (ob, lse), (qb, kb, vb, qm, km, vis, window, ob, lse)
+
+
+def _flash_bwd(scale, causal, softcap, res, cotangents):
+    qb, kb, vb, qm, km, vis, window, ob, lse = res
+    dob, dlse = cotangents
+    shared = kb.shape[1] != qb.shape[1]
+    order, count = _visit_order(vis.T)
+    delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1) - dlse  # [nq, B, Hkv, G, bq]
+    sc_dt = jnp.asarray(scale, qb.dtype)
+    kv_spec = "hkd" if shared else "bhkd"
+
+    def k_block(dq, j):
+        kj, vj = kb[j], vb[j]
+        kj_, vj_ = (kj[0], vj[0]) if shared else (kj, vj)
+
+        def step(n, carry):
+            dk, dv, dq = carry
+            i = order[j, n]
+            qs = qb[i] * sc_dt
+            sc = _scores(qs, kj, shared, softcap)
+            mask = _block_mask(qm, i, km, j, causal, window)[:, None, None]
+            p = jnp.where(mask, jnp.exp(sc - lse[i][..., None]), 0.0)
+            do = dob[i]
+            dv = dv + jnp.einsum(f"bhgqk,bhgqd->{kv_spec}", p.astype(do.dtype), do,
+                                 preferred_element_type=jnp.float32)
+            dp = jnp.einsum(f"bhgqd,{kv_spec}->bhgqk", do, vj_, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta[i][..., None])
+            if softcap:
+                ds = ds * (1.0 - jnp.square(sc / softcap))
+            ds = ds.astype(qb.dtype)
+            dq = dq.at[i].add(jnp.einsum(f"bhgqk,{kv_spec}->bhgqd", ds, kj_,
+                                         preferred_element_type=jnp.float32) * scale)
+            dk = dk + jnp.einsum(f"bhgqk,bhgqd->{kv_spec}", ds, qs, preferred_element_type=jnp.float32)
+            return dk, dv, dq
+
+        zeros = jnp.zeros(kj_.shape, jnp.float32)
+        dk, dv, dq = jax.lax.fori_loop(0, count[j], step, (zeros, zeros, dq))
+        if shared:
+            dk, dv = dk[None], dv[None]
+        return dq, (dk.astype(kb.dtype), dv.astype(vb.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), jnp.arange(kb.shape[0]))
+    return dq.astype(qb.dtype), dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- accelerator kernels
+def _cudnn(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window: int | None,
+           implementation: str = "cudnn"):
+    """cuDNN flash attention for right-padded rows; other rows (left padding) run blockwise.
+
+    ``implementation="xla"`` runs the same call through XLA (tests check the arguments on CPU)."""
+    b, t, hkv, g, d = q.shape
+    valid = q_tokens.segment > 0
+    lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
+    right_padded = jnp.all(valid == (jnp.arange(t)[None] < lengths[:, None]))
+
+    def fast():
+        out = jax.nn.dot_product_attention(
+            q.reshape(b, t, hkv * g, d), k, v, scale=spec.scale, is_causal=True,
+            query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+            local_window_size=None if not window else (window - 1, 0), implementation=implementation)
+        return jnp.where(valid[:, :, None, None], out, 0).reshape(b, t, hkv, g, d).astype(q.dtype)
+
+    def blockwise():
+        return blockwise_attention(q, k, v, q_tokens, k_tokens, spec, window or 0)[0]
+
+    return jax.lax.cond(right_padded, fast, blockwise)
+
+
+def _splash(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window: int | None,
+            interpret: bool = False):
+    """Pallas splash attention (TPU); one kernel per KV head group (MQA over its G query heads)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, hkv, g, d = q.shape
+    shape = (t, t)
+    one = sm.CausalMask(shape) if not window else sm.LocalMask(shape, (window - 1, 0), offset=0)
+    block = min(512, t)
+    kernel = sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([one] * g), block_sizes=sk.BlockSizes(
+            block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+            block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
+        attn_logits_soft_cap=spec.softcap, interpret=interpret)
+    qs = (q * jnp.asarray(spec.scale, q.dtype)).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
+
+    def one_row(qr, kr, vr, seg):
+        ids = sk.SegmentIds(q=seg, kv=seg)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qr, kr, vr)
+
+    out = jax.vmap(one_row)(qs, kt, vt, q_tokens.segment.astype(jnp.int32))  # [B, Hkv, G, T, D]
+    valid = (q_tokens.segment > 0)[:, :, None, None, None]
+    return jnp.where(valid, out.transpose(0, 3, 1, 2, 4), 0).astype(q.dtype)
