@@ -225,35 +225,43 @@ def _split_meta(t: Tokens, n: int, blk: int) -> _Meta:
 
 
 def _ranges(m: _Meta):
-    """Per block and row: any real token, and min/max of segment, position, branch, index over them."""
+    """Per block and row: any / all real tokens, and min/max of segment, position, branch, index over
+    the real ones."""
     valid = m.segment > 0
     lo = lambda x: jnp.min(jnp.where(valid, x, _BIG), axis=-1)  # noqa: E731
     hi = lambda x: jnp.max(jnp.where(valid, x, -_BIG), axis=-1)  # noqa: E731
     idx = jnp.broadcast_to(m.index[:, None, :], m.segment.shape)
-    out = dict(any=jnp.any(valid, axis=-1), seg_lo=lo(m.segment), seg_hi=hi(m.segment), pos_lo=lo(m.position),
-               pos_hi=hi(m.position), idx_lo=lo(idx), idx_hi=hi(idx))
+    out = dict(any=jnp.any(valid, axis=-1), all=jnp.all(valid, axis=-1), seg_lo=lo(m.segment),
+               seg_hi=hi(m.segment), pos_lo=lo(m.position), pos_hi=hi(m.position), idx_lo=lo(idx), idx_hi=hi(idx))
     if m.branch is not None:
         out.update(br_lo=lo(m.branch), br_hi=hi(m.branch))
     return out
 
 
-def block_visibility(qm: _Meta, km: _Meta, causal: bool, window) -> jax.Array:
-    """[nq, nk] bool: may query block i see any key of key block j, in any row of the batch?
+def block_visibility(qm: _Meta, km: _Meta, causal: bool, window) -> tuple[jax.Array, jax.Array]:
+    """Two [nq, nk] bool tables over the batch's rows: ``visible`` (query block i may see a key of key
+    block j in some row) and ``full`` (every query of block i sees every key of block j in every row).
 
-    Conservative (a True block may still be fully masked element-wise, the kernel masks it); a False
-    block certainly holds no visible pair and is never computed."""
+    ``visible`` is conservative (a visible block may still be masked element-wise, the kernel masks
+    it); a block that is not visible certainly holds no visible pair and is never computed. A full
+    block is computed without any mask."""
     a, c = _ranges(qm), _ranges(km)
     qa = {n: x[:, None, :] for n, x in a.items()}  # [nq, 1, B]
     ka = {n: x[None, :, :] for n, x in c.items()}  # [1, nk, B or 1]
+    w = jnp.asarray(window)
     vis = qa["any"] & ka["any"] & (qa["seg_lo"] <= ka["seg_hi"]) & (ka["seg_lo"] <= qa["seg_hi"])
+    vis = vis & ((w <= 0) | (qa["pos_lo"] - ka["pos_hi"] < w))
+    one_segment = (qa["seg_lo"] == qa["seg_hi"]) & (qa["seg_lo"] == ka["seg_lo"]) & (ka["seg_lo"] == ka["seg_hi"])
+    full = qa["all"] & ka["all"] & one_segment & ((w <= 0) | (qa["pos_hi"] - ka["pos_lo"] < w))
     if causal:
         vis = vis & (ka["idx_lo"] <= qa["idx_hi"])
-    w = jnp.asarray(window)
-    vis = vis & ((w <= 0) | (qa["pos_lo"] - ka["pos_hi"] < w))
+        full = full & (ka["idx_hi"] <= qa["idx_lo"])
     if "br_lo" in a:
         overlap = (qa["br_lo"] <= ka["br_hi"]) & (ka["br_lo"] <= qa["br_hi"])
         vis = vis & ((ka["br_lo"] == 0) | overlap)
-    return jnp.any(vis, axis=-1)
+        one_branch = (qa["br_lo"] == qa["br_hi"]) & (qa["br_lo"] == ka["br_lo"]) & (ka["br_lo"] == ka["br_hi"])
+        full = full & ((ka["br_hi"] == 0) | one_branch)
+    return jnp.any(vis, axis=-1), jnp.all(full, axis=-1)
 
 
 def _visit_order(vis: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -282,15 +290,50 @@ def blockwise_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: Atten
     nk, bk = _blocking(s, spec.block_k)
     qm, km = _split_meta(q_tokens, nq, bq), _split_meta(k_tokens, nk, bk)
     vis = block_visibility(qm, km, spec.causal, window)
-    # [n, B, Hkv, (G,) blk, D] so that each block product is one batched matmul over (B, Hkv)
-    qb = jnp.moveaxis(_pad_to(q, nq * bq, 1).reshape(b, nq, bq, hkv, g, d), 1, 0).transpose(0, 1, 3, 4, 2, 5)
-    kv_b = lambda x: jnp.moveaxis(  # noqa: E731
-        _pad_to(x, nk * bk, 1).reshape(x.shape[0], nk, bk, hkv, d), 1, 0).transpose(0, 1, 3, 2, 4)
+    lay = _Layout(shared=k.shape[0] != b, b=b, h=hkv, g=g)
+    qb = jnp.transpose(_pad_to(q, nq * bq, 1).reshape(b, nq, bq, hkv, g, d), lay.q_perm).reshape(
+        nq, lay.z, lay.m(bq), d)
+    kv_b = lambda x: jnp.transpose(  # noqa: E731
+        _pad_to(x, nk * bk, 1).reshape(x.shape[0], nk, bk, hkv, d), (1, 0, 3, 2, 4)).reshape(nk, -1, bk, d)
     w = jnp.asarray(window, jnp.int32)
-    ob, lse = _flash(qb, kv_b(k), kv_b(v), qm, km, vis, w, spec.scale, spec.causal, spec.softcap)
-    out = ob.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, hkv, g, d)[:, :t]
-    lse = lse.transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, hkv, g)[:, :t]
+    ob, lse = _flash(qb, kv_b(k), kv_b(v), qm, km, vis, w, lay, spec.scale, spec.causal, spec.softcap)
+    back = tuple(int(i) for i in np.argsort(lay.q_perm))
+    out = jnp.transpose(ob.reshape(nq, *lay.grid, bq, d), back).reshape(b, nq * bq, hkv, g, d)[:, :t]
+    lse = jnp.transpose(lse.reshape(nq, *lay.grid, bq), back[:-1]).reshape(b, nq * bq, hkv, g)[:, :t]
     return out, lse
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Each block product is one batched matmul [Z, M, D] x [Z, bk, D]: Z = (B, Hkv) and M = (G, bq);
+    for a batch-1 key set shared by every row, Z = Hkv and M = (B, G, bq), so the shared keys are
+    read once per block for all rows."""
+
+    shared: bool
+    b: int
+    h: int
+    g: int
+
+    @property
+    def q_perm(self):  # [B, nq, bq, Hkv, G, D] -> [nq, *grid, bq, D]
+        return (1, 3, 0, 4, 2, 5) if self.shared else (1, 0, 3, 4, 2, 5)
+
+    @property
+    def grid(self):
+        return (self.h, self.b, self.g) if self.shared else (self.b, self.h, self.g)
+
+    @property
+    def z(self):
+        return self.h if self.shared else self.b * self.h
+
+    def m(self, bq):
+        return (self.b * self.g if self.shared else self.g) * bq
+
+    def mask(self, mask):
+        """[B, bq, bk] -> [Z, M, bk]."""
+        b, bq, bk = mask.shape
+        x = mask[None, :, None] if self.shared else mask[:, None, None]
+        return jnp.broadcast_to(x, (*self.grid, bq, bk)).reshape(self.z, self.m(bq), bk)
 
 
 def _blocking(n: int, block: int) -> tuple[int, int]:
@@ -299,87 +342,115 @@ def _blocking(n: int, block: int) -> tuple[int, int]:
     return count, -(-n // count)
 
 
-def _scores(qs, kj, shared: bool, softcap):
-    spec = "bhgqd,hkd->bhgqk" if shared else "bhgqd,bhkd->bhgqk"
-    raw = jnp.einsum(spec, qs, kj[0] if shared else kj, preferred_element_type=jnp.float32)
-    return _softcap(raw, softcap)
+def _scores(qs, kj, softcap):
+    return _softcap(jnp.einsum("zmd,zkd->zmk", qs, kj, preferred_element_type=jnp.float32), softcap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _flash(qb, kb, vb, qm, km, vis, window, scale, causal, softcap):
-    return _flash_fwd(qb, kb, vb, qm, km, vis, window, scale, causal, softcap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(qb, kb, vb, qm, km, vis, window, lay, scale, causal, softcap):
+    return _flash_fwd(qb, kb, vb, qm, km, vis, window, lay, scale, causal, softcap)[0]
 
 
-def _flash_fwd(qb, kb, vb, qm, km, vis, window, scale, causal, softcap):
-    shared = kb.shape[1] != qb.shape[1]
-    order, count = _visit_order(vis)
-    nq, b, hkv, g, bq, d = qb.shape
+def _masked(sc, mask):
+    """Scores of a partly visible block: masked entries never win the max nor add to the sum."""
+    return sc if mask is None else jnp.where(mask, sc, EMPTY_LSE)
+
+
+def _probs(sc, ref, mask):
+    """exp(sc - ref) with masked entries exactly 0 (``ref`` [..., q] is EMPTY_LSE for unseen rows)."""
+    ref = jnp.where(ref <= EMPTY_LSE, 0.0, ref)
+    return jnp.exp(_masked(sc, mask) - ref[..., None])
+
+
+def _per_block(full, i, j, qm, km, lay, causal, window, compute):
+    """``compute(mask)`` for block (i, j): without a mask when the block is fully visible."""
+    return jax.lax.cond(full[i, j], lambda: compute(None),
+                        lambda: compute(lay.mask(_block_mask(qm, i, km, j, causal, window))))
+
+
+def _flash_fwd(qb, kb, vb, qm, km, vis, window, lay, scale, causal, softcap):
+    """Online softmax over each query block's visible key blocks. The first block sets each row's
+    reference (its max); later blocks reuse it and skip the max pass, unless a row's exp overflows
+    (a much larger score than any before), which redoes that block with the exact running max."""
+    visible, full = vis
+    order, count = _visit_order(visible)
+    nq, z, m_rows, d = qb.shape
 
     def q_block(_, i):
         qs = qb[i] * jnp.asarray(scale, qb.dtype)
 
-        def step(n, carry):
-            m, l, acc = carry
+        def visit(n, carry, first: bool):
             j = order[i, n]
-            sc = _scores(qs, kb[j], shared, softcap)
-            mask = _block_mask(qm, i, km, j, causal, window)[:, None, None]
-            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, sc, EMPTY_LSE), axis=-1))
-            p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
-            alpha = jnp.exp(m - m_new)
-            vj = vb[j]
-            pv = jnp.einsum("bhgqk,hkd->bhgqd" if shared else "bhgqk,bhkd->bhgqd", p.astype(vb.dtype),
-                            vj[0] if shared else vj, preferred_element_type=jnp.float32)
-            return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
 
-        init = (jnp.full((b, hkv, g, bq), EMPTY_LSE, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
-                jnp.zeros((b, hkv, g, bq, d), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(0, count[i], step, init)
+            def compute(mask):
+                ref, l, acc = carry
+                sc = _scores(qs, kb[j], softcap)
+                pv = lambda p: jnp.einsum("zmk,zkd->zmd", p.astype(vb.dtype), vb[j],  # noqa: E731
+                                          preferred_element_type=jnp.float32)
+
+                def exact():
+                    new = jnp.maximum(ref, jnp.max(_masked(sc, mask), axis=-1))
+                    p = _probs(sc, new, mask)
+                    alpha = jnp.exp(ref - new)
+                    return new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv(p)
+
+                if first:
+                    return exact()
+                p = _probs(sc, ref, mask)
+                l_new = l + jnp.sum(p, axis=-1)
+                kept = jnp.where(l_new > 0, jnp.where(ref <= EMPTY_LSE, 0.0, ref), EMPTY_LSE)
+                return jax.lax.cond(jnp.all(jnp.isfinite(l_new)), lambda: (kept, l_new, acc + pv(p)), exact)
+
+            return _per_block(full, i, j, qm, km, lay, causal, window, compute)
+
+        init = (jnp.full((z, m_rows), EMPTY_LSE, jnp.float32), jnp.zeros((z, m_rows), jnp.float32),
+                jnp.zeros((z, m_rows, d), jnp.float32))
+        carry = jax.lax.cond(count[i] > 0, lambda: visit(0, init, first=True), lambda: init)
+        ref, l, acc = jax.lax.fori_loop(1, count[i], functools.partial(visit, first=False), carry)
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
+        lse = jnp.where(seen, ref + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
         return None, (out.astype(qb.dtype), lse)
 
     _, (ob, lse) = jax.lax.scan(q_block, None, jnp.arange(nq))
     return (ob, lse), (qb, kb, vb, qm, km, vis, window, ob, lse)
 
 
-def _flash_bwd(scale, causal, softcap, res, cotangents):
+def _flash_bwd(lay, scale, causal, softcap, res, cotangents):
     qb, kb, vb, qm, km, vis, window, ob, lse = res
     dob, dlse = cotangents
-    shared = kb.shape[1] != qb.shape[1]
-    order, count = _visit_order(vis.T)
-    delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1) - dlse  # [nq, B, Hkv, G, bq]
+    visible, full = vis
+    order, count = _visit_order(visible.T)
+    delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1) - dlse  # [nq, Z, M]
     sc_dt = jnp.asarray(scale, qb.dtype)
-    kv_spec = "hkd" if shared else "bhkd"
 
     def k_block(dq, j):
         kj, vj = kb[j], vb[j]
-        kj_, vj_ = (kj[0], vj[0]) if shared else (kj, vj)
 
         def step(n, carry):
-            dk, dv, dq = carry
             i = order[j, n]
-            qs = qb[i] * sc_dt
-            sc = _scores(qs, kj, shared, softcap)
-            mask = _block_mask(qm, i, km, j, causal, window)[:, None, None]
-            p = jnp.where(mask, jnp.exp(sc - lse[i][..., None]), 0.0)
-            do = dob[i]
-            dv = dv + jnp.einsum(f"bhgqk,bhgqd->{kv_spec}", p.astype(do.dtype), do,
-                                 preferred_element_type=jnp.float32)
-            dp = jnp.einsum(f"bhgqd,{kv_spec}->bhgqk", do, vj_, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta[i][..., None])
-            if softcap:
-                ds = ds * (1.0 - jnp.square(sc / softcap))
-            ds = ds.astype(qb.dtype)
-            dq = dq.at[i].add(jnp.einsum(f"bhgqk,{kv_spec}->bhgqd", ds, kj_,
-                                         preferred_element_type=jnp.float32) * scale)
-            dk = dk + jnp.einsum(f"bhgqk,bhgqd->{kv_spec}", ds, qs, preferred_element_type=jnp.float32)
-            return dk, dv, dq
 
-        zeros = jnp.zeros(kj_.shape, jnp.float32)
+            def compute(mask):  # the block's (dk, dv) and dq contribution; the dq buffer stays outside
+                dk, dv, _ = carry
+                qs = qb[i] * sc_dt
+                sc = _scores(qs, kj, softcap)
+                p = _probs(sc, lse[i], mask)
+                do = dob[i]
+                dv = dv + jnp.einsum("zmk,zmd->zkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("zmd,zkd->zmk", do, vj, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta[i][..., None])
+                if softcap:
+                    ds = ds * (1.0 - jnp.square(sc / softcap))
+                ds = ds.astype(qb.dtype)
+                dq_i = jnp.einsum("zmk,zkd->zmd", ds, kj, preferred_element_type=jnp.float32) * scale
+                dk = dk + jnp.einsum("zmk,zmd->zkd", ds, qs, preferred_element_type=jnp.float32)
+                return dk, dv, dq_i
+
+            dk, dv, dq_i = _per_block(full, i, j, qm, km, lay, causal, window, compute)
+            return dk, dv, carry[2].at[i].add(dq_i)
+
+        zeros = jnp.zeros(kj.shape, jnp.float32)
         dk, dv, dq = jax.lax.fori_loop(0, count[j], step, (zeros, zeros, dq))
-        if shared:
-            dk, dv = dk[None], dv[None]
         return dq, (dk.astype(kb.dtype), dv.astype(vb.dtype))
 
     dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), jnp.arange(kb.shape[0]))
