@@ -210,8 +210,9 @@ def test_cudnn_call_arguments_match_naive_through_xla():
     batch takes the blockwise path."""
     q, k, v = _qkv(2, 24, 24, 2, 2, 8, seed=8)
     spec = dataclasses.replace(SPEC, backend="naive")
-    for side in ("right", "left"):
-        tok = _padded([24, 15], 24, side)
+    cases = {side: _padded([24, 15], 24, side) for side in ("right", "left")}
+    cases["packed"] = _packed(2, 24, [[10, 14], [24]])
+    for side, tok in cases.items():
         for window in (None, 5):
             ref, _ = attn.naive_attention(q, k, v, tok, tok, spec, window or 0)
             out = attn._cudnn(q, k, v, tok, tok, spec, window, implementation="xla")
@@ -227,3 +228,25 @@ def test_much_larger_scores_in_a_later_block_stay_exact():
     k = k.at[:, 20:].multiply(60.0)  # scores in the last key blocks are hundreds above the first's
     tok = _padded([32], 32, "right")
     _compare(q, k, v, tok, tok, SPEC)
+
+
+def test_splash_kernel_matches_naive_in_interpret_mode():
+    """The TPU splash adapter (GQA as one MQA kernel per KV head, segment ids, window, soft-cap) run
+    by Pallas's interpreter on CPU: outputs and gradients equal the naive reference."""
+    b, t, d = 2, 256, 64
+    q, k, v = _qkv(b, t, t, 1, 2, d, seed=10)
+    tok = _packed(2, t, [[256], [100, 80]])
+    spec = AttentionSpec(scale=d ** -0.5, softcap=20.0, backend="naive")
+    valid = np.asarray(tok.segment) > 0
+    co = jnp.asarray(np.random.default_rng(0).normal(size=q.shape) * valid[:, :, None, None, None], jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * co)
+
+    splash = loss(lambda q, k, v: attn._splash(q, k, v, tok, tok, spec, 40, interpret=True))
+    naive = loss(lambda q, k, v: attn.naive_attention(q, k, v, tok, tok, spec, 40)[0])
+    out = attn._splash(q, k, v, tok, tok, spec, 40, interpret=True)
+    ref, _ = attn.naive_attention(q, k, v, tok, tok, spec, 40)
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=1e-5)
+    for a, r in zip(jax.grad(splash, argnums=(0, 1, 2))(q, k, v), jax.grad(naive, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4)

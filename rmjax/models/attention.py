@@ -463,13 +463,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- accelerator kernels
 def _cudnn(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window: int | None,
            implementation: str = "cudnn"):
-    """cuDNN flash attention for right-padded rows; other rows (left padding) run blockwise.
-
-    ``implementation="xla"`` runs the same call through XLA (tests check the arguments on CPU)."""
+    """cuDNN flash attention when every row is one right-padded sequence with positions 0, 1, ...;
+    anything else (left padding, packed segments, shifted positions) runs blockwise, decided at run
+    time. ``implementation="xla"`` runs the same call through XLA (tests check the arguments on CPU)."""
     b, t, hkv, g, d = q.shape
     valid = q_tokens.segment > 0
     lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
-    right_padded = jnp.all(valid == (jnp.arange(t)[None] < lengths[:, None]))
+    index = jnp.arange(t)[None]
+    right_padded = (jnp.all(valid == (index < lengths[:, None])) & jnp.all(q_tokens.segment <= 1)
+                    & jnp.all(jnp.where(valid, q_tokens.position == index, True)))
 
     def fast():
         out = jax.nn.dot_product_attention(
@@ -493,7 +495,7 @@ def _splash(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, wi
     b, t, hkv, g, d = q.shape
     shape = (t, t)
     one = sm.CausalMask(shape) if not window else sm.LocalMask(shape, (window - 1, 0), offset=0)
-    block = min(512, t)
+    block = next(bl for bl in (512, 256, 128) if t % bl == 0)  # t is a multiple of 128
     kernel = sk.make_splash_mqa_single_device(
         sm.MultiHeadMask([one] * g), block_sizes=sk.BlockSizes(
             block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
