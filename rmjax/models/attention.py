@@ -292,9 +292,9 @@ def blockwise_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: Atten
     vis = block_visibility(qm, km, spec.causal, window)
     lay = _Layout(shared=k.shape[0] != b, b=b, h=hkv, g=g)
     qb = jnp.transpose(_pad_to(q, nq * bq, 1).reshape(b, nq, bq, hkv, g, d), lay.q_perm).reshape(
-        nq, lay.z, lay.m(bq), d)
+        nq, *lay.z, lay.m(bq), d)
     kv_b = lambda x: jnp.transpose(  # noqa: E731
-        _pad_to(x, nk * bk, 1).reshape(x.shape[0], nk, bk, hkv, d), (1, 0, 3, 2, 4)).reshape(nk, -1, bk, d)
+        _pad_to(x, nk * bk, 1).reshape(x.shape[0], nk, bk, hkv, d), (1, 0, 3, 2, 4)).reshape(nk, *lay.z, bk, d)
     w = jnp.asarray(window, jnp.int32)
     ob, lse = _flash(qb, kv_b(k), kv_b(v), qm, km, vis, w, lay, spec.scale, spec.causal, spec.softcap)
     back = tuple(int(i) for i in np.argsort(lay.q_perm))
@@ -305,9 +305,10 @@ def blockwise_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: Atten
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Each block product is one batched matmul [Z, M, D] x [Z, bk, D]: Z = (B, Hkv) and M = (G, bq);
-    for a batch-1 key set shared by every row, Z = Hkv and M = (B, G, bq), so the shared keys are
-    read once per block for all rows."""
+    """Each block product is one batched matmul [*Z, M, D] x [*Z, bk, D]: batch dims Z = (B, Hkv),
+    rows M = (G, bq); for a batch-1 key set shared by every row, Z = (Hkv,) and M = (B, G, bq), so
+    the shared keys are read once per block for all rows. B and Hkv stay separate axes, so a batch
+    split over data devices and heads split over tensor devices are never gathered."""
 
     shared: bool
     b: int
@@ -324,16 +325,16 @@ class _Layout:
 
     @property
     def z(self):
-        return self.h if self.shared else self.b * self.h
+        return (self.h,) if self.shared else (self.b, self.h)
 
     def m(self, bq):
         return (self.b * self.g if self.shared else self.g) * bq
 
     def mask(self, mask):
-        """[B, bq, bk] -> [Z, M, bk]."""
+        """[B, bq, bk] -> [*Z, M, bk]."""
         b, bq, bk = mask.shape
         x = mask[None, :, None] if self.shared else mask[:, None, None]
-        return jnp.broadcast_to(x, (*self.grid, bq, bk)).reshape(self.z, self.m(bq), bk)
+        return jnp.broadcast_to(x, (*self.grid, bq, bk)).reshape(*self.z, self.m(bq), bk)
 
 
 def _blocking(n: int, block: int) -> tuple[int, int]:
@@ -343,7 +344,7 @@ def _blocking(n: int, block: int) -> tuple[int, int]:
 
 
 def _scores(qs, kj, softcap):
-    return _softcap(jnp.einsum("zmd,zkd->zmk", qs, kj, preferred_element_type=jnp.float32), softcap)
+    return _softcap(jnp.einsum("...md,...kd->...mk", qs, kj, preferred_element_type=jnp.float32), softcap)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -374,7 +375,7 @@ def _flash_fwd(qb, kb, vb, qm, km, vis, window, lay, scale, causal, softcap):
     (a much larger score than any before), which redoes that block with the exact running max."""
     visible, full = vis
     order, count = _visit_order(visible)
-    nq, z, m_rows, d = qb.shape
+    nq, *z, m_rows, d = qb.shape
 
     def q_block(_, i):
         qs = qb[i] * jnp.asarray(scale, qb.dtype)
@@ -385,7 +386,7 @@ def _flash_fwd(qb, kb, vb, qm, km, vis, window, lay, scale, causal, softcap):
             def compute(mask):
                 ref, l, acc = carry
                 sc = _scores(qs, kb[j], softcap)
-                pv = lambda p: jnp.einsum("zmk,zkd->zmd", p.astype(vb.dtype), vb[j],  # noqa: E731
+                pv = lambda p: jnp.einsum("...mk,...kd->...md", p.astype(vb.dtype), vb[j],  # noqa: E731
                                           preferred_element_type=jnp.float32)
 
                 def exact():
@@ -403,8 +404,8 @@ def _flash_fwd(qb, kb, vb, qm, km, vis, window, lay, scale, causal, softcap):
 
             return _per_block(full, i, j, qm, km, lay, causal, window, compute)
 
-        init = (jnp.full((z, m_rows), EMPTY_LSE, jnp.float32), jnp.zeros((z, m_rows), jnp.float32),
-                jnp.zeros((z, m_rows, d), jnp.float32))
+        init = (jnp.full((*z, m_rows), EMPTY_LSE, jnp.float32), jnp.zeros((*z, m_rows), jnp.float32),
+                jnp.zeros((*z, m_rows, d), jnp.float32))
         carry = jax.lax.cond(count[i] > 0, lambda: visit(0, init, first=True), lambda: init)
         ref, l, acc = jax.lax.fori_loop(1, count[i], functools.partial(visit, first=False), carry)
         seen = l > 0
@@ -421,7 +422,7 @@ def _flash_bwd(lay, scale, causal, softcap, res, cotangents):
     dob, dlse = cotangents
     visible, full = vis
     order, count = _visit_order(visible.T)
-    delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1) - dlse  # [nq, Z, M]
+    delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1) - dlse  # [nq, *Z, M]
     sc_dt = jnp.asarray(scale, qb.dtype)
 
     def k_block(dq, j):
@@ -436,14 +437,14 @@ def _flash_bwd(lay, scale, causal, softcap, res, cotangents):
                 sc = _scores(qs, kj, softcap)
                 p = _probs(sc, lse[i], mask)
                 do = dob[i]
-                dv = dv + jnp.einsum("zmk,zmd->zkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-                dp = jnp.einsum("zmd,zkd->zmk", do, vj, preferred_element_type=jnp.float32)
+                dv = dv + jnp.einsum("...mk,...md->...kd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("...md,...kd->...mk", do, vj, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta[i][..., None])
                 if softcap:
                     ds = ds * (1.0 - jnp.square(sc / softcap))
                 ds = ds.astype(qb.dtype)
-                dq_i = jnp.einsum("zmk,zkd->zmd", ds, kj, preferred_element_type=jnp.float32) * scale
-                dk = dk + jnp.einsum("zmk,zmd->zkd", ds, qs, preferred_element_type=jnp.float32)
+                dq_i = jnp.einsum("...mk,...kd->...md", ds, kj, preferred_element_type=jnp.float32) * scale
+                dk = dk + jnp.einsum("...mk,...md->...kd", ds, qs, preferred_element_type=jnp.float32)
                 return dk, dv, dq_i
 
             dk, dv, dq_i = _per_block(full, i, j, qm, km, lay, causal, window, compute)
