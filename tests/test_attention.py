@@ -222,8 +222,8 @@ def test_cudnn_call_arguments_match_naive_through_xla():
 
 
 def test_much_larger_scores_in_a_later_block_stay_exact():
-    """Later blocks reuse the first block's max as the softmax reference; a block whose scores exceed
-    it by far (exp would overflow) is redone with the exact running max."""
+    """The running max is rescaled when a later key block holds scores hundreds above the first's
+    (exp relative to a stale max would overflow)."""
     q, k, v = _qkv(1, 32, 32, 1, 2, 8, seed=9)
     k = k.at[:, 20:].multiply(60.0)  # scores in the last key blocks are hundreds above the first's
     tok = _padded([32], 32, "right")

@@ -370,9 +370,6 @@ def _per_block(full, i, j, qm, km, lay, causal, window, compute):
 
 
 def _flash_fwd(qb, kb, vb, qm, km, vis, window, lay, scale, causal, softcap):
-    """Online softmax over each query block's visible key blocks. The first block sets each row's
-    reference (its max); later blocks reuse it and skip the max pass, unless a row's exp overflows
-    (a much larger score than any before), which redoes that block with the exact running max."""
     visible, full = vis
     order, count = _visit_order(visible)
     nq, *z, m_rows, d = qb.shape
@@ -380,37 +377,26 @@ def _flash_fwd(qb, kb, vb, qm, km, vis, window, lay, scale, causal, softcap):
     def q_block(_, i):
         qs = qb[i] * jnp.asarray(scale, qb.dtype)
 
-        def visit(n, carry, first: bool):
+        def step(n, carry):
             j = order[i, n]
 
             def compute(mask):
-                ref, l, acc = carry
+                m, l, acc = carry
                 sc = _scores(qs, kb[j], softcap)
-                pv = lambda p: jnp.einsum("...mk,...kd->...md", p.astype(vb.dtype), vb[j],  # noqa: E731
-                                          preferred_element_type=jnp.float32)
-
-                def exact():
-                    new = jnp.maximum(ref, jnp.max(_masked(sc, mask), axis=-1))
-                    p = _probs(sc, new, mask)
-                    alpha = jnp.exp(ref - new)
-                    return new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv(p)
-
-                if first:
-                    return exact()
-                p = _probs(sc, ref, mask)
-                l_new = l + jnp.sum(p, axis=-1)
-                kept = jnp.where(l_new > 0, jnp.where(ref <= EMPTY_LSE, 0.0, ref), EMPTY_LSE)
-                return jax.lax.cond(jnp.all(jnp.isfinite(l_new)), lambda: (kept, l_new, acc + pv(p)), exact)
+                m_new = jnp.maximum(m, jnp.max(_masked(sc, mask), axis=-1))
+                p = _probs(sc, m_new, mask)
+                alpha = jnp.exp(m - m_new)
+                pv = jnp.einsum("...mk,...kd->...md", p.astype(vb.dtype), vb[j], preferred_element_type=jnp.float32)
+                return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
 
             return _per_block(full, i, j, qm, km, lay, causal, window, compute)
 
         init = (jnp.full((*z, m_rows), EMPTY_LSE, jnp.float32), jnp.zeros((*z, m_rows), jnp.float32),
                 jnp.zeros((*z, m_rows, d), jnp.float32))
-        carry = jax.lax.cond(count[i] > 0, lambda: visit(0, init, first=True), lambda: init)
-        ref, l, acc = jax.lax.fori_loop(1, count[i], functools.partial(visit, first=False), carry)
+        m, l, acc = jax.lax.fori_loop(0, count[i], step, init)
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
-        lse = jnp.where(seen, ref + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
         return None, (out.astype(qb.dtype), lse)
 
     _, (ob, lse) = jax.lax.scan(q_block, None, jnp.arange(nq))
