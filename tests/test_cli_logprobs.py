@@ -27,3 +27,17 @@ def test_bad_model_and_top(capsys):
     assert main(["logprobs", "--prompt", "x", "--top", "0"]) == 2
     assert main(["logprobs", "--model", "gemma3-270m", "--prompt", "x", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_attention_switch(capsys):
+    """--attention picks the kernel: naive and blockwise (tiny blocks) agree on the real model; a
+    backend this machine lacks is a clear error, not a traceback."""
+    args = ["logprobs", "--prompt", "The capital of France is", "--top", "3", "--json"]
+    assert main(args + ["--attention", "naive"]) == 0
+    naive = json.loads(capsys.readouterr().out)["top"]
+    assert main(args + ["--attention", "blockwise", "--attention-block-q", "2", "--attention-block-k", "3"]) == 0
+    block = json.loads(capsys.readouterr().out)["top"]
+    assert [t["token_id"] for t in block] == [t["token_id"] for t in naive]
+    assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(block, naive))
+    assert main(args + ["--attention", "splash"]) == 2
+    assert "splash attention needs a TPU" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 
+from rmjax.commands.options import add_attention_arguments, attention_options
 from rmjax.errors import RmjaxError
 
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="render the prompt as a user turn with the model's chat template (+ generation prompt)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_attention_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -52,7 +54,7 @@ def run(args) -> int:
 
     if args.top < 1:
         raise RmjaxError(f"--top must be at least 1, got {args.top}")
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype, **attention_options(args))
     text, add_special = args.prompt, True
     if args.chat:
         if not loaded.tokenizer.has_chat_template:

@@ -107,32 +107,38 @@ def merge(out_a, lse_a, out_b, lse_b):
 
 
 # ----------------------------------------------------------------------------- backend choice
-def unsupported_reason(backend: str, spec: AttentionSpec, q, k, q_tokens: Tokens) -> str | None:
-    """Why ``backend`` cannot run this call (None if it can)."""
+def _device_reason(backend: str, dtype, softcap) -> str | None:
+    """What rules ``backend`` out on this machine for this model, whatever the call."""
     platform = jax.devices()[0].platform
-    shared_prefix = k.shape[0] != q.shape[0]
     if backend == "cudnn":
         if platform != "gpu":
             return f"cudnn attention needs an NVIDIA GPU (the default device is {platform})"
-        if q.dtype not in (jnp.bfloat16, jnp.float16):
-            return f"cudnn attention runs in bfloat16/float16, not {q.dtype} (set the model dtype to bfloat16)"
-        if spec.softcap:
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            return f"cudnn attention runs in bfloat16/float16, not {jnp.dtype(dtype)} (set the dtype to bfloat16)"
+        if softcap:
             return "cudnn attention has no logit soft-capping (Gemma 2)"
-        if q_tokens.branch is not None:
-            return "cudnn attention cannot express prompt-tree branches"
-        if not spec.causal or shared_prefix or q.shape[1] != k.shape[1]:
-            return "cudnn attention here covers causal self-attention, not a cached prefix"
-        return None
-    if backend == "splash":
-        if platform != "tpu":
-            return f"splash attention needs a TPU (the default device is {platform})"
-        if q_tokens.branch is not None:
-            return "splash attention cannot express prompt-tree branches"
-        if not spec.causal or shared_prefix or q.shape[1] != k.shape[1]:
-            return "splash attention here covers causal self-attention, not a cached prefix"
-        if q.shape[1] % 128:
-            return f"splash attention needs sequence lengths that are multiples of 128, got {q.shape[1]}"
-        return None
+    if backend == "splash" and platform != "tpu":
+        return f"splash attention needs a TPU (the default device is {platform})"
+    return None
+
+
+def check_backend(config) -> str | None:
+    """Why ``config.attention`` cannot run this model on this machine (None if it can); what
+    depends on each call (a cached prefix, prompt-tree branches) is decided per call."""
+    return _device_reason(config.attention, config.dtype, config.attn_logit_softcap)
+
+
+def unsupported_reason(backend: str, spec: AttentionSpec, q, k, q_tokens: Tokens) -> str | None:
+    """Why ``backend`` cannot run this call (None if it can)."""
+    reason = _device_reason(backend, q.dtype, spec.softcap)
+    if reason or backend not in ("cudnn", "splash"):
+        return reason
+    if q_tokens.branch is not None:
+        return f"{backend} attention cannot express prompt-tree branches"
+    if not spec.causal or k.shape[0] != q.shape[0] or q.shape[1] != k.shape[1]:
+        return f"{backend} attention here covers causal self-attention, not a cached prefix"
+    if backend == "splash" and q.shape[1] % 128:
+        return f"splash attention needs sequence lengths that are multiples of 128, got {q.shape[1]}"
     return None
 
 

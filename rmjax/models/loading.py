@@ -21,10 +21,11 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rmjax import sharding as shd
-from rmjax.errors import CheckpointError
+from rmjax.errors import CheckpointError, ConfigError
 from rmjax.models import checkpoint_keys as ck
 from rmjax.models import config_from_hf, family_of
 from rmjax.models.config import ModelConfig
+from rmjax.models.attention import check_backend
 from rmjax.models.transformer import abstract_params
 
 
@@ -79,6 +80,10 @@ def load_params(ckpt: Checkpoint, config: ModelConfig | None = None, *, mesh: Me
     family = family_of(ckpt.config, source)
     if config is None:
         config = config_from_hf(ckpt.config, source, **config_overrides)
+    reason = check_backend(config)
+    if reason:
+        raise ConfigError(f"attention={config.attention!r} cannot run this model here: {reason}; "
+                          "use --attention auto (it picks what can run) or blockwise")
     abstract = abstract_params(config)
     flat_abstract = traverse_util.flatten_dict(nn.unbox(abstract), sep="/")
     if mesh is None:
@@ -175,8 +180,10 @@ class StateDictCheckpoint:
 
 def load_model(name_or_path: str, *, mesh: Mesh | None = None, strategy: str = "fsdp",
                dtype: str = "float32", param_dtype: str = "float32", remat_policy: str = "none",
+               attention: str = "auto", attention_block_q: int = 512, attention_block_k: int = 512,
                with_tokenizer: bool = True, verbose: bool = False):
-    """Registry name, HF checkpoint dir or .gguf path -> LoadedModel (config, params, tokenizer)."""
+    """Registry name, HF checkpoint dir or .gguf path -> LoadedModel (config, params, tokenizer).
+    ``attention`` picks the attention backend (see ``rmjax.models.attention``)."""
     from rmjax.io import registry  # io depends on nothing in models; keep the import one-way at load
     from rmjax.models.transformer import LoadedModel
 
@@ -184,7 +191,8 @@ def load_model(name_or_path: str, *, mesh: Mesh | None = None, strategy: str = "
     ckpt = registry.open_checkpoint(source)
     config, params, score = load_params(ckpt, mesh=mesh, strategy=strategy, source=str(source.path),
                                         verbose=verbose, dtype=dtype, param_dtype=param_dtype,
-                                        remat_policy=remat_policy)
+                                        remat_policy=remat_policy, attention=attention,
+                                        attention_block_q=attention_block_q, attention_block_k=attention_block_k)
     tokenizer = None
     if with_tokenizer:
         from rmjax.io.tokenizer import check_vocab
