@@ -74,7 +74,7 @@ def long_pairs(n_pairs: int, seed: int, tokenizer, lo: int = 1024, hi: int = 204
     earlier turns of one conversation until its text holds ``lo``..``hi`` tokens (counted with
     ``tokenizer``); the last conversation's prompt and its chosen / rejected replies end it. A real
     1-2K-token transcript whose two replies differ only in the last turn, as in HH-RLHF."""
-    from rmjax.data.records import ScoringRecord, read_records
+    from rmjax.data.records import Record, read_records
 
     records = read_records("hh-rlhf:helpful-base", on_error="skip")
     order = iter(np.random.default_rng(seed).permutation(len(records)))
@@ -88,7 +88,7 @@ def long_pairs(n_pairs: int, seed: int, tokenizer, lo: int = 1024, hi: int = 204
             history, size = [], 0
             continue
         if size + n >= lo:
-            out.append(ScoringRecord(id=f"long:{len(out)}", prompt=tuple(history + turns), responses=rec.responses,
+            out.append(Record(id=f"long:{len(out)}", prompt=tuple(history + turns), responses=rec.responses,
                                      kind="pair", index=len(out)))
             history, size = [], 0
         else:
