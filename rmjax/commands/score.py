@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from rmjax.commands.options import add_attention_arguments, attention_options
 from rmjax.data.chat import TEMPLATE_CHOICES
 from rmjax.errors import RmjaxError
 
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/score", help="output directory")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    add_attention_arguments(p)
     p.set_defaults(func=run_score)
 
     v = sub.add_parser("vocab-scan", help="score every vocabulary token (or every word of a list) as a response",
@@ -58,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--template", choices=TEMPLATE_CHOICES, default="model")
     v.add_argument("--chunk", type=int, default=512, help="responses per batch against the prompt cache")
     v.add_argument("--out", default="runs/vocab_scan")
+    add_attention_arguments(v)
     v.set_defaults(func=run_vocab_scan)
 
 
@@ -115,7 +118,7 @@ def run_score(args) -> int:
         from rmjax import sharding as shd
         mesh = shd.make_mesh(args.strategy)
     slots = [bulk.ModelSlot(role, load_model(name, dtype=args.dtype, mesh=mesh,
-                                             strategy=args.strategy if mesh else "dp"))
+                                             strategy=args.strategy if mesh else "dp", **attention_options(args)))
              for role, name in roles if name]
     scorer = bulk.Scorer(slots, s, mesh=mesh, strategy=args.strategy)
     bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in slots)}; "
@@ -173,12 +176,13 @@ def run_vocab_scan(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not args.model and not (args.rm and args.mode != "next-token"):
         raise RmjaxError("give --model (log-probs), or --rm with --mode response|words for RM scores only")
-    model = load_model(args.model) if args.model else None
+    attention = attention_options(args)
+    model = load_model(args.model, **attention) if args.model else None
     if args.mode == "next-token":
         table = vs.next_token_table(model, prompts, args.template)
         _write_csv(table, out / "next_token_logprobs.csv")
         if args.reference:
-            ref = load_model(args.reference)
+            ref = load_model(args.reference, **attention)
             ref_table = vs.next_token_table(ref, prompts, args.template)
             _write_csv(ref_table, out / "reference_next_token_logprobs.csv")
             for key in prompts:
@@ -186,8 +190,8 @@ def run_vocab_scan(args) -> int:
                 _write_csv(m, out / f"mwlr_{key}.csv")
         print(f"wrote {out}")
         return 0
-    rm = load_model(args.rm) if args.rm else None
-    ref = load_model(args.reference) if args.reference else None
+    rm = load_model(args.rm, **attention) if args.rm else None
+    ref = load_model(args.reference, **attention) if args.reference else None
     from rmjax.scoring.bulk import same_tokenizer
     if ref is not None and model is None:
         raise RmjaxError("--reference needs --model (the implicit reward compares the two)")
