@@ -254,6 +254,8 @@ def test_optional_fields_and_ratings(tmp_path):
     got = read_records(path)
     assert got[0].ratings == (("helpful", 4.0), ("honest", None)) and got[0].weight == 2.0 and got[0].subset == "s1"
     assert got[2].margin == 0.5 and got[2].ratings is None and got[2].weight is None
+    again = write_jsonl(tmp_path / "again.jsonl", [r.to_json() for r in got])
+    assert read_records(again) == got  # to_json round-trips every field
     names, values = rating_matrix(got[:2])
     assert names == ("helpful", "honest") and values == [[4.0, None], [0.0, 1.5]]
     assert rating_matrix(got[:2], ("honest", "helpful", "brief"))[1] == [[None, 4.0, None], [1.5, 0.0, None]]

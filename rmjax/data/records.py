@@ -67,6 +67,18 @@ class Record:
     def prompt_messages(self) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.prompt]
 
+    def to_json(self) -> dict:
+        """The record in layout a / c / f / g (``read_records`` reads it back as this record)."""
+        out: dict[str, Any] = {"id": self.id, "prompt": self.prompt_messages}
+        if self.kind == "single":
+            out["response"] = self.responses[0]
+        else:
+            out["chosen"] = self.responses[0]
+            out["rejected"] = self.responses[1] if self.kind == "pair" else list(self.responses[1:])
+        extras = {"subset": self.subset or None, "margin": self.margin, "weight": self.weight,
+                  "ratings": dict(self.ratings) if self.ratings is not None else None}
+        return {**out, **{k: v for k, v in extras.items() if v is not None}}
+
     @property
     def response_names(self) -> tuple[str, ...]:
         if self.kind == "pair":

@@ -6,7 +6,8 @@ just the step number, so a resumed run sees exactly the batches an uninterrupted
 process builds its own contiguous slice of every micro-batch.
 
 Arrays of one micro-batch (every head reads the same schema; ``rmjax.train.heads``):
-    packed (train.pack, the default): prompt trees in rows of ``pack_length`` tokens —
+    packed (train.pack, the default): prompt trees in rows of at most ``pack_length`` tokens (per
+        step, the ladder length that computes the fewest tokens) —
         input_ids, segment_ids, branch_ids, positions [R, L]  (``rmjax.data.batching.build_packed``)
     unpacked: every response a row of its own, prompt + response, padded ([2b, T] for pairs) —
         input_ids, attention_mask [R, T]
@@ -86,20 +87,39 @@ def process_slice(indices: np.ndarray, process_index: int, process_count: int) -
 
 # ---------------------------------------------------------------- one micro-batch
 
-def _rows(examples: list, layout: Layout) -> tuple[dict, list[list], int]:
-    """(trees by key, rows of keys, row length). Packed: (example, 0) keys, trees packed first-fit.
-    Unpacked: (example, response) keys, one prompt + response per row."""
+def _rows(examples: list, layout: Layout, row_length: int | None = None) -> tuple[dict, list[list], int]:
+    """(trees by key, rows of keys, row length). Packed: (example, 0) keys, trees packed first-fit
+    into rows of ``row_length`` (default ``pack_length``). Unpacked: (example, response) keys, one
+    prompt + response per row."""
     if layout.packed:
         trees = {(i, 0): e.tree for i, e in enumerate(examples)}
-        rows = batching.pack_rows(trees, layout.pack_length)
+        rows = batching.pack_rows(trees, row_length or layout.pack_length)
         return trees, [keys for _, keys in rows], max(length for length, _ in rows)
     trees = {(i, j): Encoded(e.tree.prompt, (r,)) for i, e in enumerate(examples) for j, r in enumerate(e.tree.responses)}
     return trees, [[k] for k in trees], bucket(max(t.tree_length for t in trees.values()))
 
 
-def needs(examples: list, layout: Layout) -> dict[str, int]:
+def _round_rows(n: int, layout: Layout) -> int:
+    m = layout.row_multiple
+    return m * bucket(-(-n // m), ROW_LADDER)
+
+
+def row_length(micro_batches: list[list], layout: Layout) -> int:
+    """The packed row length (a ladder length up to ``pack_length``, at least the longest tree)
+    that computes the fewest tokens over the micro-batches (shorter rows also attend over less)."""
+    longest = max(e.tree.tree_length for mb in micro_batches for e in mb)
+    options = [b for b in BUCKETS if longest <= b <= layout.pack_length] or [layout.pack_length]
+
+    def cost(length: int) -> int:
+        rows = max(len(_rows(mb, layout, length)[1]) for mb in micro_batches)
+        return _round_rows(rows, layout) * length
+
+    return min(options, key=lambda length: (cost(length), length))
+
+
+def needs(examples: list, layout: Layout, packed_length: int | None = None) -> dict[str, int]:
     """The shape sizes one micro-batch needs (rows, length, slots, targets, pairs)."""
-    trees, rows, length = _rows(examples, layout)
+    trees, rows, length = _rows(examples, layout, packed_length)
     return {"rows": len(rows), "length": length,
             "slots": max(sum(len(trees[k].responses) for k in keys) for keys in rows),
             "targets": max(sum(len(r) for k in keys for r in trees[k].responses) for keys in rows),
@@ -108,10 +128,11 @@ def needs(examples: list, layout: Layout) -> dict[str, int]:
 
 def shapes(micro_batches: list[list], layout: Layout) -> dict[str, int]:
     """Bucketed sizes that fit every one of ``micro_batches`` (lists of examples)."""
-    need = [needs(mb, layout) for mb in micro_batches]
+    packed_length = row_length(micro_batches, layout) if layout.packed else 0
+    need = [needs(mb, layout, packed_length) for mb in micro_batches]
     top = {k: max(n[k] for n in need) for k in need[0]}
     m = layout.row_multiple
-    return {"rows": m * bucket(-(-top["rows"] // m), ROW_LADDER), "length": top["length"],
+    return {"rows": _round_rows(top["rows"], layout), "length": top["length"], "packed_length": packed_length,
             "slots": 1 if not layout.packed else bucket(top["slots"], (1, 2, 4, 8) + BUCKETS),
             "targets": bucket(top["targets"]), "pairs": m * bucket(-(-max(top["pairs"], 1) // m), ROW_LADDER)}
 
@@ -119,7 +140,7 @@ def shapes(micro_batches: list[list], layout: Layout) -> dict[str, int]:
 def arrays(examples: list, layout: Layout, sizes: dict[str, int]) -> tuple[dict[str, np.ndarray], list[list[int]]]:
     """One micro-batch's arrays (see the module docstring) at the given sizes, and per example the
     flat slot index of each of its responses."""
-    trees, rows, length = _rows(examples, layout)
+    trees, rows, _ = _rows(examples, layout, sizes.get("packed_length"))
     length = sizes["length"]
     pb = batching.build_packed(trees, rows, length, layout.pad_id, n_rows=sizes["rows"], slots=sizes["slots"],
                                targets=sizes["targets"])

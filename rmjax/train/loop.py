@@ -134,7 +134,8 @@ def evaluate(eval_fn, trainable, frozen, data: texamples.ExampleSet, layout, mes
     if layout.trees == "ratings":
         report = tevaluate.ratings_report(outs, data.examples, data.objectives)
         return {"mse": report["mse"], "examples": report["examples"],
-                **{f"mse/{k}": v["mse"] for k, v in report["objectives"].items()}}
+                **{f"mse/{k}": v["mse"] for k, v in report["objectives"].items()},
+                **{f"pearson/{k}": v["pearson"] for k, v in report["objectives"].items()}}
     scored = [tevaluate.example_score(run.head.kind, o, beta=run.loss.beta) for o in outs]
     report = tevaluate.accuracy_report(np.array([s for s, _ in scored]), [e.record.subset for e in data.examples])
     out = {"accuracy": report["accuracy"], "margin": float(np.mean([m for _, m in scored])),
