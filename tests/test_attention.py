@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rmjax.errors import ConfigError
 from rmjax.models import attention as attn
 from rmjax.models.attention import AttentionSpec, Tokens
 
@@ -197,7 +198,7 @@ def test_unavailable_backends_give_a_clear_error():
     q, k, v = _qkv(1, 8, 8, 1, 1, 4)
     tok = _padded([8], 8, "right")
     for backend, device in (("cudnn", "GPU"), ("splash", "TPU")):
-        with pytest.raises(ValueError, match=f"{backend}.*needs an? .*{device}"):
+        with pytest.raises(ConfigError, match=f"{backend}.*needs an? .*{device}"):
             attn.attend(q, k, v, tok, tok, AttentionSpec(scale=1.0, backend=backend))
     with pytest.raises(ValueError, match="not one of"):
         AttentionSpec(scale=1.0, backend="flash")

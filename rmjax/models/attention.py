@@ -44,7 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax.errors import ConfigError
 from rmjax.models.config import ATTENTION_BACKENDS as BACKENDS
+
 EMPTY_LSE = -1e30  # lse of a query that sees no key: finite, and exp(EMPTY_LSE - x) == 0
 _BIG = np.iinfo(np.int32).max // 2
 
@@ -93,8 +95,8 @@ def attend_with_lse(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: Attention
     if spec.backend == "naive":
         return naive_attention(q, k, v, q_tokens, k_tokens, spec, window)
     if spec.backend in ("cudnn", "splash"):
-        raise ValueError(f"attention backend {spec.backend!r} cannot attend over a cached prefix; "
-                         "use attention='auto' or 'blockwise' for KV-cache scoring")
+        raise ConfigError(f"attention backend {spec.backend!r} cannot attend over a cached prefix; "
+                          "use attention='auto' or 'blockwise' for KV-cache scoring")
     return blockwise_attention(q, k, v, q_tokens, k_tokens, spec, window)
 
 
@@ -149,8 +151,8 @@ def resolve_backend(spec: AttentionSpec, q, k, q_tokens: Tokens) -> str:
     if spec.backend in ("cudnn", "splash"):
         reason = unsupported_reason(spec.backend, spec, q, k, q_tokens)
         if reason:
-            raise ValueError(f"attention backend {spec.backend!r} cannot run here: {reason}; "
-                             "use attention='auto' (picks what can) or 'blockwise'")
+            raise ConfigError(f"attention backend {spec.backend!r} cannot run here: {reason}; "
+                              "use attention='auto' (picks what can) or 'blockwise'")
         return spec.backend
     platform = jax.devices()[0].platform
     preferred = {"gpu": "cudnn", "tpu": "splash"}.get(platform)
