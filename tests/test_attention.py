@@ -283,3 +283,21 @@ def test_decoder_loss_and_gradients_blockwise_equal_naive(case):
     np.testing.assert_allclose(float(l_b), float(l_n), rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_b), jax.tree.leaves(g_n)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_training_memory_grows_linearly_with_length():
+    """XLA's own accounting of the compiled forward + backward: the blockwise kernel's scratch memory
+    grows linearly in T (no [T, T] residuals), the naive reference's quadratically."""
+    def temp_bytes(backend, t):
+        q = jax.ShapeDtypeStruct((1, t, 2, 2, 32), jnp.float32)
+        kv = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
+        tok = _padded([t], t, "right")
+        spec = AttentionSpec(scale=0.2, backend=backend, block_q=128, block_k=128)
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn.attend(q, k, v, tok, tok, spec)), argnums=(0, 1, 2)))
+        return grad.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+    block = [temp_bytes("blockwise", t) for t in (512, 1024, 2048)]
+    naive = [temp_bytes("naive", t) for t in (512, 1024, 2048)]
+    assert block[2] / block[1] < 2.2 and block[1] / block[0] < 2.2
+    assert naive[2] / naive[1] > 3.5
+    assert block[2] < naive[2] / 20
