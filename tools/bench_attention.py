@@ -130,6 +130,8 @@ def layer_table(lengths: list[int], repeats: int, backends=("blockwise",), dtype
                                    argnums=(0, 1, 2)))
             row[f"{backend}_fwd_s"] = median_time(lambda: fwd(jq, jk, jv).block_until_ready(), repeats)  # noqa: B023
             row[f"{backend}_fwd_bwd_s"] = median_time(lambda: jax.block_until_ready(bwd(jq, jk, jv)), repeats)  # noqa: B023
+            # XLA's accounting of the compiled step's scratch buffers (what grows with T)
+            row[f"{backend}_fwd_bwd_temp_mb"] = bwd.lower(jq, jk, jv).compile().memory_analysis().temp_size_in_bytes / 2**20
             outs[backend] = np.asarray(fwd(jq, jk, jv), np.float32).reshape(1, t, hkv * g, d)
         if jax.default_backend() == "cpu":
             tq = torch.tensor(q.reshape(1, t, hkv * g, d)).transpose(1, 2).contiguous()
@@ -215,7 +217,7 @@ def main() -> None:
         result["mfu_1b"] = gpu_mfu([4096, 8192], args.repeats)
         write_result(args.out, result)
         return
-    result["layer"] = layer_table(args.layer_lengths, args.repeats)
+    result["layer"] = layer_table(args.layer_lengths, args.repeats, ("blockwise", "naive"))
     write_result(args.out, result)
     if not args.skip_forward:
         result["forward"] = forward_table(args.lengths, args.naive_max, args.repeats)
