@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-from bench_common import environment, median_time, peak_rss_mb, write_result  # noqa: E402
+from bench_common import best_interleaved, environment, median_time, peak_rss_mb, write_result  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -74,7 +74,7 @@ def worker_forward(impl: str, seq: int, repeats: int, out_npy: str) -> dict:
         compile_s = time.perf_counter() - t0
         run = lambda: fn(params, ids).block_until_ready()  # noqa: E731
         hidden = np.asarray(run())
-    t = median_time(run, repeats=repeats, warmup=0)
+    t = best_interleaved({impl: run}, repeats, warmup=0)[impl]  # already warm: ``hidden`` came from run()
     np.save(out_npy, hidden[0])
     return {"impl": impl, "seq": seq, "tokens_per_s": seq / t, "seconds": t, "compile_s": compile_s,
             "peak_rss_mb": peak_rss_mb()}
@@ -88,7 +88,8 @@ def forward_table(lengths: list[int], naive_max: int, repeats: int) -> list[dict
             hidden = {}
             for impl in impls:
                 npy = os.path.join(tmp, f"{impl}_{seq}.npy")
-                cmd = [sys.executable, __file__, "--worker", impl, "--seq", str(seq), "--repeats", str(repeats),
+                n = 1 if impl == "naive" and seq > 2048 else min(repeats, 3)  # naive at 4K: a minute a call
+                cmd = [sys.executable, __file__, "--worker", impl, "--seq", str(seq), "--repeats", str(n),
                        "--npy", npy]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode:
@@ -107,7 +108,8 @@ def forward_table(lengths: list[int], naive_max: int, repeats: int) -> list[dict
 
 
 def layer_table(lengths: list[int], repeats: int, backends=("blockwise",), dtype="float32") -> list[dict]:
-    """One causal attention layer, SmolLM2 shape, rmjax backends vs torch SDPA (fwd, fwd+bwd)."""
+    """One causal attention layer, SmolLM2 shape, rmjax backends vs torch SDPA (fwd, fwd+bwd), timed
+    in interleaved rounds (best of each)."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -115,6 +117,7 @@ def layer_table(lengths: list[int], repeats: int, backends=("blockwise",), dtype
     from rmjax.models import attention as attn
 
     hkv, g, d = 3, 3, 64
+    on_cpu = jax.default_backend() == "cpu"
     rows = []
     for t in lengths:
         rng = np.random.default_rng(0)
@@ -122,31 +125,41 @@ def layer_table(lengths: list[int], repeats: int, backends=("blockwise",), dtype
         tok = attn.Tokens(jnp.ones((1, t), jnp.int32), jnp.arange(t, dtype=jnp.int32)[None])
         jq, jk, jv = (jnp.asarray(x, dtype) for x in (q, k, v))
         row = {"seq": t, "heads": f"{hkv * g}q/{hkv}kv", "head_dim": d, "dtype": dtype}
-        outs = {}
+        fwd_fns, bwd_fns, outs = {}, {}, {}
         for backend in backends:
             spec = attn.AttentionSpec(scale=d ** -0.5, backend=backend)
-            fwd = jax.jit(lambda q, k, v: attn.attend(q, k, v, tok, tok, spec))  # noqa: B023
-            bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn.attend(q, k, v, tok, tok, spec).astype(jnp.float32)),  # noqa: B023
-                                   argnums=(0, 1, 2)))
-            row[f"{backend}_fwd_s"] = median_time(lambda: fwd(jq, jk, jv).block_until_ready(), repeats)  # noqa: B023
-            row[f"{backend}_fwd_bwd_s"] = median_time(lambda: jax.block_until_ready(bwd(jq, jk, jv)), repeats)  # noqa: B023
+            fwd = jax.jit(lambda q, k, v, spec=spec: attn.attend(q, k, v, tok, tok, spec))  # noqa: B023
+            bwd = jax.jit(jax.grad(lambda q, k, v, spec=spec: jnp.sum(  # noqa: B023
+                attn.attend(q, k, v, tok, tok, spec).astype(jnp.float32)), argnums=(0, 1, 2)))
+            fwd_fns[backend] = lambda fwd=fwd: fwd(jq, jk, jv).block_until_ready()  # noqa: B023
+            bwd_fns[backend] = lambda bwd=bwd: jax.block_until_ready(bwd(jq, jk, jv))  # noqa: B023
+            outs[backend] = np.array(fwd(jq, jk, jv), np.float32).reshape(1, t, hkv * g, d)  # a copy
             # XLA's accounting of the compiled step's scratch buffers (what grows with T)
             row[f"{backend}_fwd_bwd_temp_mb"] = bwd.lower(jq, jk, jv).compile().memory_analysis().temp_size_in_bytes / 2**20
-            outs[backend] = np.asarray(fwd(jq, jk, jv), np.float32).reshape(1, t, hkv * g, d)
-        if jax.default_backend() == "cpu":
+        if on_cpu:
             tq = torch.tensor(q.reshape(1, t, hkv * g, d)).transpose(1, 2).contiguous()
             tk, tv = (torch.tensor(x).transpose(1, 2).contiguous() for x in (k, v))
             sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
                 q, k, v, is_causal=True, enable_gqa=True)
-            with torch.inference_mode():
-                row["torch_sdpa_fwd_s"] = median_time(lambda: sdpa(tq, tk, tv), repeats)  # noqa: B023
-                ref = sdpa(tq, tk, tv).transpose(1, 2).numpy()
             leaves = [x.clone().requires_grad_() for x in (tq, tk, tv)]
 
-            def fwd_bwd():
+            def torch_fwd():
+                with torch.inference_mode():
+                    sdpa(tq, tk, tv)  # noqa: B023
+
+            def torch_fwd_bwd():
                 sdpa(*leaves).sum().backward()  # noqa: B023
 
-            row["torch_sdpa_fwd_bwd_s"] = median_time(fwd_bwd, repeats)
+            fwd_fns["torch_sdpa"], bwd_fns["torch_sdpa"] = torch_fwd, torch_fwd_bwd
+            with torch.inference_mode():
+                ref = sdpa(tq, tk, tv).transpose(1, 2).numpy().copy()
+        slow = {n for n in backends if n == "naive" and t > 2048}  # seconds per call: fewer rounds
+        for kind, fns in (("fwd", fwd_fns), ("fwd_bwd", bwd_fns)):
+            best = best_interleaved({n: f for n, f in fns.items() if n not in slow}, repeats)
+            best.update(best_interleaved({n: fns[n] for n in slow}, 1, warmup=1) if slow else {})
+            for name, seconds in best.items():
+                row[f"{name}_{kind}_s"] = seconds
+        if on_cpu:
             for backend in backends:
                 row[f"{backend}_max_abs_diff_vs_torch"] = float(np.abs(outs[backend] - ref).max())
                 row[f"{backend}_fwd_ratio_vs_torch"] = row["torch_sdpa_fwd_s"] / row[f"{backend}_fwd_s"]
@@ -200,7 +213,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     ap.add_argument("--naive-max", type=int, default=4096, help="longest length for the naive rmjax forward")
     ap.add_argument("--layer-lengths", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="timing rounds (best of)")
     ap.add_argument("--gpu", action="store_true", help="cudnn/blockwise/naive and 1B-class MFU (needs a GPU)")
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--out", default="tools/results/attention_cpu.json")

@@ -22,6 +22,23 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Best time of each function over ``rounds`` rounds that call every function once, in turn.
+
+    On a shared host, interference only ever adds time; the best of interleaved rounds compares
+    the two sides under the same conditions, which a median of separate runs does not."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak_flops(n: int = 2048, dtype: str = "float32") -> dict:
     """Measured matmul rate (FLOP/s) of JAX and torch on this machine: the roofline ceiling."""
     import jax
