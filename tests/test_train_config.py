@@ -36,6 +36,8 @@ def test_unknown_key_names_closest(tmp_path):
     ("loss.kind=mse", r"head.kind='scalar' with loss.kind='mse' is not trainable; choose one of scalar\+bt"),
     ("head.kind=armorm", "set train.trainable=head"),
     ("data.holdout=2.5", "data.holdout is a count"),
+    ("model.attention=flash", "model.attention='flash' is not one of"),
+    ("model.attention_block_q=0", "attention_block_k must be positive"),
 ])
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -47,3 +49,10 @@ def test_bad_yaml_names_line(tmp_path):
     path.write_text("optim:\n  lr: [1,\n")
     with pytest.raises(ConfigError, match=r"bad.yaml line \d+: invalid YAML"):
         load_config(path)
+
+
+def test_model_section_passes_the_attention_kernel_to_the_loader():
+    run = load_config(None, ["model.attention=naive", "model.attention_block_k=64", "model.dtype=float32"])
+    opts = run.model.load_options()
+    assert opts["attention"] == "naive" and opts["attention_block_k"] == 64 and opts["attention_block_q"] == 512
+    assert opts["dtype"] == "float32" and opts["remat_policy"] == "none"

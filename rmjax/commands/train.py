@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from rmjax.commands.options import add_attention_arguments, attention_options
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a reward model: any head x loss on any preference data (resumable)",
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--template", default="model", help="chat rendering (model, plain, chatml, gemma, llama3)")
     e.add_argument("--on-error", choices=["skip", "fail"], default="skip")
     e.add_argument("--out", help="write the report as JSON here (and markdown next to it, .md)")
+    add_attention_arguments(e)
     e.set_defaults(func=run_eval)
 
     m = sub.add_parser("merge-adapter", help="write a LoRA adapter merged into its base as a full HF checkpoint")
@@ -61,7 +64,7 @@ def run_eval(args) -> int:
                          beta=args.beta, reduction=args.reduction, categories=args.categories,
                          max_length=args.max_length, batch_size=args.batch_size, pack_length=args.pack_length,
                          padding_side=args.padding_side, template=args.template, on_error=args.on_error,
-                         objective=args.objective)
+                         objective=args.objective, attention=attention_options(args))
     print(markdown(report))
     if args.out:
         for path in write_report(report, args.out):

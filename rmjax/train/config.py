@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from rmjax.errors import ConfigError
+from rmjax.models.config import ATTENTION_BACKENDS
 
 
 @dataclasses.dataclass
@@ -24,6 +25,15 @@ class ModelSection:
     dtype: str = "bfloat16"  # compute dtype; master weights stay in param_dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
+    attention: str = "auto"  # auto | blockwise | naive | cudnn | splash (rmjax.models.attention)
+    attention_block_q: int = 512  # blockwise kernel block sizes
+    attention_block_k: int = 512
+
+    def load_options(self) -> dict:
+        """``load_model`` keyword arguments for the numerics and kernels of this section."""
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype, "remat_policy": self.remat,
+                "attention": self.attention, "attention_block_q": self.attention_block_q,
+                "attention_block_k": self.attention_block_k}
 
 
 @dataclasses.dataclass
@@ -116,6 +126,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention": ATTENTION_BACKENDS,
     "data.over_length": ("truncate", "drop"),
     "data.on_error": ("skip", "fail"),
     "head.kind": ("scalar", "multi_objective", "armorm", "judge", "lm"),
@@ -205,6 +216,8 @@ def validate(config: RunConfig, where: str = "config") -> RunConfig:
     t, d = config.train, config.data
     checks = [
         (0 < d.fraction <= 1, "data.fraction must be in (0, 1]"),
+        (config.model.attention_block_q > 0 and config.model.attention_block_k > 0,
+         "model.attention_block_q and model.attention_block_k must be positive"),
         (bool(d.train), "data.train must name at least one input"),
         (d.holdout > 0 or d.eval, "data.holdout must be positive when data.eval is empty"),
         (d.holdout < 1 or float(d.holdout).is_integer(), "data.holdout is a count (>= 1) or a fraction (< 1)"),

@@ -108,8 +108,7 @@ def head_extras(run: RunConfig, loaded, mesh, train_set) -> dict:
     if run.head.kind == "armorm" and run.head.regression_from:
         extra["regression"] = load_model(run.head.regression_from, with_tokenizer=False).score_head
     if run.loss.kind == "dpo" and run.loss.reference:
-        ref = load_model(run.loss.reference, mesh=mesh, strategy=run.mesh.strategy, dtype=run.model.dtype,
-                         param_dtype=run.model.param_dtype)
+        ref = load_model(run.loss.reference, mesh=mesh, strategy=run.mesh.strategy, **run.model.load_options())
         from rmjax.scoring.bulk import same_tokenizer
         if not same_tokenizer(ref.tokenizer, loaded.tokenizer):
             raise ConfigError(f"loss.reference={run.loss.reference!r} has another tokenizer than model.name; "
@@ -171,8 +170,7 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     log = (lambda m: print(m, file=sys.stderr)) if distributed.is_main_process() else (lambda m: None)
     mesh = shd.make_mesh(shd.MeshConfig(strategy=run.mesh.strategy, data=run.mesh.data, fsdp=run.mesh.fsdp,
                                         tensor=run.mesh.tensor))
-    loaded = load_model(run.model.name, mesh=mesh, strategy=run.mesh.strategy, dtype=run.model.dtype,
-                        param_dtype=run.model.param_dtype, remat_policy=run.model.remat)
+    loaded = load_model(run.model.name, mesh=mesh, strategy=run.mesh.strategy, **run.model.load_options())
     config, tok = loaded.config, loaded.tokenizer
     entry = theads.entry(run)
     train_set, eval_set = texamples.load_sets(run, tok, entry.trees, log)

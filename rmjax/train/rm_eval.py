@@ -33,9 +33,9 @@ from rmjax.train.loop import layout_for
 LOSS = {"scalar": "bt", "multi_objective": "mse", "armorm": "bt", "judge": "ce", "lm": "dpo"}
 
 
-def _load(name: str, mesh, dtype: str):
+def _load(name: str, mesh, dtype: str, attention: dict):
     from rmjax.models.loading import load_model
-    return load_model(name, mesh=mesh, strategy="dp", dtype=dtype)
+    return load_model(name, mesh=mesh, strategy="dp", dtype=dtype, **attention)
 
 
 @dataclasses.dataclass
@@ -55,11 +55,14 @@ class Evaluator:
 
     @classmethod
     def load(cls, model: str = "", *, policy: str = "", reference: str = "", beta: float = 1.0,
-             max_length: int = 1024, pack_length: int = -1, template: str = "model") -> "Evaluator":
+             max_length: int = 1024, pack_length: int = -1, template: str = "model",
+             attention: dict | None = None) -> "Evaluator":
+        """``attention``: ``load_model``'s attention options (backend, block sizes)."""
         if bool(model) == bool(policy):
             raise ConfigError("give --model (an explicit reward model) or --policy (the implicit reward), not both")
         mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
-        loaded = _load(model or policy, mesh, "float32")
+        attention = attention or {}
+        loaded = _load(model or policy, mesh, "float32", attention)
         frozen, settings, kind, head = {"backbone": loaded.params}, {}, "lm", {}
         if model:
             from rmjax.train.export import load_head
@@ -71,7 +74,7 @@ class Evaluator:
             ref_name = reference if policy else settings.get("reference", "")
             beta = beta if policy else settings.get("beta", beta)
             if ref_name:
-                ref = _load(ref_name, mesh, "float32")
+                ref = _load(ref_name, mesh, "float32", attention)
                 from rmjax.scoring.bulk import same_tokenizer
                 if not same_tokenizer(ref.tokenizer, loaded.tokenizer):
                     raise ConfigError(f"--reference {ref_name} has another tokenizer than the policy; the implicit "
@@ -125,12 +128,13 @@ class Evaluator:
 def evaluate_rm(model: str = "", *, data: tuple[str, ...] = ("llmbar",), policy: str = "", reference: str = "",
                 beta: float = 1.0, reduction: str = "sum", categories: str | None = None, max_length: int = 1024,
                 batch_size: int = 8, pack_length: int = -1, padding_side: str = "right", template: str = "model",
-                on_error: str = "skip", objective: str | None = None, log=None) -> dict:
+                on_error: str = "skip", objective: str | None = None, attention: dict | None = None,
+                log=None) -> dict:
     """The report dict (see ``rmjax.train.evaluate``); ``pack_length`` -1 packs rows of 2 x max_length,
     0 uses padded rows."""
     log = log or (lambda m: print(m, file=sys.stderr))
     ev = Evaluator.load(model, policy=policy, reference=reference, beta=beta, max_length=max_length,
-                        pack_length=pack_length, template=template)
+                        pack_length=pack_length, template=template, attention=attention)
     report_in = RecordReport()
     records = texamples.read_inputs(tuple(data), on_error, report_in)
     subsets = [r.subset for r in records]
