@@ -1,7 +1,7 @@
 """Prompt/response boundaries are token-exact for every template, on the real tokenizers."""
 import pytest
 
-from rmjax.data.chat import BUILTIN_TEMPLATES, render, template_name
+from rmjax.data.chat import BUILTIN_TEMPLATES, gate_offset, render, template_name
 from rmjax.errors import ConfigError, DataError
 from rmjax.io import registry
 
@@ -51,3 +51,50 @@ def test_duplicated_bos_is_reported_with_the_fix():
         render(gemma, [{"role": "system", "content": f"{bos}Be kind."}, {"role": "user", "content": "Hi"}], "Hey")
     prompt, _ = render(gemma, [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}], "Hey")
     assert prompt[0] == gemma.bos_id and prompt[1] != gemma.bos_id
+
+
+# ----------------------------------------------------------------------------- ArmoRM's gating token
+def _gate_token(tok, template):
+    """(prompt ids, gate position) for PROMPT (two user turns)."""
+    prompt_ids, _ = render(tok, PROMPT, "Hatred", template)
+    return prompt_ids, len(prompt_ids) - 1 - gate_offset(tok, PROMPT, template)
+
+
+def test_gating_token_closes_the_last_user_turn_chatml():
+    smol = registry.load_tokenizer("smollm2-135m-instruct")
+    for template in ("model", "chatml"):
+        ids, g = _gate_token(smol, template)
+        assert ids[g] == smol.token_id("<|im_end|>")  # not the last token of the generation prompt
+        assert g < len(ids) - 1
+        assert smol.decode(ids[g + 1:]) == "\n<|im_start|>assistant\n"
+        assert smol.decode(ids[:g]).endswith("And the worst?")  # the last user turn, not the first
+
+
+def test_gating_token_plain_template_is_the_last_user_token():
+    gemma = registry.load_tokenizer("gemma3-270m")
+    ids, g = _gate_token(gemma, "plain")
+    assert gemma.decode(ids[:g + 1]).endswith("And the worst?")
+    assert gemma.decode(ids[g + 1:]) == "\n\nAssistant:"
+
+
+def test_gating_token_llama3_is_eot_before_the_assistant_header():
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    from rmjax.io.tokenizer import Tokenizer
+
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([m["content"] for m in PROMPT] * 4 + ["user assistant"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok = Tokenizer(backend, source="tiny-llama3", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                    chat_template=BUILTIN_TEMPLATES["llama3"])
+    ids, g = _gate_token(tok, "model")
+    assert ids[g] == tok.token_id("<|eot_id|>")
+    # the authors' pattern: <|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n starts at the gate
+    assert tok.decode(ids[g:]) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert ids.count(tok.token_id("<|eot_id|>")) == 3 and ids[g] == ids[-1 - ids[::-1].index(ids[g])]
+    with pytest.raises(DataError, match="no user turn"):
+        gate_offset(tok, [], "model")

@@ -91,8 +91,10 @@ def naive(name, tiny, ex, full, run, statics):
         return {"reward": h @ np.asarray(head["score"]["kernel"])[:, 0]}
     if name == "multi_objective+mse":
         return {"rewards": h @ np.asarray(head["regression_layer"]["kernel"])}
-    if name == "armorm+bt":
-        prompt_h = np.stack([last_hidden(p, c, ex.tree.prompt)] * len(seqs))
+    if name == "armorm+bt":  # the gate reads the token that closes the user turn (ChatML: <|im_end|>)
+        gate = len(ex.tree.prompt) - ex.tree.gate
+        assert ex.tree.gate > 0 and ex.tree.prompt[gate - 1] == tiny.tokenizer.token_id("<|im_end|>")
+        prompt_h = np.stack([last_hidden(p, c, ex.tree.prompt[:gate])] * len(seqs))
         rewards = h @ np.asarray(head["regression_layer"]["kernel"])
         gate = ArmoRMGatingHead(3, hidden_dim=16, num_hidden_layers=1)
         return {"reward": np.asarray(gate.apply({"params": head["gating"]}, prompt_h, rewards).score)}

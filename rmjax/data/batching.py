@@ -16,7 +16,9 @@ see the prompt and themselves only, so each response is computed exactly as if i
 prompt alone while the prompt's tokens run once. Rows are filled first-fit-decreasing; a tree
 longer than the row gets a row of its own (bucketed length). Per row, *slots* number the responses
 (sequences) it holds: ``seq_index`` [R, S] is the position of a slot's last token (where rewards
-are pooled), ``seq_prompt_index`` the last prompt token of its tree; ``target_*`` [R, Tt] list the
+are pooled), ``seq_gate_index`` the gating token of its tree (ArmoRM's gate input: the token that
+closes the user turn, ``Encoded.gate`` tokens before the prompt's end; the last prompt token when
+``gate`` is 0); ``target_*`` [R, Tt] list the
 response tokens with the position that predicts each (for log-probs, only response tokens are
 unembedded). Everything is row-local, so rows split over data-parallel devices.
 """
@@ -26,7 +28,7 @@ import dataclasses
 
 import numpy as np
 
-from rmjax.data.chat import render
+from rmjax.data.chat import gate_offset, render
 from rmjax.errors import DataError
 
 # a 1.5x ladder: little padding, few compiled shapes; past its end, powers of two
@@ -48,6 +50,7 @@ class Encoded:
     prompt: np.ndarray
     responses: tuple[np.ndarray, ...]
     truncated: bool = False
+    gate: int = 0  # prompt tokens after the gating token (``rmjax.data.chat.gate_offset``); 0: the last one
 
     @property
     def tree_length(self) -> int:
@@ -72,20 +75,26 @@ def truncate(prompt: list[int], responses: list[list[int]], max_length: int, ove
 
 
 def encode(tokenizer, record, template: str = "model", max_length: int = 1024, over_length: str = "truncate",
-           name: str = "") -> Encoded | str:
-    """The token ids of a record for one model, or the reason (naming the record) it is dropped."""
+           name: str = "", gate: bool = False) -> Encoded | str:
+    """The token ids of a record for one model, or the reason (naming the record) it is dropped.
+    ``gate``: also locate the gating token (``Encoded.gate``); a truncation that would cut it away
+    drops the example."""
     prompt_ids, responses = None, []
-    for response in record.responses:
-        try:
+    try:
+        for response in record.responses:
             p, r = render(tokenizer, record.prompt_messages, response, template)
-        except DataError as e:
-            raise DataError(f"{record.place or record.id}: {e}") from None
-        prompt_ids = p if prompt_ids is None else prompt_ids
-        responses.append(r)
+            prompt_ids = p if prompt_ids is None else prompt_ids
+            responses.append(r)
+        offset = gate_offset(tokenizer, record.prompt_messages, template) if gate else 0
+    except DataError as e:
+        raise DataError(f"{record.place or record.id}: {e}") from None
     kept = truncate(prompt_ids, responses, max_length, over_length, name)
     if isinstance(kept, str):
         return f"{record.id}: {kept}"
-    return Encoded(np.asarray(kept[0], np.int32), tuple(np.asarray(r, np.int32) for r in responses), kept[1])
+    if offset >= len(kept[0]):
+        return f"{record.id}: {name}truncation to max_length={max_length} cuts away the gating token"
+    return Encoded(np.asarray(kept[0], np.int32), tuple(np.asarray(r, np.int32) for r in responses), kept[1],
+                   offset)
 
 
 def encode_sequences(sequences: list[list[int]], max_length: int, over_length: str = "truncate",
@@ -195,7 +204,7 @@ def build_packed(encoded: dict[int, Encoded], rows: list[list[int]], length: int
                         f"targets {n_t}/{need_t}")
     ids = np.full((n_rows, length), pad_id, np.int32)
     seg, branch, pos = (np.zeros((n_rows, length), np.int32) for _ in range(3))
-    seq_index, seq_prompt, seq_valid = (np.zeros((n_rows, n_s), np.int32) for _ in range(3))
+    seq_index, seq_gate, seq_valid = (np.zeros((n_rows, n_s), np.int32) for _ in range(3))
     t_index, t_ids, t_valid = (np.zeros((n_rows, n_t), np.int32) for _ in range(3))
     t_slot = np.full((n_rows, n_t), n_s - 1, np.int32)
     sequences: list[tuple[int, int] | None] = [None] * (n_rows * n_s)
@@ -214,12 +223,12 @@ def build_packed(encoded: dict[int, Encoded], rows: list[list[int]], length: int
                 ids[r, span], seg[r, span], branch[r, span], pos[r, span] = resp, s + 1, j + 1, p + np.arange(n)
                 t_index[r, t:t + n] = np.concatenate([[prompt_last], np.arange(at, at + n - 1)])
                 t_ids[r, t:t + n], t_slot[r, t:t + n], t_valid[r, t:t + n] = resp, slot, 1
-                seq_index[r, slot], seq_prompt[r, slot], seq_valid[r, slot] = at + n - 1, prompt_last, 1
+                seq_index[r, slot], seq_gate[r, slot], seq_valid[r, slot] = at + n - 1, prompt_last - e.gate, 1
                 sequences[r * n_s + slot] = (k, j)
                 at, slot, t = at + n, slot + 1, t + n
             real += e.tree_length
     arrays = {"input_ids": ids, "segment_ids": seg, "branch_ids": branch, "positions": pos,
-              "seq_index": seq_index, "seq_prompt_index": seq_prompt, "seq_valid": seq_valid,
+              "seq_index": seq_index, "seq_gate_index": seq_gate, "seq_valid": seq_valid,
               "target_index": t_index, "target_ids": t_ids, "target_slot": t_slot, "target_valid": t_valid}
     return PackedBatch(arrays, sequences, real)
 

@@ -9,6 +9,10 @@ Templates: the model's own chat template by default; a named built-in (``chatml`
 ``llama3``) to render a base model in its instruct sibling's format; or ``plain``, the HH-RLHF
 transcript layout ("\\n\\nHuman: ...\\n\\nAssistant: reply" + EOS), used for base models that ship no
 template.
+
+``gate_offset(tokenizer, prompt_messages)`` locates ArmoRM's *gating token* in the prompt ids: the
+token that closes the last user turn (Llama-3's ``<|eot_id|>`` before the assistant header,
+ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``), not the last token of the generation prompt.
 """
 from __future__ import annotations
 
@@ -66,3 +70,41 @@ def _render(tokenizer, prompt: list[dict], response: str, template: str) -> tupl
                         "generation prompt, so the prompt/response boundary is undefined; choose --template")
     return (tokenizer.encode(prompt_text, add_special_tokens=False),
             tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False))
+
+
+def gate_offset(tokenizer, prompt: list[dict], template: str = "model") -> int:
+    """How many prompt tokens follow the gating token: its position is ``len(prompt_ids) - 1 - offset``.
+
+    The gating token closes the last user turn. It is the last token of the prompt rendered
+    *without* the generation prompt, trailing whitespace removed (ChatML's ``<|im_end|>\n`` ends in
+    ``<|im_end|>``, Llama-3's rendering in ``<|eot_id|>``); what follows it in ``render``'s prompt
+    ids (a newline, the assistant header) is the offset. With ``plain`` the user turn has no closing
+    token and the gate is its last token (before "\n\nAssistant:"). Counting from the end keeps the
+    offset valid when the oldest prompt tokens are truncated away. Where the closed turn does not
+    tokenise as a prefix of the prompt (a merge across the boundary), the gate is the last token
+    the two share.
+    """
+    if not prompt:
+        raise DataError("an empty prompt has no user turn, so there is no gating token; give the prompt turns")
+    name = template_name(tokenizer, template)
+    if name == "plain":
+        prompt_ids = _render(tokenizer, prompt, "x", template)[0]
+        turns = "".join(f"\n\n{'Assistant' if m['role'] == 'assistant' else 'Human'}: {m['content']}"
+                        for m in prompt if m["role"] != "system")
+        system = "".join(m["content"] + "\n" for m in prompt if m["role"] == "system")
+        closed_ids = tokenizer.encode((system + turns).rstrip(), add_special_tokens=True)
+    else:
+        chat_template = None if name == "model" else BUILTIN_TEMPLATES[name]
+        with_header = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, chat_template=chat_template)
+        closed = tokenizer.apply_chat_template(prompt, add_generation_prompt=False, chat_template=chat_template)
+        if not with_header.startswith(closed):
+            raise DataError(f"{tokenizer.source}: the chat template's generation prompt does not follow the closed "
+                            "user turn, so the gating token (the token that closes the user turn) is undefined; "
+                            "choose --template")
+        prompt_ids = tokenizer.encode(with_header, add_special_tokens=False)
+        closed_ids = tokenizer.encode(closed.rstrip(), add_special_tokens=False)
+    shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, closed_ids)) if a != b),
+                  min(len(prompt_ids), len(closed_ids)))
+    if shared == 0:
+        raise DataError(f"{tokenizer.source}: the prompt shares no token with its closed user turn; no gating token")
+    return len(prompt_ids) - shared

@@ -11,7 +11,7 @@ Arrays of one micro-batch (every head reads the same schema; ``rmjax.train.heads
         input_ids, segment_ids, branch_ids, positions [R, L]  (``rmjax.data.batching.build_packed``)
     unpacked: every response a row of its own, prompt + response, padded ([2b, T] for pairs) —
         input_ids, attention_mask [R, T]
-    both: seq_index / seq_prompt_index / seq_valid [R, S] (slots: S = 1 unpacked), and per head
+    both: seq_index / seq_gate_index / seq_valid [R, S] (slots: S = 1 unpacked), and per head
         pairs:    pair_a, pair_b (flat slot indices), pair_margin, pair_weight [P]
         ratings:  seq_targets, seq_target_mask [R * S, K]
         judge:    seq_label [R * S]
@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from rmjax.data import batching
-from rmjax.data.batching import BUCKETS, Encoded, bucket
+from rmjax.data.batching import BUCKETS, bucket
 from rmjax.errors import DataError
 
 # rows per batch (in multiples of the data-parallel devices): every count to 8, then ~1.25x steps
@@ -33,7 +33,7 @@ ROW_LADDER = (*range(1, 9), 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 
 MODEL_KEYS = {True: ("input_ids", "segment_ids", "branch_ids", "positions"), False: ("input_ids", "attention_mask")}
 LABEL_KEYS = {"pairs": ("pair_a", "pair_b", "pair_margin", "pair_weight"),
               "ratings": ("seq_targets", "seq_target_mask"), "judge": ("seq_label",)}
-SLOT_KEYS = ("seq_index", "seq_prompt_index", "seq_valid")
+SLOT_KEYS = ("seq_index", "seq_gate_index", "seq_valid")
 TARGET_KEYS = ("target_index", "target_ids", "target_slot", "target_valid")
 
 
@@ -95,7 +95,8 @@ def _rows(examples: list, layout: Layout, row_length: int | None = None) -> tupl
         trees = {(i, 0): e.tree for i, e in enumerate(examples)}
         rows = batching.pack_rows(trees, row_length or layout.pack_length)
         return trees, [keys for _, keys in rows], max(length for length, _ in rows)
-    trees = {(i, j): Encoded(e.tree.prompt, (r,)) for i, e in enumerate(examples) for j, r in enumerate(e.tree.responses)}
+    trees = {(i, j): dataclasses.replace(e.tree, responses=(r,)) for i, e in enumerate(examples)
+             for j, r in enumerate(e.tree.responses)}
     return trees, [[k] for k in trees], bucket(max(t.tree_length for t in trees.values()))
 
 
@@ -186,7 +187,7 @@ def _left_align(a: dict) -> dict:
     out = dict(a)
     for key in ("input_ids", "attention_mask"):
         out[key] = np.stack([np.roll(row, s) for row, s in zip(a[key], shift)])
-    for key in ("seq_index", "seq_prompt_index", "target_index"):
+    for key in ("seq_index", "seq_gate_index", "target_index"):
         out[key] = a[key] + shift[:, None]
     return out
 

@@ -89,7 +89,7 @@ def _pairs_example(tokenizer, rec: Record, run) -> Example | str:
     if rec.responses[0] in rec.responses[1:]:
         return f"{rec.id}: chosen and rejected are identical"
     d = run.data
-    enc = batching.encode(tokenizer, rec, d.template, d.max_length, d.over_length)
+    enc = batching.encode(tokenizer, rec, d.template, d.max_length, d.over_length, gate=run.head.kind == "armorm")
     if isinstance(enc, str):
         return enc
     return Example(enc, rec, pairs=tuple((0, j) for j in range(1, len(rec.responses))))

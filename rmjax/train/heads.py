@@ -16,8 +16,10 @@ Pairs index the flattened [R * S] slots (``pair_a`` wins over ``pair_b``; padded
     scalar + bt               r = w . h_last; Bradley-Terry with per-pair margin + loss.margin, label
                               smoothing, centring and per-pair weights
     multi_objective + mse     K rewards = W h_last; MSE on absolute ratings, unrated objectives masked
-    armorm + bt               ArmoRM stage 2: a prompt-conditioned gate over the frozen regression of a
-                              multi_objective run, Bradley-Terry on the gated score (frozen backbone)
+    armorm + bt               ArmoRM stage 2: a prompt-conditioned gate (read at the gating token, which
+                              closes the user turn) over the frozen regression of a multi_objective run
+                              (and a frozen reward transform, when the head has one), Bradley-Terry on the
+                              gated score (frozen backbone)
     judge + ce                next-token log-probs of the two verdict tokens at the end of a judge
                               prompt; cross-entropy with label smoothing, both candidate orders per pair
     lm + dpo                  the policy's sequence log-probs against a frozen reference (DPO); the
@@ -117,10 +119,12 @@ def init_armorm(rng, hidden_size: int, run, extra: dict) -> dict:
 
 
 def armorm_outputs(head: dict, hidden, batch: dict, ctx: Context) -> dict:
-    pooled, prompt = _pooled(hidden, batch), _pooled(hidden, batch, "seq_prompt_index")
+    pooled, prompt = _pooled(hidden, batch), _pooled(hidden, batch, "seq_gate_index")
     kernel = head["regression_layer"]["kernel"]
     rewards = jax.lax.stop_gradient(pooled @ kernel)  # stage 1 is fixed: only the gate learns
-    out = _gate(ctx.run, kernel.shape[1]).apply({"params": head["gating"]}, _flat(prompt), _flat(rewards))
+    transform = head.get("reward_transform")  # a released / feature-pipeline model's debiasing matrix
+    out = _gate(ctx.run, kernel.shape[1]).apply({"params": head["gating"]}, _flat(prompt), _flat(rewards),
+                                                 None if transform is None else jax.lax.stop_gradient(transform))
     return {"reward": out.score.reshape(pooled.shape[:2]), "rewards": rewards,
             "gating_weights": out.gating_weights.reshape(rewards.shape)}
 
@@ -202,7 +206,8 @@ def dpo_loss(out: dict, batch: dict, run) -> tuple[jax.Array, dict]:
 TABLE: dict[tuple[str, str], HeadEntry] = {
     ("scalar", "bt"): HeadEntry("pairs", init_scalar, scalar_outputs, bt_loss),
     ("multi_objective", "mse"): HeadEntry("ratings", init_multi, multi_outputs, mse_loss),
-    ("armorm", "bt"): HeadEntry("pairs", init_armorm, armorm_outputs, bt_loss, frozen=("regression_layer",)),
+    ("armorm", "bt"): HeadEntry("pairs", init_armorm, armorm_outputs, bt_loss,
+                                frozen=("regression_layer", "reward_transform")),
     ("judge", "ce"): HeadEntry("judge", init_none, judge_outputs, judge_loss),
     ("lm", "dpo"): HeadEntry("pairs", init_none, lm_outputs, dpo_loss, targets=True),
 }
