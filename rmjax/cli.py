@@ -17,6 +17,7 @@ _COMMANDS = (
     "rmjax.commands.logprobs",
     "rmjax.commands.train",
     "rmjax.commands.score",
+    "rmjax.commands.features",
     "rmjax.analysis.cli",
 )
 

@@ -64,16 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run_vocab_scan)
 
 
-def _sample(records, n: int, seed: int):
-    import numpy as np
-
-    if not n or n >= len(records):
-        return records
-    keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
-    from dataclasses import replace
-    return [replace(records[i], index=j) for j, i in enumerate(keep)]
-
-
 def run_score(args) -> int:
     import dataclasses
     import time
@@ -82,14 +72,14 @@ def run_score(args) -> int:
     from tqdm import tqdm
 
     from rmjax import distributed
-    from rmjax.data.records import RecordReport, input_fingerprint, read_records
+    from rmjax.data.records import RecordReport, input_fingerprint, read_records, sample_records
     from rmjax.models.loading import load_model
     from rmjax.scoring import bulk
     from rmjax.scoring.output import ScoreWriter
 
     distributed.maybe_initialize()
     report = RecordReport()
-    records = _sample(read_records(args.data, on_error=args.on_error, report=report, split=args.split),
+    records = sample_records(read_records(args.data, on_error=args.on_error, report=report, split=args.split),
                       args.sample, args.seed)
     bulk.log(f"data: {report.summary()}; scoring {len(records)} examples")
     if not records:

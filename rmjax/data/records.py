@@ -39,7 +39,7 @@ from rmjax.data.formats import input_fingerprint, rows
 from rmjax.errors import ConfigError, DataError
 
 __all__ = ["Record", "RecordReport", "input_fingerprint", "parse_hh_transcript", "parse_record",
-           "rating_matrix", "read_records"]
+           "rating_matrix", "read_records", "sample_records"]
 
 ROLES = ("system", "user", "assistant")
 KINDS = ("single", "pair", "best_of_n")
@@ -401,3 +401,13 @@ def rating_matrix(records: list[Record], objectives: tuple[str, ...] = ()) -> tu
                             f"{list(names)} (head.objectives); add them there or fix the name")
         out.append([values.get(n) for n in names])
     return names, out
+
+
+def sample_records(records: list[Record], n: int, seed: int = 0) -> list[Record]:
+    """A fixed, seeded sample of ``n`` records in input order, re-indexed 0..n-1 (all for n = 0 or n >= len)."""
+    import numpy as np
+
+    if not n or n >= len(records):
+        return records
+    keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
+    return [dataclasses.replace(records[i], index=j) for j, i in enumerate(keep)]

@@ -39,7 +39,7 @@ RESERVED_KEYS = ("format", "settings", *LAYOUT_KEYS, "num_shards", "versions", "
 _PART = re.compile(r"part-(\d{5,})\.parquet")
 _TOKEN_SHARD = re.compile(r"shard-(\d{5,})")
 # ".<name>.<pid>.tmp", made by _atomic_write for the writer's own names
-_TEMP = re.compile(r"\.(metadata\.json|scores\.parquet|part-\d{5,}\.parquet|\.zgroup)\.\d+\.tmp")
+_TEMP = re.compile(r"\.(metadata\.json|scores\.parquet|examples\.parquet|part-\d{5,}\.parquet|\.zgroup)\.\d+\.tmp")
 _STREAM = re.compile(r"[A-Za-z0-9_]+")
 TokenLogprobs = np.ndarray | Mapping[str, np.ndarray]  # one unnamed stream, or named streams
 
@@ -177,19 +177,27 @@ class ScoreWriter:
     ``settings`` (JSON-serialisable, with at least REQUIRED_SETTINGS) identify the run: re-opening
     an ``out_dir`` whose metadata.json has other settings, example count, shard size or token
     option raises RmjaxError unless ``overwrite``, which deletes only the writer's own files.
+    A subclass with other ``FORMAT`` / ``REQUIRED`` / ``TABLE`` / ``WHAT`` writes another kind of
+    resumable run the same way (``rmjax.scoring.features.FeatureWriter``).
     """
+
+    FORMAT = FORMAT
+    REQUIRED = REQUIRED_SETTINGS
+    TABLE = "scores.parquet"  # the finalized table
+    WHAT = "rmjax score run"
 
     def __init__(self, out_dir: Path | str, settings: dict, *, num_examples: int, shard_size: int = 256,
                  token_logprobs: bool = False, overwrite: bool = False):
         if num_examples < 0 or shard_size < 1:
             raise ConfigError(f"need num_examples >= 0 and shard_size >= 1, got {num_examples} and {shard_size}")
-        missing = [k for k in REQUIRED_SETTINGS if k not in settings]
+        missing = [k for k in self.REQUIRED if k not in settings]
         if missing:
-            raise ConfigError(f"score settings lack {missing}; metadata.json must record {list(REQUIRED_SETTINGS)}")
+            raise ConfigError(f"{self.WHAT.removeprefix('rmjax ').removesuffix(' run')} settings lack {missing}; "
+                              f"metadata.json must record {list(self.REQUIRED)}")
         self.out_dir = Path(out_dir)
         self.metadata_path = self.out_dir / "metadata.json"
         self.parts_dir = self.out_dir / "parts"
-        self.scores_path = self.out_dir / "scores.parquet"
+        self.scores_path = self.out_dir / self.TABLE
         self.tokens = TokenLogprobWriter(self.out_dir / "tokens.zarr")
         self.num_examples, self.shard_size, self.token_logprobs = num_examples, shard_size, token_logprobs
         self.num_shards = -(-num_examples // shard_size)
@@ -205,9 +213,9 @@ class ScoreWriter:
             previous = None
         if previous is None:
             if self.completed_shards() or self.tokens.shards() or self.scores_path.exists():
-                raise RmjaxError(f"{self.out_dir} holds parts, token arrays or scores.parquet but no metadata.json, "
+                raise RmjaxError(f"{self.out_dir} holds parts, arrays or {self.TABLE} but no metadata.json, "
                                  "so it is no run that can be resumed; use another --out or --overwrite")
-            self.metadata = {"format": FORMAT, **identity, "num_shards": self.num_shards, "versions": _versions(),
+            self.metadata = {"format": self.FORMAT, **identity, "num_shards": self.num_shards, "versions": _versions(),
                              "status": "running", "created": _now(), "completed": None, "counts": None}
             _write_json(self.metadata_path, self.metadata)
         else:
@@ -230,8 +238,8 @@ class ScoreWriter:
             data = json.loads(self.metadata_path.read_text("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             data = {"unreadable": str(e)}
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise RmjaxError(f"{self.metadata_path}: not the metadata of an rmjax score run (no format {FORMAT!r}); "
+        if not isinstance(data, dict) or data.get("format") != self.FORMAT:
+            raise RmjaxError(f"{self.metadata_path}: not the metadata of an {self.WHAT} (no format {self.FORMAT!r}); "
                              "move that file away or choose another --out")
         return data
 
