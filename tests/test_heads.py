@@ -15,6 +15,7 @@ from rmjax.heads import (
     ArmoRMGatingHead,
     ArmoRMHead,
     GenerativeJudgeHead,
+    L2_GRID,
     LinearProbe,
     MultiObjectiveHead,
     ScalarHead,
@@ -25,6 +26,7 @@ from rmjax.heads import (
     probe_params,
     ridge_fit,
     ridge_predict,
+    ridge_select,
     select_layer,
     verbosity_transform_matrix,
 )
@@ -371,6 +373,54 @@ def test_ridge_fit_matches_numpy_solve(intercept):
         ridge_fit(x, y, -1.0)
     with pytest.raises(DataError, match="targets"):
         ridge_fit(x, y[:5], 1.0)
+
+
+def test_ridge_fit_masks_missing_labels_per_objective():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(50, 5))
+    y = x @ rng.normal(size=(5, 3)) + 0.1 * rng.normal(size=(50, 3))
+    y[::3, 1] = np.nan  # objective 1 is unrated on a third of the rows
+    y[:10, 2] = np.nan
+    with x64():
+        for intercept in (False, True):
+            w, b = ridge_fit(x, y, 0.5, fit_intercept=intercept)
+            assert np.isfinite(np.asarray(w)).all() and np.isfinite(np.asarray(b)).all()
+            for k in range(3):
+                seen = ~np.isnan(y[:, k])
+                w_ref, b_ref = np_ridge(x[seen], y[seen, k], 0.5, intercept)
+                close(np.asarray(w)[:, k], w_ref, tol=1e-10)
+                close(np.asarray(b)[k], b_ref, tol=1e-10)
+        # one penalty per objective
+        w, _ = ridge_fit(x, y, np.array([0.1, 10.0, 1000.0]), fit_intercept=False)
+        for k, l2 in enumerate((0.1, 10.0, 1000.0)):
+            seen = ~np.isnan(y[:, k])
+            close(np.asarray(w)[:, k], np_ridge(x[seen], y[seen, k], l2, False)[0], tol=1e-10)
+        # a 1-D target with NaNs
+        w1, _ = ridge_fit(x, y[:, 1], 0.5, fit_intercept=False)
+        close(w1, np_ridge(x[~np.isnan(y[:, 1])], y[~np.isnan(y[:, 1]), 1], 0.5, False)[0], tol=1e-10)
+    w32, _ = jax.jit(lambda a, c: ridge_fit(a, c, 0.5))(x.astype(np.float32), y.astype(np.float32))
+    assert np.isfinite(np.asarray(w32)).all()
+
+
+def test_ridge_select_recovers_planted_objectives_and_picks_penalties_on_held_out_data():
+    rng = np.random.default_rng(5)
+    n, d = 400, 12
+    x = rng.normal(size=(n, d))
+    true = rng.normal(size=(d, 3))
+    y = np.concatenate([x @ true + 0.05 * rng.normal(size=(n, 3)), rng.normal(size=(n, 1))], 1)  # 4th: noise
+    y[rng.random(n) < 0.3, 1] = np.nan
+    sel = ridge_select(x, y, objectives=("a", "b", "c", "noise"))
+    assert sel.val_mse.shape == (len(L2_GRID), 4) and sel.n_train[1] < sel.n_train[0]
+    np.testing.assert_allclose(sel.weights[:, :3], true, atol=0.02)  # recovered, no intercept
+    assert sel.l2[:3].max() <= 1.0 and sel.l2[3] >= 100.0  # signal: small penalty; noise: large
+    assert np.all(sel.val_mse[np.searchsorted(L2_GRID, sel.l2[3]), 3] <= sel.val_mse[:, 3])
+    # the chosen weights are the training-part fit with the chosen penalty
+    order = np.random.default_rng(42).permutation(n)[80:]
+    seen = ~np.isnan(y[order, 1])
+    close(sel.weights[:, 1], np_ridge(x[order][seen], y[order][seen, 1], sel.l2[1], False)[0], tol=1e-8)
+    y[:, 2] = np.nan
+    with pytest.raises(DataError, match="objective 'c' has 0 rated training rows"):
+        ridge_select(x, y, objectives=("a", "b", "c", "noise"))
 
 
 def test_linear_probe_on_a_chosen_layer():
