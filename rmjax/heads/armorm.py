@@ -195,9 +195,7 @@ class ArmoRMHead(nn.Module):
 
 # ---------------------------------------------------------------- the released checkpoint layout
 
-RELEASED_ARCHITECTURE = "LlamaForRewardModelWithGating"
-# HF tensor names of the head (everything else in the checkpoint is the backbone, ``model.*``)
-RELEASED_HEAD_PATTERNS = (r"regression_layer\.weight", r"reward_transform_matrix", r"gating\..+")
+RELEASED_ARCHITECTURE = "LlamaForRewardModelWithGating"  # the head's tensors: checkpoint_keys.HEAD_TENSORS
 
 
 def released_settings(hf_config: dict, num_objectives: int | None = None) -> dict:

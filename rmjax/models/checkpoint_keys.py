@@ -72,3 +72,7 @@ LAYER = _L
 
 # Tensors that carry no parameters (buffers saved by old transformers versions).
 IGNORED = (r".*rotary_emb\.inv_freq$", r".*\.masked_bias$", r".*attn\.bias$")
+
+# Head tensors the backbone loader leaves to the head's own loader: ArmoRM's released layout
+# (``LlamaForRewardModelWithGating``), read by ``rmjax.train.export.load_head``.
+HEAD_TENSORS = (r"regression_layer\.weight$", r"reward_transform_matrix$", r"gating\..+$")

@@ -62,7 +62,7 @@ def plan(names: list[str], table: ck.KeyTable, config: ModelConfig) -> tuple[dic
                 targets.setdefault(target, {})[layer] = (name, tf)
                 break
         else:
-            if not any(re.match(p, canon) for p in ck.IGNORED):
+            if not any(re.match(p, canon) for p in ck.IGNORED + ck.HEAD_TENSORS):
                 unmatched.append(name)
     if config.tie_embeddings:
         targets.pop("lm_head", None)  # some checkpoints store the tied head twice

@@ -16,7 +16,7 @@ Layout of ``out_dir`` (a ``ScoreWriter`` run of its own format, ``rmjax-features
                                   or was dropped)
     features.zarr/gate            float32 [N, D]: hidden state at the gating token (the token that
                                   closes the user turn; shared by the responses of a record)
-    parts/part-XXXXX.parquet      per example: index, id, kind, subset, n_responses, prompt_tokens,
+    parts/part-XXXXX.parquet      per example: index, id, place (file:line), kind, subset, n_responses, prompt_tokens,
                                   gate_offset, truncated, response_tokens / response_chars (lists:
                                   the measured verbosity), ratings (list in ``objectives`` order, null
                                   = not rated), weight, margin
@@ -216,7 +216,7 @@ class FeatureExtractor:
                 continue
             response[i], gate[i] = feats[rec.index]
             e = encoded[rec.index]
-            rows.append({"index": rec.index, "id": rec.id, "kind": rec.kind, "subset": rec.subset,
+            rows.append({"index": rec.index, "id": rec.id, "place": rec.place, "kind": rec.kind, "subset": rec.subset,
                          "n_responses": len(rec.responses), "prompt_tokens": len(e.prompt),
                          "gate_offset": e.gate, "truncated": e.truncated,
                          "response_tokens": [len(r) for r in e.responses],
