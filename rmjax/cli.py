@@ -18,6 +18,7 @@ _COMMANDS = (
     "rmjax.commands.train",
     "rmjax.commands.score",
     "rmjax.commands.features",
+    "rmjax.commands.armorm",
     "rmjax.analysis.cli",
 )
 

@@ -9,6 +9,9 @@ plus ``rmjax.json`` (base model, head settings) and ``orbax/`` (the rmjax params
                       (the gate's params, flat names ``layers_0.kernel`` ... ``logit_scale``) and the gate
                       settings under ``head`` in rmjax.json; ``load_head`` rebuilds the gated score
     judge             ``*ForCausalLM`` (the judge is the LM); rmjax.json ``head`` holds the verdict labels
+    ArmoRM pipeline   ``export_released_armorm``: the released ArmoRM layout (``LlamaForRewardModelWithGating``:
+                      backbone ``model.*``, ``regression_layer``, ``gating.*``, ``reward_transform_matrix``),
+                      which ``load_head`` also reads from the authors' released checkpoint
     lm (dpo)          ``*ForCausalLM``; rmjax.json holds the reference model and beta of the implicit reward
 
 With LoRA, the weights in ``final/`` have the adapters merged, and ``final/adapter/`` holds them in
@@ -29,6 +32,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from rmjax.errors import ConfigError
+from rmjax.heads.armorm import RELEASED_ARCHITECTURE
 from rmjax.io import adapters
 from rmjax.models import family_of
 from rmjax.models.loading import _canonical
@@ -191,12 +196,16 @@ def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | No
 
 
 def load_head(directory: str | Path, loaded) -> tuple[str, dict, dict]:
-    """(head kind, head params, rmjax.json head settings) of an exported model, or of any HF
+    """(head kind, head params, rmjax.json head settings) of an exported model, of a checkpoint in the
+    released ArmoRM layout (``LlamaForRewardModelWithGating``), or of any HF
     ``*ForSequenceClassification`` (scalar for one label, multi_objective for K) or causal LM (lm)."""
     from safetensors.numpy import load_file
 
     meta_path = Path(directory) / "rmjax.json" if Path(directory).is_dir() else None
     settings = json.loads(meta_path.read_text()).get("head", {}) if meta_path and meta_path.exists() else {}
+    released = _released_armorm(directory, settings)
+    if released is not None:
+        return released
     kind = settings.get("kind")
     if kind is None:
         kind = "lm" if loaded.score_head is None else "scalar" if loaded.score_head.shape[1] == 1 else "multi_objective"
@@ -208,3 +217,78 @@ def load_head(directory: str | Path, loaded) -> tuple[str, dict, dict]:
             head["gating"] = traverse_util.unflatten_dict(load_file(str(Path(directory) / GATE_FILE)), sep=".")
         return kind, head, settings
     return kind, {}, settings
+
+
+# ---------------------------------------------------------------- ArmoRM's released layout
+
+def _released_config(directory: str | Path) -> dict | None:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config if RELEASED_ARCHITECTURE in (config.get("architectures") or []) else None
+
+
+def _released_armorm(directory: str | Path, settings: dict) -> tuple[str, dict, dict] | None:
+    """The head of a released-layout ArmoRM directory (None for any other directory)."""
+    from rmjax.heads.armorm import head_from_released
+    from rmjax.io import registry
+    from rmjax.models.checkpoint_keys import HEAD_TENSORS
+
+    config = _released_config(directory)
+    if config is None:
+        return None
+    ckpt = registry.open_checkpoint(registry.resolve_model(str(directory)))
+    names = [n for n in ckpt.tensor_names() if any(re.match(p, n) for p in HEAD_TENSORS)]
+    head, gate = head_from_released({n: ckpt.read(n) for n in names}, config, str(directory))
+    k = gate["num_objectives"]
+    labels = config.get("id2label") or {}
+    objectives = settings.get("objectives") or (
+        [labels[str(i)] for i in range(k)] if len(labels) == k else [f"objective_{i}" for i in range(k)])
+    out = {**settings, "kind": "armorm", "objectives": list(objectives),
+           **{key: gate[key] for key in ("gate_hidden", "gate_layers", "gate_temperature")}}
+    return "armorm", head, out
+
+
+def export_released_armorm(head: dict, settings: dict, base_model: str, out_dir: str | Path,
+                           meta: dict | None = None) -> Path:
+    """An HF directory in the released ArmoRM layout: config.json (the base config with architectures
+    ``LlamaForRewardModelWithGating``, ``num_objectives``, ``gating_temperature``, ``gating_hidden_dim``,
+    ``gating_n_hidden``, the objectives as ``id2label``), model.safetensors (the backbone's ``model.*``
+    tensors + ``regression_layer.weight``, ``reward_transform_matrix``, ``gating.*``), the tokenizer,
+    and rmjax.json (base model, head settings, ``meta``). ``load_head`` / ``rmjax eval-rm`` read it."""
+    from safetensors.numpy import save_file
+
+    from rmjax.heads.armorm import released_from_head
+    from rmjax.io import registry
+    from rmjax.models.loading import load_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(base_model)
+    ckpt = registry.open_checkpoint(registry.resolve_model(base_model))
+    backbone = hf_state_dict(jax.device_get(loaded.params), ckpt, loaded.config)
+    released = released_from_head(head)
+    k = released["regression_layer.weight"].shape[0]
+    if released["regression_layer.weight"].shape[1] != loaded.config.hidden_size:
+        raise ConfigError(f"the regression layer is [{k}, {released['regression_layer.weight'].shape[1]}] but "
+                          f"{base_model} has width {loaded.config.hidden_size}; export with the model whose "
+                          "features trained it")
+    tensors = {**{n: v for n, v in backbone.items() if n.startswith("model.")}, **released}
+    save_file({n: np.ascontiguousarray(v, np.float32) for n, v in tensors.items()}, str(out_dir / "model.safetensors"))
+    objectives = list(settings.get("objectives") or [f"objective_{i}" for i in range(k)])
+    hf_config = dict(ckpt.config)
+    for key in ("num_labels", "id2label", "label2id"):
+        hf_config.pop(key, None)
+    pad_id = loaded.tokenizer.pad_id if loaded.tokenizer else None
+    hf_config.update(architectures=[RELEASED_ARCHITECTURE], num_objectives=k,
+                     gating_temperature=settings["gate_temperature"], gating_hidden_dim=settings["gate_hidden"],
+                     gating_n_hidden=settings["gate_layers"], id2label={str(i): n for i, n in enumerate(objectives)},
+                     label2id={n: i for i, n in enumerate(objectives)}, torch_dtype="float32",
+                     pad_token_id=pad_id if pad_id is not None else hf_config.get("pad_token_id"))
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (out_dir / "rmjax.json").write_text(json.dumps({"base_model": base_model, "head": {**settings, "kind": "armorm",
+                                                    "objectives": objectives}, **(meta or {})}, indent=2))
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_hf(out_dir)
+    return out_dir
