@@ -455,12 +455,19 @@ def evaluate(head: dict, settings: dict, cache) -> dict:
     from rmjax.scoring.compute import best_of_n_scores
     from rmjax.train.evaluate import accuracy_report
 
-    scores = cache_scores(head, settings, cache)
     keep = cache.kinds != "single"
     if not keep.any():
         raise DataError(f"{cache.path}: no pairs or best-of-N records to evaluate")
-    per = [float(best_of_n_scores(row[np.isfinite(row)][None])[0]) for row in scores[keep]]
-    report = accuracy_report(np.asarray(per), [str(s) for s in cache.subsets[keep]])
+    subsets = [str(s) for s in cache.subsets[keep]]
+
+    def report_of(scores: np.ndarray) -> dict:
+        per = [float(best_of_n_scores(row[np.isfinite(row)][None])[0]) for row in scores[keep]]
+        return accuracy_report(np.asarray(per), subsets)
+
+    report = report_of(cache_scores(head, settings, cache))
+    # each objective's reward alone (before the transform), for comparison with the gated score
+    rewards = cache.response() @ np.asarray(head["regression_layer"]["kernel"])
+    report["objectives"] = {name: report_of(rewards[..., k]) for k, name in enumerate(settings.get("objectives", []))}
     report["data"] = cache.settings.get("data")
     report["cache"] = str(cache.path)
     return report
