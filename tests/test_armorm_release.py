@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hf_models import save_tiny_checkpoint
 from safetensors.numpy import load_file, save_file
 
-from hf_models import save_tiny_checkpoint
 from rmjax.cli import main
 from rmjax.data.records import Record
 from rmjax.errors import CheckpointError
@@ -111,7 +111,7 @@ def test_released_layout_scores_as_the_authors_forward(released, tmp_path):
 
 
 def test_released_layout_round_trip_and_bad_layouts(released):
-    d, model, _, head = released
+    d, _, _, head = released
     loaded = load_model(str(d))
     kind, params, settings = load_head(str(d), loaded)
     assert kind == "armorm" and settings["objectives"] == [f"objective_{i}" for i in range(K)]

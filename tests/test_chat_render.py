@@ -78,7 +78,8 @@ def test_gating_token_plain_template_is_the_last_user_token():
 
 
 def test_gating_token_llama3_is_eot_before_the_assistant_header():
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from rmjax.io.tokenizer import Tokenizer
 

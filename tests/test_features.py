@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-
 from hf_models import save_tiny_checkpoint
+
 from rmjax import sharding as shd
 from rmjax.cli import main
 from rmjax.data.chat import gate_offset, render

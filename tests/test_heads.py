@@ -12,10 +12,10 @@ from rmjax import pooling
 from rmjax import sharding as shd
 from rmjax.errors import ConfigError, DataError
 from rmjax.heads import (
+    L2_GRID,
     ArmoRMGatingHead,
     ArmoRMHead,
     GenerativeJudgeHead,
-    L2_GRID,
     LinearProbe,
     MultiObjectiveHead,
     ScalarHead,

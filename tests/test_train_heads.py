@@ -1,6 +1,8 @@
 """Every head x loss of the step's head table: its outputs on packed prompt trees equal a naive
 full-sequence computation, its loss equals the loss function on those naive values, and a few
 optimizer steps on one batch lower it."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from hf_models import save_tiny_checkpoint
 from rmjax import losses
 from rmjax import sharding as shd
 from rmjax.data.records import Record
+from rmjax.errors import DataError
 from rmjax.heads.armorm import ArmoRMGatingHead
 from rmjax.models.loading import load_model
 from rmjax.models.transformer import forward, unembed
@@ -169,3 +172,13 @@ def test_judge_trees_share_the_prompt_and_hold_both_orders(tiny):
     assert ex.labels == (0, 1)
     text = tiny.tokenizer.decode(second)
     assert text.index(rec.responses[1]) < text.index(rec.responses[0])  # rejected first in the second order
+
+
+def test_an_objective_without_ratings_is_an_error(tiny):
+    run = load_config(None, COMBOS["multi_objective+mse"] + ["data.max_length=96"])
+    rated = [dataclasses.replace(r, ratings=(r.ratings[0], ("brief", None))) for r in records("ratings")]
+    exs = texamples.build(rated, tiny.tokenizer, run, "ratings")
+    with pytest.raises(DataError, match=r"here: objective 'brief' has no data: none of the 4 training examples rates "
+                                        r"it \(field 'ratings.brief' is null everywhere\); rate some responses"):
+        texamples.check_objectives(exs, "here")
+    texamples.check_objectives(texamples.build(records("ratings"), tiny.tokenizer, run, "ratings"), "here")

@@ -122,10 +122,12 @@ def main(argv=None) -> int:
         command(["eval-rm", "--model", str(final), "--data", "llmbar:Natural",
                  "--max-length", str(cfg["features_llmbar"]["max_length"]), "--out", str(root / "eval_rm_natural.json")],
                 log, "check-export")
-        exported = json.loads((root / "eval_rm_natural.json").read_text())["subsets"]["Natural"]["accuracy"]
-        cached = json.loads((root / "eval.json").read_text())[str(feat["llmbar"])]["subsets"]["Natural"]["accuracy"]
+        exported = json.loads((root / "eval_rm_natural.json").read_text())["subsets"]["Natural"]
+        cached = json.loads((root / "eval.json").read_text())[str(feat["llmbar"])]["subsets"].get("Natural")
         log["check_export"] = {"eval_rm_natural": exported, "cached_natural": cached}
-        print(f"LLMBar Natural: eval-rm on the export {exported:.3f}, from the cache {cached:.3f}")
+        if cached:
+            print(f"LLMBar Natural: eval-rm on the export {exported['accuracy']:.3f} ({exported['examples']} pairs), "
+                  f"from the cache {cached['accuracy']:.3f} ({cached['examples']} pairs)")
     summary_path.write_text(json.dumps(log, indent=2))
     print(f"\nwrote {summary_path}", file=sys.stderr)
     return 0

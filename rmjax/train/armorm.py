@@ -331,15 +331,15 @@ def gate(stage1_dir: Path | str, debias_dir: Path | str | None, pairs, out_dir: 
          settings: GateSettings = GateSettings(), log: Callable[[str], None] | None = None) -> dict:
     """Stage 2 (module docstring); resumes from OUT/state.msgpack; returns the stage2.json record."""
     import optax
-    from flax import serialization
     from flax import linen as nn
+    from flax import serialization
 
     log = log or (lambda m: None)
     s = settings
     w, stage1 = load_regression(stage1_dir)
     k = w.shape[1]
     transform = jnp.asarray(load_transform(debias_dir, k))
-    gate_x, chosen, rejected, example = preference_pairs(pairs)
+    gate_x, chosen, rejected, _ = preference_pairs(pairs)
     diff = (chosen - rejected) @ w  # the score is linear in the rewards: s(c) - s(r) = gate(p, r_c - r_r)
     train, val = _split(len(diff), s.val_fraction, s.seed)
     out = Path(out_dir)
@@ -424,7 +424,7 @@ def load_stages(stage1_dir, debias_dir, gate_dir) -> tuple[dict, dict]:
     """(head params, head settings) from the three stage outputs."""
     from rmjax.heads.armorm import head_from_released
 
-    w, stage1 = load_regression(stage1_dir)
+    w, _ = load_regression(stage1_dir)
     record = _read_json(Path(gate_dir) / "stage2.json", "gate")
     tensors = {**_load(Path(gate_dir) / GATE_FILE, "gate"), "regression_layer.weight": w.T,
                "reward_transform_matrix": load_transform(debias_dir, w.shape[1])}

@@ -184,4 +184,15 @@ def load_sets(run, tokenizer, trees: str, log=None) -> tuple[ExampleSet, Example
     if not train.examples:
         raise DataError(f"none of the {len(train_records)} training records makes a {trees} example "
                         f"(first reason: {train.dropped[0] if train.dropped else 'none'})")
+    if trees == "ratings":
+        check_objectives(train, f"data.train {list(d.train)}")
     return train, held_out
+
+
+def check_objectives(examples: ExampleSet, where: str) -> None:
+    """Every objective is rated by at least one example (an unrated objective would train nothing)."""
+    for k, name in enumerate(examples.objectives):
+        if all(e.targets[k] is None for e in examples.examples):
+            raise DataError(f"{where}: objective {name!r} has no data: none of the {len(examples)} training examples "
+                            f"rates it (field 'ratings.{name}' is null everywhere); rate some responses, or remove "
+                            "the objective from the records' ratings (and head.objectives)")
