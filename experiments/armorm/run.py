@@ -79,12 +79,14 @@ def main(argv=None) -> int:
     cfg = yaml.safe_load(Path(args.config).read_text())
     root = Path(cfg["out"])
     root.mkdir(parents=True, exist_ok=True)
-    summary_path = root / "summary.json"
+    summary_path = Path(cfg.get("stages_dir", root)) / "summary.json"
     log = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     log["config"] = cfg
     todo = args.only or STAGES
     feat = {name: root / "features" / name for name in ("stage1", "stage2", "heldout", "llmbar")}
-    stage1, debias, gate, final = root / "stage1", root / "debias", root / "gate", root / "final"
+    stages_root = Path(cfg.get("stages_dir", root))  # a variant of the stages shares the feature caches
+    stages_root.mkdir(parents=True, exist_ok=True)
+    stage1, debias, gate, final = (stages_root / n for n in ("stage1", "debias", "gate", "final"))
     model = cfg["model"]
 
     splits = make_splits(cfg, root / "data") if "data" in todo or "features" in todo else None
@@ -95,6 +97,9 @@ def main(argv=None) -> int:
             done = (path / "metadata.json").exists() and json.loads((path / "metadata.json").read_text())["status"] == "complete"
             argv = ["features", "--model", model, "--data", data[name], "--out", str(path),
                     *[x for k, v in f.items() for x in (f"--{k.replace('_', '-')}", str(v))], "--no-progress"]
+            if done:
+                print(f"\n{path}: complete (rmjax {shlex.join(argv)})")
+                continue
             command(argv, log, f"features:{name}")
             if not done:
                 meta = json.loads((path / "metadata.json").read_text())
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
         r = cfg["regression"]
         command(["armorm", "regression", "--cache", str(feat["stage1"]), "--out", str(stage1),
                  *[x for subset in cfg["splits"]["objectives"] for x in ("--pair-objective", f"{subset}={subset}")],
-                 "--verbosity", r["verbosity"]], log, "regression")
+                 "--verbosity", r["verbosity"], "--pair-loss", r.get("pair_loss", "ridge")], log, "regression")
     if "debias" in todo:
         command(["armorm", "debias", "--stage1", str(stage1), "--reference", str(feat["stage2"]), "--out", str(debias),
                  "--verbosity", cfg["regression"]["verbosity"], "--threshold", str(cfg["debias"]["threshold"])],
@@ -115,15 +120,15 @@ def main(argv=None) -> int:
     stages = ["--stage1", str(stage1), "--debias", str(debias), "--gate", str(gate)]
     if "evaluate" in todo:
         command(["armorm", "evaluate", *stages, "--cache", str(feat["heldout"]), str(feat["llmbar"]),
-                 "--out", str(root / "eval.json")], log, "evaluate")
+                 "--out", str(stages_root / "eval.json")], log, "evaluate")
     if "export" in todo:
         command(["armorm", "export", *stages, "--model", model, "--out", str(final)], log, "export")
     if args.check_export:
         command(["eval-rm", "--model", str(final), "--data", "llmbar:Natural",
-                 "--max-length", str(cfg["features_llmbar"]["max_length"]), "--out", str(root / "eval_rm_natural.json")],
+                 "--max-length", str(cfg["features_llmbar"]["max_length"]), "--out", str(stages_root / "eval_rm_natural.json")],
                 log, "check-export")
-        exported = json.loads((root / "eval_rm_natural.json").read_text())["subsets"]["Natural"]
-        cached = json.loads((root / "eval.json").read_text())[str(feat["llmbar"])]["subsets"].get("Natural")
+        exported = json.loads((stages_root / "eval_rm_natural.json").read_text())["subsets"]["Natural"]
+        cached = json.loads((stages_root / "eval.json").read_text())[str(feat["llmbar"])]["subsets"].get("Natural")
         log["check_export"] = {"eval_rm_natural": exported, "cached_natural": cached}
         if cached:
             print(f"LLMBar Natural: eval-rm on the export {exported['accuracy']:.3f} ({exported['examples']} pairs), "

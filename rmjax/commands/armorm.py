@@ -1,7 +1,7 @@
 """`rmjax armorm STAGE`: ArmoRM's stages on feature caches (`rmjax features`), one command each.
 
-    rmjax armorm regression --cache C --out S1 [--pair-objective SUBSET=OBJ ...] [--verbosity NAME]
-                            [--range OBJ=LO:HI ...]
+    rmjax armorm regression --cache C --out S1 [--pair-objective SUBSET=OBJ ...] [--pair-loss ridge|bt]
+                            [--verbosity NAME] [--range OBJ=LO:HI ...]
     rmjax armorm debias     --stage1 S1 --reference C --out DB [--verbosity NAME] [--threshold 0.03]
     rmjax armorm gate       --stage1 S1 [--debias DB] --pairs C --out S2 [--steps ...]
     rmjax armorm evaluate   --stage1 S1 [--debias DB] --gate S2 --cache C [C ...] [--out R.json]
@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--pair-objective", action="append", default=[], metavar="SUBSET=OBJECTIVE",
                    help="pairs of this subset rate OBJECTIVE: chosen 1, rejected 0 (repeat per subset)")
+    r.add_argument("--pair-loss", choices=["ridge", "bt"], default="ridge",
+                   help="objectives given by pairs: ridge on the pairs as ratings (ArmoRM's regression) or a "
+                        "Bradley-Terry probe on chosen-minus-rejected features")
     r.add_argument("--verbosity", default="", help="add a measured verbosity objective of this name "
                                                    "(log response tokens, standardised)")
     r.add_argument("--range", action="append", default=[], metavar="OBJECTIVE=LOW:HIGH",
@@ -103,7 +106,8 @@ def run_regression(args) -> int:
     rec = armorm.regression(FeatureCache(args.cache), args.out,
                             pair_objectives=_pairs(args.pair_objective, "--pair-objective"),
                             verbosity=args.verbosity or None, ranges=_ranges(args.range),
-                            grid=tuple(args.grid or L2_GRID), val_fraction=args.val_fraction, seed=args.seed)
+                            grid=tuple(args.grid or L2_GRID), val_fraction=args.val_fraction, seed=args.seed,
+                            pair_loss=args.pair_loss)
     print(json.dumps({k: rec[k] for k in ("objectives", "rows", "rated", "per_objective")}, indent=2))
     return 0
 

@@ -3,7 +3,7 @@
 Three ways to fit one:
   * ``ridge_fit``: closed-form ridge regression (the intercept is not penalised; NaN labels are
     missing, masked per objective); ``ridge_select`` picks each objective's penalty from a grid on
-    a held-out split (ArmoRM's stage 1);
+    a held-out split (ArmoRM's stage 1), ``logistic_select`` the same for a Bradley-Terry probe;
   * ``LinearProbe``: a trainable Linen module, params {'probe': {'kernel': [D, K], 'bias': [K]}}
     (``probe_params`` turns a ridge solution into them);
   * ``pairwise_logistic_fit``: a Bradley-Terry probe fitted on chosen-minus-rejected features.
@@ -211,6 +211,42 @@ def ridge_select(features, targets, grid: tuple[float, ...] = L2_GRID, val_fract
         best = np.asarray(grid, np.float64)[np.argmin(mse, axis=0)]
         w, _ = ridge_fit(x[train], y[train], best, fit_intercept=fit_intercept)
     return RidgeSelection(np.asarray(w), best, tuple(grid), mse, observed_train, observed_val)
+
+
+class LogisticSelection(NamedTuple):
+    weights: np.ndarray  # [D] fitted on the training pairs with the chosen penalty
+    l2: float
+    grid: tuple[float, ...]
+    val_loss: np.ndarray  # [G] held-out Bradley-Terry loss of every penalty
+    val_accuracy: float  # of the chosen penalty (ties 0.5)
+    n_train: int
+    n_val: int
+
+
+def logistic_select(feature_diff, grid: tuple[float, ...] = L2_GRID, val_fraction: float = 0.2, seed: int = 42,
+                    num_steps: int = 30) -> LogisticSelection:
+    """The Bradley-Terry probe (``pairwise_logistic_fit``) whose penalty of ``grid`` has the lowest
+    held-out loss -log sigmoid(d w) on ``val_fraction`` of the pairs (chosen-minus-rejected features
+    [P, D]); the pairwise counterpart of ``ridge_select``, fitted on the training pairs, in float64."""
+    d = np.asarray(feature_diff, np.float64)
+    if d.ndim != 2 or len(d) < 2:
+        raise DataError(f"feature_diff must be [pairs >= 2, width], got shape {d.shape}")
+    if not grid or any(not (isinstance(a, Real) and a > 0) for a in grid):
+        raise ConfigError(f"the l2 grid must be numbers > 0, got {list(grid)}")
+    order = np.random.default_rng(seed).permutation(len(d))
+    n_val = max(1, int(round(val_fraction * len(d))))
+    val, train = order[:n_val], order[n_val:]
+    losses = np.zeros(len(grid))
+    with _x64():
+        for g, alpha in enumerate(grid):
+            w = np.asarray(pairwise_logistic_fit(d[train], float(alpha), num_steps))
+            losses[g] = np.mean(np.logaddexp(0.0, -(d[val] @ w)))
+        losses = np.where(np.isfinite(losses), losses, np.inf)
+        best = float(grid[int(np.argmin(losses))])
+        w = np.asarray(pairwise_logistic_fit(d[train], best, num_steps))
+    z = d[val] @ w
+    accuracy = float(np.mean(np.where(z > 0, 1.0, np.where(z == 0, 0.5, 0.0))))
+    return LogisticSelection(w, best, tuple(grid), losses, accuracy, len(train), len(val))
 
 
 def _x64():

@@ -3,6 +3,8 @@
     stage 1   regression(cache, out)         per-objective ridge, no intercept, each penalty chosen on a
                                              held-out 20% from 1e-4 ... 1e4; missing ratings masked per
                                              objective -> OUT/regression.safetensors + stage1.json
+                                             (objectives given by pairs: ridge on the pairs as ratings,
+                                             or ``pair_loss="bt"``, a Bradley-Terry probe)
     debias    debias(stage1, reference, out) the authors' verbosity search: per objective the smallest
                                              penalty (0 ... 0.95) whose adjusted reward r_k - p_k r_v has
                                              a Spearman correlation with the verbosity reward r_v at or
@@ -39,7 +41,7 @@ import numpy as np
 
 from rmjax.errors import ConfigError, DataError, RmjaxError
 from rmjax.heads.armorm import ArmoRMGatingHead, verbosity_transform_matrix
-from rmjax.heads.probe import L2_GRID, ridge_select
+from rmjax.heads.probe import L2_GRID, logistic_select, ridge_select
 
 # The authors' stage-2 defaults (stage-2_train.py) and verbosity penalty grid.
 PENALTY_GRID = (0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6,
@@ -167,33 +169,62 @@ def regression_targets(cache, pair_objectives: dict[str, str] | None = None, ver
     return x, y, tuple(objectives), info
 
 
+PAIR_LOSSES = ("ridge", "bt")
+
+
 def regression(cache, out_dir: Path | str, *, pair_objectives: dict[str, str] | None = None,
                verbosity: str | None = None, ranges: dict | None = None, grid: tuple[float, ...] = L2_GRID,
-               val_fraction: float = 0.2, seed: int = 42) -> dict:
-    """Stage 1 (module docstring); returns the stage1.json record."""
+               val_fraction: float = 0.2, seed: int = 42, pair_loss: str = "ridge") -> dict:
+    """Stage 1 (module docstring); returns the stage1.json record.
+
+    ``pair_loss`` for the objectives given by pairs: "ridge" (ArmoRM's regression, on the pairs as
+    ratings: chosen 1, rejected 0) or "bt" (a Bradley-Terry probe on chosen-minus-rejected features,
+    ``logistic_select``: the pairwise counterpart, penalty chosen on held-out pairs from the same grid).
+    """
+    if pair_loss not in PAIR_LOSSES:
+        raise ConfigError(f"pair_loss must be one of {PAIR_LOSSES}, got {pair_loss!r}")
     x, y, objectives, info = regression_targets(cache, pair_objectives, verbosity, ranges)
-    sel = ridge_select(x, y, grid, val_fraction, seed, fit_intercept=False, objectives=objectives)
+    bt = [o for o in dict.fromkeys((pair_objectives or {}).values())] if pair_loss == "bt" else []
+    ridge_cols = [k for k, o in enumerate(objectives) if o not in bt]
+    weights = np.zeros((x.shape[1], len(objectives)))
+    per_objective: dict[str, dict] = {}
+    if ridge_cols:
+        names = tuple(objectives[k] for k in ridge_cols)
+        sel = ridge_select(x, y[:, ridge_cols], grid, val_fraction, seed, fit_intercept=False, objectives=names)
+        weights[:, ridge_cols] = sel.weights
+        for j, k in enumerate(ridge_cols):
+            best = int(np.argmin(sel.val_mse[:, j]))
+            per_objective[objectives[k]] = {
+                "fit": "ridge", "l2": float(sel.l2[j]), "val_mse": float(sel.val_mse[best, j]),
+                "val_mse_by_l2": sel.val_mse[:, j].tolist(), "train_rows": int(sel.n_train[j]),
+                "val_rows": int(sel.n_val[j]), "val_target_variance": _val_variance(y[:, k], val_fraction, seed)}
+    if bt:
+        feats = cache.response()
+        for o in bt:
+            rows = [i for i, (kind, sub) in enumerate(zip(cache.kinds, cache.subsets))
+                    if kind != "single" and pair_objectives[str(sub)] == o]
+            diff = np.concatenate([feats[i, 0][None] - feats[i, 1:int(cache.examples["n_responses"].iloc[i])]
+                                   for i in rows]).astype(np.float64)
+            sel = logistic_select(diff, grid, val_fraction, seed)
+            weights[:, objectives.index(o)] = sel.weights
+            per_objective[o] = {"fit": "bt", "l2": sel.l2, "val_loss": float(sel.val_loss.min()),
+                                "val_loss_by_l2": sel.val_loss.tolist(), "val_accuracy": sel.val_accuracy,
+                                "train_pairs": sel.n_train, "val_pairs": sel.n_val}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save(out / REGRESSION_FILE, {"regression_layer.weight": sel.weights.T})
-    best = [int(np.argmin(sel.val_mse[:, k])) for k in range(len(objectives))]
+    _save(out / REGRESSION_FILE, {"regression_layer.weight": weights.T})
     record = {"stage": "regression", "cache": str(cache.path), "cache_settings": cache.settings,
-              "objectives": list(objectives), "pair_objectives": pair_objectives or {}, "ranges": ranges or {},
-              "grid": list(grid), "val_fraction": val_fraction, "seed": seed, "fit_intercept": False, **info,
-              "per_objective": {name: {"l2": float(sel.l2[k]), "val_mse": float(sel.val_mse[best[k], k]),
-                                       "val_mse_by_l2": sel.val_mse[:, k].tolist(), "train_rows": int(sel.n_train[k]),
-                                       "val_rows": int(sel.n_val[k]),
-                                       "val_target_variance": _val_variance(y, k, val_fraction, seed)}
-                                for k, name in enumerate(objectives)}}
+              "objectives": list(objectives), "pair_objectives": pair_objectives or {}, "pair_loss": pair_loss,
+              "ranges": ranges or {}, "grid": list(grid), "val_fraction": val_fraction, "seed": seed,
+              "fit_intercept": False, **info, "per_objective": {o: per_objective[o] for o in objectives}}
     _write_json(out / "stage1.json", record)
     return record
 
 
-def _val_variance(y: np.ndarray, k: int, val_fraction: float, seed: int) -> float:
+def _val_variance(y: np.ndarray, val_fraction: float, seed: int) -> float:
     """The held-out rows' target variance: the MSE of predicting their mean (a baseline)."""
     order = np.random.default_rng(seed).permutation(len(y))[:int(round(val_fraction * len(y)))]
-    v = y[order, k]
-    return float(np.nanvar(v))
+    return float(np.nanvar(y[order]))
 
 
 def load_regression(stage1_dir: Path | str) -> tuple[np.ndarray, dict]:
@@ -407,17 +438,21 @@ def gate_settings(objectives: list[str], s: GateSettings) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _score_fn(k: int, hidden: int, layers: int, temperature: float) -> Callable:
+def _gate_fn(k: int, hidden: int, layers: int, temperature: float) -> Callable:
     module = ArmoRMGatingHead(k, hidden_dim=hidden, num_hidden_layers=layers, temperature=temperature)
-    return jax.jit(lambda p, x, r, t: module.apply({"params": p}, x, r, t).score)
+    return jax.jit(lambda p, x, r, t: module.apply({"params": p}, x, r, t))
+
+
+def _gate_out(head: dict, settings: dict, gate_x: np.ndarray, rewards: np.ndarray):
+    fn = _gate_fn(head["regression_layer"]["kernel"].shape[1], settings["gate_hidden"], settings["gate_layers"],
+                  float(settings["gate_temperature"]))
+    return fn(head["gating"], jnp.asarray(gate_x, jnp.float32), jnp.asarray(rewards, jnp.float32),
+              jnp.asarray(head["reward_transform"], jnp.float32))
 
 
 def _scores(head: dict, settings: dict, gate_x: np.ndarray, rewards: np.ndarray) -> jax.Array:
     """The gated score (scale * sum_k w_k (r @ M)_k) of rewards [n, K] given gate features [n, D]."""
-    fn = _score_fn(head["regression_layer"]["kernel"].shape[1], settings["gate_hidden"], settings["gate_layers"],
-                   float(settings["gate_temperature"]))
-    return fn(head["gating"], jnp.asarray(gate_x, jnp.float32), jnp.asarray(rewards, jnp.float32),
-              jnp.asarray(head["reward_transform"], jnp.float32))
+    return _gate_out(head, settings, gate_x, rewards).score
 
 
 def load_stages(stage1_dir, debias_dir, gate_dir) -> tuple[dict, dict]:
@@ -468,6 +503,12 @@ def evaluate(head: dict, settings: dict, cache) -> dict:
     # each objective's reward alone (before the transform), for comparison with the gated score
     rewards = cache.response() @ np.asarray(head["regression_layer"]["kernel"])
     report["objectives"] = {name: report_of(rewards[..., k]) for k, name in enumerate(settings.get("objectives", []))}
+    # the gate's mean weights per subset (the interpretable part: which objectives a prompt calls for)
+    gate_x = cache.gate()[keep]
+    weights = np.asarray(_gate_out(head, settings, gate_x, np.zeros((len(gate_x), rewards.shape[-1]))).gating_weights)
+    names = settings.get("objectives") or [str(k) for k in range(rewards.shape[-1])]
+    report["gating_weights"] = {sub: dict(zip(names, weights[np.asarray(subsets) == sub].mean(0).round(4).tolist()))
+                                for sub in dict.fromkeys(subsets)}
     report["data"] = cache.settings.get("data")
     report["cache"] = str(cache.path)
     return report
