@@ -174,6 +174,8 @@ def test_gate_learns_a_known_gating_and_matches_the_authors_forward(gated):
     assert rec["val_accuracy"] > 0.9 and after["accuracy"] > before + 0.1
     assert set(after["subsets"]) == {"kind0", "kind1"} and after["ci95"][0] < after["accuracy"] < after["ci95"][1]
     assert rec["history"][-1]["loss"] < rec["history"][0]["loss"]
+    weights = after["gating_weights"]  # prompts of kind 0 call for objective a, of kind 1 for b
+    assert weights["kind0"]["a"] > 0.8 and weights["kind1"]["b"] > 0.8
     # the saved gate (torch layout) through a NumPy transcription of the authors' forward
     tensors = load_file(str(root / "s2" / armorm.GATE_FILE))
     w = np.asarray(head["regression_layer"]["kernel"])
@@ -206,3 +208,17 @@ def test_killed_gate_training_resumes_to_the_same_gate(gated, tmp_path):
     other = armorm.GateSettings(**{**settings.__dict__, "lr": 1e-2})
     with pytest.raises(RmjaxError, match="other inputs or settings"):
         armorm.gate(root / "s1", None, cache, tmp_path / "part", other)
+
+
+@pytest.mark.parametrize("pair_loss", ["ridge", "bt"])
+def test_pairwise_objectives_from_pairs(gated, tmp_path, pair_loss):
+    cache, _ = gated  # kind0 pairs prefer a higher feature 0, kind1 pairs a higher feature 1
+    rec = armorm.regression(cache, tmp_path / "s1", pair_objectives={"kind0": "a", "kind1": "b"}, pair_loss=pair_loss)
+    w, _ = armorm.load_regression(tmp_path / "s1")
+    for k, feature in ((0, 0), (1, 1)):
+        assert w[feature, k] > 0 and abs(w[feature, k]) / np.linalg.norm(w[:, k]) > 0.8
+    assert all(o["fit"] == pair_loss for o in rec["per_objective"].values())
+    if pair_loss == "bt":
+        assert rec["per_objective"]["a"]["val_accuracy"] > 0.8
+    with pytest.raises(ConfigError, match=r"pair subsets \['kind1'\] have no objective"):
+        armorm.regression(cache, tmp_path / "s1", pair_objectives={"kind0": "a"}, pair_loss=pair_loss)

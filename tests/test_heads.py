@@ -22,6 +22,7 @@ from rmjax.heads import (
     debias_rewards,
     judge_preference,
     linear_params_from_torch,
+    logistic_select,
     pairwise_logistic_fit,
     probe_params,
     ridge_fit,
@@ -421,6 +422,19 @@ def test_ridge_select_recovers_planted_objectives_and_picks_penalties_on_held_ou
     y[:, 2] = np.nan
     with pytest.raises(DataError, match="objective 'c' has 0 rated training rows"):
         ridge_select(x, y, objectives=("a", "b", "c", "noise"))
+
+
+def test_logistic_select_recovers_a_planted_preference_direction():
+    rng = np.random.default_rng(6)
+    true = rng.normal(size=10)
+    diff = rng.normal(size=(300, 10))
+    diff *= np.where(rng.random(300) < 1 / (1 + np.exp(-diff @ true)), 1.0, -1.0)[:, None]  # BT-sampled winners
+    sel = logistic_select(diff)
+    assert sel.val_loss.shape == (len(L2_GRID),) and sel.n_train == 240 and sel.n_val == 60
+    assert sel.l2 <= 10.0 and sel.val_accuracy > 0.75
+    cos = sel.weights @ true / np.linalg.norm(sel.weights) / np.linalg.norm(true)
+    assert cos > 0.9
+    assert sel.val_loss[np.searchsorted(L2_GRID, sel.l2)] == sel.val_loss.min() < sel.val_loss[-1]
 
 
 def test_linear_probe_on_a_chosen_layer():
