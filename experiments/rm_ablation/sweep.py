@@ -12,6 +12,11 @@ sweep) under ROOT/<model>/<source tag>/f<fraction>/s<seed> (the tag: the subsets
 else the file stems); a cell whose result.json exists is skipped, and a killed
 cell resumes from its last checkpoint. Final metrics are collected into ROOT/results.csv and .md.
 
+Quantity: base.yaml sets train.epochs, so a cell's steps are epochs x (its fraction of the pool) /
+batch size: a smaller fraction trains on fewer distinct pairs for proportionally fewer steps (the
+columns distinct_pairs and presentations of results.csv show it). Override train.epochs=0
+train.steps=N to fix the number of steps instead.
+
 --value-scores: every seed-0 RM then scores the Big Two nouns as one-word answers to the value
 prompts (`rmjax vocab-scan --mode words --rm RUN/final`), one table per RM in ROOT/value_scores/
 (the schema of the released RM scores) with ROOT/value_scores_families.csv (RM -> base model
@@ -115,6 +120,8 @@ def main(argv=None) -> int:
         result = json.loads(result_file.read_text())
         ev = result.get("eval", {})
         rows.append({**keys, "train_examples": result["train_examples"], "steps": result["step"],
+                     "distinct_pairs": result.get("distinct_train_examples"),
+                     "presentations": result.get("pair_presentations"),
                      "eval_accuracy": ev.get("accuracy"), "eval_margin": ev.get("margin"),
                      **{k: v for k, v in ev.items() if k.startswith("accuracy/")}})
     if rows:
