@@ -34,6 +34,23 @@ def test_token_scan_equals_naive(tiny):
     assert list(table.columns[:2]) == ["token_id", "response"]
 
 
+def test_base_models_read_the_bare_prompt(tiny):
+    import copy
+    import dataclasses
+
+    tok = copy.copy(tiny.tokenizer)
+    tok.chat_template = None  # the same tiny model as a base model
+    base = dataclasses.replace(tiny, tokenizer=tok)
+    question = "What, in one word, is the best thing ever?"
+    prompt_ids, cands = token_responses(base, question)
+    assert prompt_ids == tok.encode(question, add_special_tokens=True)
+    assert cands[7] == [7]  # the token alone: no end-of-turn, no EOS
+    prompt_ids, words = word_responses(base, question, ["love"])
+    assert words == [tok.encode(" love", add_special_tokens=False)]
+    # an explicit template still applies
+    assert token_responses(base, question, "plain")[1][7][-1] == tok.eos_id
+
+
 def test_word_list_scan_equals_naive(tiny):
     words = ["love", "kindness", "power", "achievement", "x"]
     prompt_ids, cands = word_responses(tiny, "What is the best thing?", words)

@@ -23,7 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reduction", choices=["sum", "mean"], default="sum",
                    help="sequence log-prob in the implicit reward: sum, or mean (length-normalised)")
     p.add_argument("--template", choices=TEMPLATE_CHOICES, default="model",
-                   help="chat rendering: each model's own template (plain HH layout for base models) or a fixed one")
+                   help="the policy's (and --rm's) rendering: its own chat template (model; raw prompt text for "
+                        "a base model) or a fixed one (default: %(default)s)")
+    p.add_argument("--reference-template", choices=TEMPLATE_CHOICES, default="model",
+                   help="the reference's rendering, as --template (default: %(default)s: a base reference reads "
+                        "the raw prompt text)")
     p.add_argument("--sample", type=int, default=64,
                    help="score a fixed, seeded sample of this many examples (0 = the whole corpus)")
     p.add_argument("--seed", type=int, default=0)
@@ -57,7 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--prompt-keys", nargs="*", help="only these prompt keys")
     v.add_argument("--mode", choices=["next-token", "response", "words"], default="next-token")
     v.add_argument("--words", default="big2_nouns", help="words mode: a bundled dictionary name or a file")
-    v.add_argument("--template", choices=TEMPLATE_CHOICES, default="model")
+    v.add_argument("--template", choices=TEMPLATE_CHOICES, default="model",
+                   help="rendering of --model and --rm: the model's chat template (model), for a base model the "
+                        "bare prompt (raw, as Christian et al. prompt pretrained models), or a fixed one")
+    v.add_argument("--reference-template", choices=TEMPLATE_CHOICES, default="model",
+                   help="rendering of --reference, as --template (default: %(default)s)")
     v.add_argument("--chunk", type=int, default=512, help="responses per batch against the prompt cache")
     v.add_argument("--out", default="runs/vocab_scan")
     add_attention_arguments(v)
@@ -95,6 +103,7 @@ def run_score(args) -> int:
     if not records:
         raise RmjaxError(f"{args.data}: no records to score")
     s = bulk.ScoreSettings(beta=args.beta, reduction=args.reduction, template=args.template,
+                           reference_template=args.reference_template,
                            max_length=args.max_length, over_length=args.over_length, batch_size=args.batch_size,
                            shard_size=args.shard_size, token_logprobs=args.token_logprobs,
                            pack_length=args.pack_length, batch_tokens=args.batch_tokens)
@@ -102,7 +111,8 @@ def run_score(args) -> int:
     if not args.policy and args.reference:
         raise RmjaxError("--reference needs a --policy")
     settings = {"models": {r: m for r, m in roles if m}, "beta": args.beta, "reduction": args.reduction,
-                "template": args.template, "dtype": args.dtype, "data": args.data, "split": args.split,
+                "template": args.template, "reference_template": args.reference_template, "dtype": args.dtype,
+                "data": args.data, "split": args.split,
                 "data_hash": input_fingerprint(args.data), "sample": args.sample, "seed": args.seed,
                 "max_length": args.max_length, "over_length": args.over_length, "batch_size": args.batch_size,
                 "pack_length": args.pack_length, "batch_tokens": args.batch_tokens,
@@ -183,7 +193,7 @@ def run_vocab_scan(args) -> int:
         _write_csv(table, out / "next_token_logprobs.csv")
         if args.reference:
             ref = load_model(args.reference, **attention)
-            ref_table = vs.next_token_table(ref, prompts, args.template)
+            ref_table = vs.next_token_table(ref, prompts, args.reference_template)
             _write_csv(ref_table, out / "reference_next_token_logprobs.csv")
             for key in prompts:
                 m = vs.mixture_weighted_log_ratio(table, ref_table, key)
@@ -205,10 +215,12 @@ def run_vocab_scan(args) -> int:
         for tag, loaded in (("policy", model), ("reference", ref), ("rm", rm)):
             if loaded is None:
                 continue
+            template = args.reference_template if tag == "reference" else args.template
+            base = "plain" if tag == "rm" else "raw"  # an RM without a template reads what it trained on
             if words is None:
-                prompt_ids, cands = vs.token_responses(loaded, text, args.template)
+                prompt_ids, cands = vs.token_responses(loaded, text, template, base)
             else:
-                prompt_ids, cands = vs.word_responses(loaded, text, words, args.template)
+                prompt_ids, cands = vs.word_responses(loaded, text, words, template, base)
             head = loaded.score_head[:, 0] if tag == "rm" else None
             res = vs.scan_responses(loaded, prompt_ids, cands, chunk=args.chunk, rm_head=head,
                                     progress=f"{key} [{tag}]")

@@ -45,12 +45,13 @@ def _next_token_fn(config):
 
 
 def next_token_table(loaded, prompts: dict[str, str], template: str = "model") -> pd.DataFrame:
-    """log p(token | prompt) for every token id (rows) and prompt key (columns)."""
+    """log p(token | prompt) for every token id (rows) and prompt key (columns); a base model reads
+    the bare prompt (``raw``) unless ``template`` says otherwise."""
     config, tok = loaded.config, loaded.tokenizer
     run = _next_token_fn(config)
     columns = {}
     for key, text in prompts.items():
-        prompt_ids, _ = render(tok, [{"role": "user", "content": text}], "", template)
+        prompt_ids, _ = render(tok, [{"role": "user", "content": text}], "", template, base="raw")
         ids, mask = pad_rows([prompt_ids], bucket(len(prompt_ids)), tok.pad_id)
         columns[key] = np.asarray(run(loaded.params, ids, mask))[0, :config.vocab_size]
     return _table(tok, config.vocab_size, columns)
@@ -106,24 +107,26 @@ def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *
     return out
 
 
-def token_responses(loaded, prompt_text: str, template: str = "model") -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, [token + end-of-turn suffix] for every token id)."""
+def token_responses(loaded, prompt_text: str, template: str = "model", base: str = "raw"
+                    ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [token + end-of-turn suffix] for every token id); ``base``: the rendering of a
+    model without a chat template (``raw``: the bare prompt, no suffix)."""
     tok = loaded.tokenizer
-    prompt_ids, suffix = render(tok, [{"role": "user", "content": prompt_text}], "", template)
+    prompt_ids, suffix = render(tok, [{"role": "user", "content": prompt_text}], "", template, base)
     suffix = [t for t in suffix if t != tok.bos_id]
     n = min(loaded.config.vocab_size, tok.vocab_size)
     return prompt_ids, [[t] + suffix for t in range(n)]
 
 
-def word_responses(loaded, prompt_text: str, words: list[str], template: str = "model"
+def word_responses(loaded, prompt_text: str, words: list[str], template: str = "model", base: str = "raw"
                    ) -> tuple[list[int], list[list[int]]]:
     """(prompt ids, each word rendered as the reply) with one shared prompt prefix."""
     tok = loaded.tokenizer
     messages = [{"role": "user", "content": prompt_text}]
-    prompt_ids, _ = render(tok, messages, "", template)
+    prompt_ids, _ = render(tok, messages, "", template, base)
     candidates = []
     for word in words:
-        p, r = render(tok, messages, word, template)
+        p, r = render(tok, messages, word, template, base)
         if p != prompt_ids:
             raise ValueError(f"prompt tokens changed with the reply {word!r}; the template is not prefix-stable")
         candidates.append(r)
