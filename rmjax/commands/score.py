@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "bare prompt (raw, as Christian et al. prompt pretrained models), or a fixed one")
     v.add_argument("--reference-template", choices=TEMPLATE_CHOICES, default="model",
                    help="rendering of --reference, as --template (default: %(default)s)")
+    v.add_argument("--mwlr-join", choices=["exact", "folded"], default="exact",
+                   help="next-token MWLR across tokenizers: join on exact decoded strings (Christian et al.; "
+                        "max per string) or on folded ones (strip + lowercase + ASCII) (default: %(default)s)")
     v.add_argument("--chunk", type=int, default=512, help="responses per batch against the prompt cache")
     v.add_argument("--out", default="runs/vocab_scan")
     add_attention_arguments(v)
@@ -196,7 +199,7 @@ def run_vocab_scan(args) -> int:
             ref_table = vs.next_token_table(ref, prompts, args.reference_template)
             _write_csv(ref_table, out / "reference_next_token_logprobs.csv")
             for key in prompts:
-                m = vs.mixture_weighted_log_ratio(table, ref_table, key)
+                m = vs.mixture_weighted_log_ratio(table, ref_table, key, args.mwlr_join)
                 _write_csv(m, out / f"mwlr_{key}.csv")
         print(f"wrote {out}")
         return 0

@@ -9,8 +9,10 @@ extended by batches of candidate responses:
 Output tables follow the released score tables: a ``response`` column, then one column per prompt.
 
 The cross-tokenizer mixture-weighted log ratio compares two models whose vocabularies differ:
-MWLR(s) = 0.5 (p_A(s) + p_B(s)) (log p_A(s) - log p_B(s)), joined on normalised decoded strings
-(strip, lowercase, ASCII only; the max probability per string within each model).
+MWLR(s) = 0.5 (p_A(s) + p_B(s)) (log p_A(s) - log p_B(s)), as Christian et al. (ICLR 2026) define it:
+joined on the exact decoded strings (the max probability per string within each model), one MWLR
+per string; a word's MWLR is the mean over its case and space variants (``word_mwlr``). The
+``folded`` join (strip, lowercase, ASCII only before the max) is an option.
 """
 from __future__ import annotations
 
@@ -134,23 +136,61 @@ def word_responses(loaded, prompt_text: str, words: list[str], template: str = "
 
 
 def normalise(s: str) -> str:
-    """strip, lowercase, ASCII only (accents folded, other characters dropped)."""
+    """strip, lowercase, ASCII only (accents folded, other characters dropped): the ``folded`` join."""
     folded = unicodedata.normalize("NFKD", s.strip().lower())
     return folded.encode("ascii", "ignore").decode("ascii").strip()
 
 
-def string_logprobs(table: pd.DataFrame, column: str) -> pd.Series:
-    """log p per normalised string: the max over the tokens that normalise to it (empty dropped)."""
-    keys = table["response"].map(normalise)
-    frame = pd.DataFrame({"string": keys, "logp": table[column].to_numpy()})
+MWLR_JOINS = ("exact", "folded")
+
+
+def string_logprobs(table: pd.DataFrame, column: str, join: str = "exact") -> pd.Series:
+    """log p per string: the max over the tokens whose decoded text is that string.
+
+    ``exact``: the decoded string as it is (" Love", "love" and "Love" stay apart; non-ASCII kept), as
+    Christian et al. join vocabularies; ``folded``: strip + lowercase + ASCII (``normalise``). Empty
+    strings are dropped.
+    """
+    if join not in MWLR_JOINS:
+        raise ValueError(f"unknown join {join!r}; choose one of {list(MWLR_JOINS)}")
+    keys = table["response"].astype(str)
+    if join == "folded":
+        keys = keys.map(normalise)
+    frame = pd.DataFrame({"string": keys.to_numpy(), "logp": table[column].to_numpy()})
     frame = frame[frame["string"] != ""]
-    return frame.groupby("string")["logp"].max()
+    return frame.groupby("string", sort=True)["logp"].max()
 
 
-def mixture_weighted_log_ratio(table_a: pd.DataFrame, table_b: pd.DataFrame, column: str) -> pd.DataFrame:
-    """MWLR per string present in both vocabularies: 0.5 (p_A + p_B) (log p_A - log p_B)."""
-    a, b = string_logprobs(table_a, column), string_logprobs(table_b, column)
+def mixture_weighted_log_ratio(table_a: pd.DataFrame, table_b: pd.DataFrame, column: str,
+                               join: str = "exact") -> pd.DataFrame:
+    """MWLR per string present in both vocabularies: 0.5 (p_A + p_B) (log p_A - log p_B).
+
+    Columns ``response`` (the joined string), ``logp_a``, ``logp_b``, ``mwlr``.
+    """
+    a, b = string_logprobs(table_a, column, join), string_logprobs(table_b, column, join)
     joined = pd.concat([a.rename("logp_a"), b.rename("logp_b")], axis=1, join="inner")
     pa, pb = np.exp(joined["logp_a"]), np.exp(joined["logp_b"])
     joined["mwlr"] = 0.5 * (pa + pb) * (joined["logp_a"] - joined["logp_b"])
     return joined.reset_index(names="response")
+
+
+def mwlr_table(table_a: pd.DataFrame, table_b: pd.DataFrame, prompts, join: str = "exact") -> pd.DataFrame:
+    """MWLR of every shared string (rows, ``response``) under every prompt (one column per prompt key)."""
+    columns = {key: mixture_weighted_log_ratio(table_a, table_b, key, join).set_index("response")["mwlr"]
+               for key in prompts}
+    return pd.DataFrame(columns).rename_axis("response").reset_index()
+
+
+def word_mwlr(table: pd.DataFrame, words) -> pd.DataFrame:
+    """Per word, the mean MWLR over the strings that equal it after strip + lowercase (" Love",
+    "love", "LOVE", ...), as Christian et al. average case and space variants in their Figure 3.
+    ``table``: ``mwlr_table`` output; words without any variant are left out. Columns ``word``,
+    ``variants`` and one per prompt."""
+    wanted = {str(w).strip().lower() for w in words}
+    keys = table["response"].astype(str).str.strip().str.lower()
+    rows = table[keys.isin(wanted)]
+    prompts = [c for c in table.columns if c != "response"]
+    grouped = rows[prompts].groupby(keys[rows.index].to_numpy())
+    out = grouped.mean()
+    out.insert(0, "variants", grouped.size())
+    return out.rename_axis("word").reset_index()
