@@ -6,7 +6,7 @@ import pytest
 from hf_models import save_tiny_checkpoint
 from rmjax.models.loading import load_model
 from rmjax.scoring.engine import naive_response_logprobs
-from rmjax.scoring.vocab_scan import (mixture_weighted_log_ratio, mwlr_table, next_token_table, normalise,
+from rmjax.scoring.vocab_scan import (log_ratio_table, mixture_weighted_log_ratio, mwlr_table, next_token_table, normalise,
                                       scan_responses, token_responses, word_mwlr, word_responses)
 
 
@@ -30,8 +30,8 @@ def test_token_scan_equals_naive(tiny):
     table = next_token_table(tiny, {"best": "What, in one word, is the best thing ever?"})
     first = np.array([naive_response_logprobs(tiny.params, tiny.config, np.asarray(prompt_ids),
                                               np.asarray(cands[t]))[0] for t in (3, 99)])
-    np.testing.assert_allclose(table["best"].to_numpy()[[3, 99]], first, atol=1e-4)
-    assert list(table.columns[:2]) == ["token_id", "response"]
+    np.testing.assert_allclose(table.loc[[3, 99], "best"].to_numpy(), first, atol=1e-4)
+    assert list(table.columns) == ["response", "best"] and table.index.name == "token_id"
 
 
 def test_base_models_read_the_bare_prompt(tiny):
@@ -88,6 +88,14 @@ def test_mwlr_folded_join_is_an_option():
     assert got["hate"] == pytest.approx(mwlr(0.1, 0.4))
     assert got["e"] == pytest.approx(0.0)
     assert normalise("  Élan\n") == "elan" and normalise("日本") == ""
+
+
+def test_log_ratio_across_tokenizers_joins_exact_strings():
+    got = log_ratio_table(A_TABLE, B_TABLE, ["p"], same_tokenizer=False).set_index("response")["p"]
+    assert set(got.index) == {" Love", "Hate", "日本"}
+    assert got[" Love"] == pytest.approx(np.log(0.25) - np.log(0.1))
+    same = log_ratio_table(A_TABLE, A_TABLE.assign(p=A_TABLE["p"] - 1.0), ["p"], same_tokenizer=True)
+    assert list(same["response"]) == list(A_TABLE["response"]) and np.allclose(same["p"], 1.0)
 
 
 def test_mwlr_table_and_word_means_over_case_and_space_variants():

@@ -60,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--prompts", help="YAML {key: prompt}; default the 54 bundled value prompts")
     v.add_argument("--prompt-keys", nargs="*", help="only these prompt keys")
     v.add_argument("--mode", choices=["next-token", "response", "words"], default="next-token")
-    v.add_argument("--words", default="big2_nouns", help="words mode: a bundled dictionary name or a file")
+    v.add_argument("--words", default="big2_nouns",
+                   help="words mode: the words to score; next-token mode with --reference: the words whose MWLR "
+                        "(mean over case/space variants) goes to mwlr_words.csv. A bundled dictionary name or a file")
     v.add_argument("--template", choices=TEMPLATE_CHOICES, default="model",
                    help="rendering of --model and --rm: the model's chat template (model), for a base model the "
                         "bare prompt (raw, as Christian et al. prompt pretrained models), or a fixed one")
@@ -192,15 +194,7 @@ def run_vocab_scan(args) -> int:
     attention = attention_options(args)
     model = load_model(args.model, **attention) if args.model else None
     if args.mode == "next-token":
-        table = vs.next_token_table(model, prompts, args.template)
-        _write_csv(table, out / "next_token_logprobs.csv")
-        if args.reference:
-            ref = load_model(args.reference, **attention)
-            ref_table = vs.next_token_table(ref, prompts, args.reference_template)
-            _write_csv(ref_table, out / "reference_next_token_logprobs.csv")
-            for key in prompts:
-                m = vs.mixture_weighted_log_ratio(table, ref_table, key, args.mwlr_join)
-                _write_csv(m, out / f"mwlr_{key}.csv")
+        _next_token_scan(args, model, prompts, out, attention)
         print(f"wrote {out}")
         return 0
     rm = load_model(args.rm, **attention) if args.rm else None
@@ -230,15 +224,51 @@ def run_vocab_scan(args) -> int:
             columns.setdefault(tag, {})[key] = res["rm"] if tag == "rm" else res["sum"]
     first = model or rm
     labels = words if words is not None else [first.tokenizer.token_to_str(i) for i in range(len(cands))]
-    for tag, cols in columns.items():
-        frame = pd.DataFrame({"response": labels, **cols})
-        _write_csv(frame, out / f"{args.mode}_{tag}.csv")
+    tables = {tag: pd.DataFrame({"response": labels, **cols}) for tag, cols in columns.items()}
     if ref is not None:
-        frame = pd.DataFrame({"response": labels, **{k: columns["policy"][k] - columns["reference"][k]
-                                                      for k in prompts}})
-        _write_csv(frame, out / f"{args.mode}_implicit_reward.csv")
+        tables["implicit_reward"] = pd.DataFrame({"response": labels, **{
+            k: columns["policy"][k] - columns["reference"][k] for k in prompts}})
+    for tag, frame in tables.items():
+        name = f"{args.mode}_{tag}"
+        if words is None:  # token ids: rows in the analysis schema, the ids in token_ids/
+            frame = frame.rename_axis("token_id")
+            frame = frame[frame["response"] != ""]
+            (out / "token_ids").mkdir(exist_ok=True)
+            _write_csv(frame[["response"]].reset_index(), out / "token_ids" / f"{name}.csv")
+        _write_csv(frame, out / f"{name}.csv")
     print(f"wrote {out}")
     return 0
+
+
+def _next_token_scan(args, model, prompts: dict, out: Path, attention: dict) -> None:
+    """Next-token tables in the analysis schema (``response`` + one column per prompt key; the token
+    ids of each row in token_ids/); with a reference also the log-ratio implicit reward and MWLR."""
+    from rmjax.models.loading import load_model
+    from rmjax.scoring import vocab_scan as vs
+    from rmjax.scoring.bulk import same_tokenizer
+
+    def write_table(table, name: str) -> None:
+        _write_csv(table, out / f"{name}.csv")
+        (out / "token_ids").mkdir(exist_ok=True)
+        _write_csv(table[["response"]].reset_index(), out / "token_ids" / f"{name}.csv")
+
+    table = vs.next_token_table(model, prompts, args.template)
+    write_table(table, "next_token_logprobs")
+    if not args.reference:
+        return
+    ref = load_model(args.reference, **attention)
+    ref_table = vs.next_token_table(ref, prompts, args.reference_template)
+    write_table(ref_table, "reference_next_token_logprobs")
+    shared = same_tokenizer(model.tokenizer, ref.tokenizer)
+    ratio = vs.log_ratio_table(table, ref_table, prompts, shared)
+    if shared:
+        write_table(ratio, "next_token_implicit_reward")
+    else:  # one row per exact decoded string both vocabularies hold
+        _write_csv(ratio, out / "next_token_implicit_reward.csv")
+    mwlr = vs.mwlr_table(table, ref_table, prompts, args.mwlr_join)
+    _write_csv(mwlr, out / "mwlr.csv")
+    words = vs.word_mwlr(mwlr, _words(args.words))
+    _write_csv(words.drop(columns="variants").rename(columns={"word": "response"}), out / "mwlr_words.csv")
 
 
 def _write_csv(frame, path: Path) -> None:

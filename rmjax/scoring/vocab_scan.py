@@ -47,8 +47,10 @@ def _next_token_fn(config):
 
 
 def next_token_table(loaded, prompts: dict[str, str], template: str = "model") -> pd.DataFrame:
-    """log p(token | prompt) for every token id (rows) and prompt key (columns); a base model reads
-    the bare prompt (``raw``) unless ``template`` says otherwise."""
+    """log p(token | prompt) in the analysis schema: a ``response`` column (the token's decoded text)
+    and one column per prompt key, one row per token id (the index, ``token_id``; tokens that decode
+    to the empty string are left out). A base model reads the bare prompt (``raw``) unless
+    ``template`` says otherwise."""
     config, tok = loaded.config, loaded.tokenizer
     run = _next_token_fn(config)
     columns = {}
@@ -61,10 +63,26 @@ def next_token_table(loaded, prompts: dict[str, str], template: str = "model") -
 
 def _table(tok, vocab_size: int, columns: dict[str, np.ndarray]) -> pd.DataFrame:
     n = min(vocab_size, tok.vocab_size)
-    frame = pd.DataFrame({"token_id": np.arange(n), "response": [tok.token_to_str(i) for i in range(n)]})
-    for key, values in columns.items():
-        frame[key] = values[:n]
-    return frame
+    frame = pd.DataFrame({"response": [tok.token_to_str(i) for i in range(n)],
+                          **{key: values[:n] for key, values in columns.items()}},
+                         index=pd.RangeIndex(n, name="token_id"))
+    return frame[frame["response"] != ""]
+
+
+def log_ratio_table(table_a: pd.DataFrame, table_b: pd.DataFrame, prompts, same_tokenizer: bool) -> pd.DataFrame:
+    """The plain implicit reward log p_A - log p_B of every next token, per prompt column: per token id
+    when both models share a tokenizer (rows and index as ``table_a``), else per exact decoded string
+    present in both vocabularies (the max per string within each model, as for MWLR)."""
+    prompts = list(prompts)
+    if same_tokenizer:
+        b = table_b.reindex(table_a.index)
+        return pd.concat([table_a[["response"]], table_a[prompts] - b[prompts]], axis=1)
+    columns = {}
+    for key in prompts:
+        a, b = string_logprobs(table_a, key), string_logprobs(table_b, key)
+        joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner")
+        columns[key] = joined["a"] - joined["b"]
+    return pd.DataFrame(columns).rename_axis("response").reset_index()
 
 
 def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *, chunk: int = 512,
