@@ -153,6 +153,19 @@ def word_responses(loaded, prompt_text: str, words: list[str], template: str = "
     return prompt_ids, candidates
 
 
+def word_scores(loaded, prompts: dict[str, str], words: list[str], template: str = "model", base: str = "raw",
+                rm: bool = False, chunk: int = 512) -> pd.DataFrame:
+    """Each word as the reply to each prompt: ``response`` + one column per prompt key holding the
+    reply's log-prob sum, or with ``rm`` the reward model's score (``loaded.score_head``, first label)."""
+    columns = {}
+    for key, text in prompts.items():
+        prompt_ids, cands = word_responses(loaded, text, words, template, base)
+        head = np.asarray(loaded.score_head)[:, 0] if rm else None
+        res = scan_responses(loaded, prompt_ids, cands, chunk=chunk, rm_head=head)
+        columns[key] = res["rm"] if rm else res["sum"]
+    return pd.DataFrame({"response": list(words), **columns})
+
+
 def normalise(s: str) -> str:
     """strip, lowercase, ASCII only (accents folded, other characters dropped): the ``folded`` join."""
     folded = unicodedata.normalize("NFKD", s.strip().lower())
