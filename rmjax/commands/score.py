@@ -11,13 +11,27 @@ from rmjax.data.chat import TEMPLATE_CHOICES
 from rmjax.errors import RmjaxError
 
 
+DEFAULT_POLICY, DEFAULT_REFERENCE, HELDOUT = "smollm2-135m-dpo-hh", "smollm2-135m-instruct", "heldout"
+CROSS_FAMILY = ("smollm2-135m-instruct", "gemma3-270m", "hh-rlhf")
+HELDOUT_FILE = "heldout.jsonl.gz"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score a corpus with implicit rewards and/or a reward model (resumable)",
-                       description="Score every example of a corpus. Re-running the same command resumes it.")
-    p.add_argument("--data", default="hh-rlhf", help="jsonl / parquet / HF datasets dir, or hh-rlhf[:SUBSETS]")
+                       description="Score every example of a corpus. Re-running the same command resumes it. "
+                                   "Default: the implicit RM rmjax ships (SmolLM2-135M-Instruct + its DPO LoRA "
+                                   "adapter against SmolLM2-135M-Instruct) on the adapter's held-out HH-RLHF pairs.")
+    p.add_argument("--data", default=HELDOUT,
+                   help="jsonl / parquet / HF datasets dir, hh-rlhf[:SUBSETS], or 'heldout': the held-out pairs "
+                        "bundled with the --policy adapter (default: %(default)s)")
     p.add_argument("--split", help="split of a DatasetDict directory")
-    p.add_argument("--policy", default="smollm2-135m-instruct", help="policy model (log pi); '' for none")
-    p.add_argument("--reference", default="gemma3-270m", help="reference model (log pi_ref); '' = reference-free")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help="policy model (log pi); '' for none (default: %(default)s)")
+    p.add_argument("--reference", default=DEFAULT_REFERENCE,
+                   help="reference model (log pi_ref); '' = reference-free (default: %(default)s)")
+    p.add_argument("--cross-family", action="store_true",
+                   help=f"the cross-family pair instead: --policy {CROSS_FAMILY[0]} --reference {CROSS_FAMILY[1]} "
+                        f"--data {CROSS_FAMILY[2]} (an instruct model against another family's base model: their "
+                        "disagreement, not a reward model)")
     p.add_argument("--rm", default="", help="explicit reward model (*ForSequenceClassification dir)")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--reduction", choices=["sum", "mean"], default="sum",
@@ -28,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-template", choices=TEMPLATE_CHOICES, default="model",
                    help="the reference's rendering, as --template (default: %(default)s: a base reference reads "
                         "the raw prompt text)")
-    p.add_argument("--sample", type=int, default=64,
-                   help="score a fixed, seeded sample of this many examples (0 = the whole corpus)")
+    p.add_argument("--sample", type=int, default=None,
+                   help="score a fixed, seeded sample of this many examples (0 = the whole corpus; default: every "
+                        "held-out pair with --data heldout, else 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=512,
                    help="tokens per sequence (prompt + response) for each model; see --over-length")
@@ -87,6 +102,28 @@ def _sample(records, n: int, seed: int):
     return [replace(records[i], index=j) for j, i in enumerate(keep)]
 
 
+def resolve_score_inputs(args) -> None:
+    """--cross-family, --data heldout (the policy adapter's held-out pairs) and the --sample default."""
+    if args.cross_family:
+        given = [f for f, v, d in (("--policy", args.policy, DEFAULT_POLICY), ("--reference", args.reference,
+                 DEFAULT_REFERENCE), ("--data", args.data, HELDOUT)) if v != d]
+        if given:
+            raise RmjaxError(f"--cross-family sets the models and data itself; drop {', '.join(given)}")
+        args.policy, args.reference, args.data = CROSS_FAMILY
+    if args.data == HELDOUT:
+        from rmjax.io.registry import resolve_model
+
+        source = resolve_model(args.policy) if args.policy else None
+        held = source.path / HELDOUT_FILE if source is not None and source.kind == "adapter" else None
+        if held is None or not held.exists():
+            raise RmjaxError(f"--data heldout needs a --policy adapter that ships {HELDOUT_FILE} (the pairs it did "
+                             f"not train on); {args.policy!r} has none: give --data")
+        args.data = str(held)
+        args.sample = 0 if args.sample is None else args.sample
+    elif args.sample is None:
+        args.sample = 64
+
+
 def run_score(args) -> int:
     import dataclasses
     import time
@@ -101,6 +138,7 @@ def run_score(args) -> int:
     from rmjax.scoring.output import ScoreWriter
 
     distributed.maybe_initialize()
+    resolve_score_inputs(args)
     report = RecordReport()
     records = _sample(read_records(args.data, on_error=args.on_error, report=report, split=args.split),
                       args.sample, args.seed)
@@ -164,6 +202,11 @@ def run_score(args) -> int:
     summary["records_skipped"] = len(report.skipped)
     writer.finalize({"summary": summary, "settings_resolved": dataclasses.asdict(s)})
     print(json.dumps(summary, indent=2))
+    if "implicit_pairwise_accuracy" in summary and args.reference:
+        lo, hi = summary["implicit_pairwise_accuracy_ci95"]
+        bulk.log(f"implicit reward {args.policy} vs {args.reference}: pairwise accuracy "
+                 f"{summary['implicit_pairwise_accuracy']:.3f} [95% CI {lo:.3f}, {hi:.3f}] on "
+                 f"{summary['implicit_pairs']} pairs of {args.data}")
     return 0
 
 

@@ -246,6 +246,8 @@ def summarise(rows: list[dict]) -> dict:
         margins = margins[~np.isnan(margins)]  # other rows have no margin
         if len(margins):
             out[f"{name}_pairwise_accuracy"] = compute.pairwise_accuracy(margins)
+            out[f"{name}_pairwise_accuracy_ci95"] = list(compute.wilson(out[f"{name}_pairwise_accuracy"],
+                                                                        len(margins)))
             out[f"{name}_mean_margin"] = float(margins.mean())
             out[f"{name}_pairs"] = int(len(margins))
         best = np.array([r[f"{prefix}best_of_n"] for r in rows if r.get(f"{prefix}best_of_n") is not None])
