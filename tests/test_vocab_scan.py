@@ -6,8 +6,8 @@ import pytest
 from hf_models import save_tiny_checkpoint
 from rmjax.models.loading import load_model
 from rmjax.scoring.engine import naive_response_logprobs
-from rmjax.scoring.vocab_scan import (log_ratio_table, mixture_weighted_log_ratio, mwlr_table, next_token_table, normalise,
-                                      scan_responses, token_responses, word_mwlr, word_responses)
+from rmjax.scoring.vocab_scan import (log_ratio_table, mixture_weighted_log_ratio, mwlr_table, next_token_table,
+                                      normalise, scan_responses, token_responses, word_mwlr, word_responses)
 
 
 @pytest.fixture(scope="module")

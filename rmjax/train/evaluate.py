@@ -15,7 +15,6 @@ example-weighted mean of its subsets (RewardBench 1's roll-up).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import jax
