@@ -18,6 +18,7 @@ _COMMANDS = (
     "rmjax.commands.train",
     "rmjax.commands.score",
     "rmjax.analysis.cli",
+    "rmjax.commands.implicit_bias",
 )
 
 
