@@ -20,6 +20,7 @@ _COMMANDS = (
     "rmjax.commands.features",
     "rmjax.commands.armorm",
     "rmjax.analysis.cli",
+    "rmjax.commands.implicit_bias",
 )
 
 

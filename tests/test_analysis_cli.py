@@ -153,3 +153,33 @@ def test_released_scores_show_the_papers_direction():
         ("positive", "Agency"): -0.422, ("positive", "Communion"): 0.388,
         ("negative", "Agency"): 0.468, ("negative", "Communion"): -0.817}
     assert (table["p_bonferroni"] < 0.05).all()
+
+
+def test_released_mfd2_scores_reproduce_figure_1b():
+    """Figure 1b: the bundled MFD 2.0 scores of the 10 RMs, cells as the authors' R code computes them
+    (exact join of response on DicTerm, rank(-score) per model and prompt, median per foundation)."""
+    folder = SHARED_SCORES.parent / "mfd2"
+    scores = load_scores(folder)
+    assert len(scores.models) == 10 and len(scores.prompts) == 54
+    dictionary = load_dictionary("mfd2")
+    words = analysis_words(scores, dictionary)
+    assert len(words) == 2040  # every MFD 2.0 term was scored
+    cells = compute_cells(rank_words(scores, words), dictionary, assign_families(scores.models))
+    terms = pd.read_csv(Path(__file__).resolve().parents[1] / "rmjax" / "analysis" / "dictionaries" / "mfd2.dicx")
+    foundation = {}
+    for column in terms.columns[1:]:
+        for term in terms.loc[terms[column] == "X", "DicTerm"]:
+            foundation[term] = column.split("_")[0]
+    model = scores.models[3]
+    table = pd.read_parquet(folder / f"{model}.parquet").set_index("response")
+    for prompt in ("best_ever_one", "terrible_time_please"):
+        ranks = table[prompt].rank(ascending=False, method="average")
+        medians = ranks.groupby(ranks.index.map(foundation)).median()
+        got = cells[(cells["model"] == model) & (cells["prompt"] == prompt)].set_index("category")["median_rank"]
+        assert got.to_dict() == pytest.approx(medians.to_dict())
+    table = compare_families(cells, permutations=200).set_index(["framing", "category"])
+    assert table["cohens_d"].round(2).to_dict() == {
+        ("positive", "Care"): 0.50, ("positive", "Fairness"): -1.28, ("positive", "Loyalty"): 1.23,
+        ("positive", "Authority"): -1.56, ("positive", "Sanctity"): 1.13, ("negative", "Care"): -1.07,
+        ("negative", "Fairness"): 0.17, ("negative", "Loyalty"): 1.38, ("negative", "Authority"): -0.23,
+        ("negative", "Sanctity"): -0.09}

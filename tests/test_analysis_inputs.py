@@ -31,15 +31,22 @@ def two_column_dictionary(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------- score files
 
-def test_scores_are_normalised_and_repeats_keep_the_first_row(tmp_path):
-    write(tmp_path / "s" / "gemma-rm.csv", "response,best_x,worst_x\n Love ,1.5,2\nlove,9,9\nHope,3,-1e-3\n")
-    with pytest.warns(ValueBiasWarning, match=r"1 responses repeat.*'love' \(line 3\)"):
+def test_scores_are_normalised_and_repeats_keep_the_best_variant(tmp_path):
+    write(tmp_path / "s" / "gemma-rm.csv", "response,best_x,worst_x\n Love ,1.5,2\nlove,9,-1\nHope,3,-1e-3\n")
+    with pytest.warns(ValueBiasWarning, match=r"1 responses repeat.*highest score.*'love' \(line 3\)"):
         scores = load_scores(tmp_path / "s")
     table = scores.tables["gemma-rm"]
     assert list(table.index) == ["love", "hope"]
-    assert table.loc["love"].tolist() == [1.5, 2.0]  # first occurrence, not the repeat
+    assert table.loc["love"].tolist() == [9.0, 2.0]  # per prompt the most probable / best-scored variant
     assert table.loc["hope", "worst_x"] == -0.001
     assert scores.prompts == ["best_x", "worst_x"]
+
+
+def test_whitespace_responses_of_a_vocabulary_table_are_skipped(tmp_path):
+    write(tmp_path / "s" / "gemma-lm.csv", 'response,best_x\n"\n",1\n" ",2\nlove,3\nhope,oops\n')
+    with pytest.warns(ValueBiasWarning, match="2 responses are only whitespace"):
+        with pytest.raises(DataError, match=r"line 5, column 'best_x'"):  # lines still count every row
+            load_scores(tmp_path / "s")
 
 
 def test_non_numeric_score_names_file_line_and_column(tmp_path):

@@ -99,3 +99,34 @@ def test_gating_token_llama3_is_eot_before_the_assistant_header():
     assert ids.count(tok.token_id("<|eot_id|>")) == 3 and ids[g] == ids[-1 - ids[::-1].index(ids[g])]
     with pytest.raises(DataError, match="no user turn"):
         gate_offset(tok, [], "model")
+
+
+def test_raw_is_the_bare_prompt_with_the_reply_as_plain_text():
+    gemma = registry.load_tokenizer("gemma3-270m")
+    question = "What, in one word, is the best thing ever?"
+    assert template_name(gemma, "model", base="raw") == "raw"
+    assert template_name(registry.load_tokenizer("smollm2-135m-instruct"), "model", base="raw") == "model"
+    prompt_ids, response_ids = render(gemma, [{"role": "user", "content": question}], "Love", "raw")
+    assert prompt_ids == gemma.encode(question, add_special_tokens=True)  # as a pretrained model reads text
+    assert prompt_ids[0] == gemma.bos_id and "Human" not in gemma.decode(prompt_ids)
+    assert response_ids == gemma.encode(" Love", add_special_tokens=False)  # no end-of-turn, no EOS
+    assert render(gemma, [{"role": "user", "content": question}], "", "model", base="raw") == (prompt_ids, [])
+    joined, _ = render(gemma, PROMPT, "", "raw")
+    assert gemma.decode(joined, skip_special_tokens=True) == "\n\n".join(m["content"] for m in PROMPT)
+
+
+def test_score_gives_policy_and_reference_their_own_rendering():
+    from rmjax.scoring.bulk import ModelSlot, ScoreSettings, slot_template
+
+    gemma, smol = registry.load_tokenizer("gemma3-270m"), registry.load_tokenizer("smollm2-135m-instruct")
+
+    def slot(role, tok):
+        return ModelSlot(role, type("Loaded", (), {"tokenizer": tok})())
+
+    s = ScoreSettings()
+    assert slot_template(slot("policy", smol), s) == "model"
+    assert slot_template(slot("reference", gemma), s) == "raw"  # a base reference reads the bare prompt
+    assert slot_template(slot("rm", gemma), s) == "plain"
+    s = ScoreSettings(template="chatml", reference_template="plain")
+    assert slot_template(slot("policy", smol), s) == "chatml"
+    assert slot_template(slot("reference", gemma), s) == "plain"

@@ -97,7 +97,8 @@ def test_assemble_chunks_rejects_wrong_hash(tmp_path):
 
 def test_unknown_name_lists_registry_and_paths():
     with pytest.raises(CheckpointError, match=r"unknown model 'llama-7b'; registry models: gemma3-270m, "
-                                              r"smollm2-135m-instruct\. A path .* \.gguf file also works"):
+                                              r"smollm2-135m-dpo-hh, smollm2-135m-instruct\. "
+                                              r"A path .* \.gguf file also works"):
         resolve_model("llama-7b")
 
 

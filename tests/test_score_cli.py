@@ -154,16 +154,40 @@ def test_vocab_scan_cli_words_and_tokens(models, tmp_path):
     pol, ref = pd.read_csv(out / "words_policy.csv"), pd.read_csv(out / "words_reference.csv")
     np.testing.assert_allclose(implicit["best_ever_one"], pol["best_ever_one"] - ref["best_ever_one"], atol=1e-4)
     assert main(["vocab-scan", "--model", str(models / "policy"), "--reference", str(models / "reference"),
-                 "--mode", "next-token", "--prompt-keys", "best_ever_one", "--out", str(out)]) == 0
+                 "--mode", "next-token", "--prompt-keys", "best_ever_one", "worst_ever_one", "--words", str(words),
+                 "--out", str(out)]) == 0
+    keys = ["best_ever_one", "worst_ever_one"]
     table = pd.read_csv(out / "next_token_logprobs.csv", keep_default_na=False)
+    assert list(table.columns) == ["response", *keys]  # the analysis schema: no id column read as a prompt
+    ids = pd.read_csv(out / "token_ids" / "next_token_logprobs.csv", keep_default_na=False)
+    assert list(ids.columns) == ["token_id", "response"] and (ids["response"] == table["response"]).all()
     policy = load_model(str(models / "policy"))
     assert len(table) == min(policy.config.vocab_size, policy.tokenizer.vocab_size)  # every token one row
-    assert list(table["response"][:3]) == [policy.tokenizer.token_to_str(i) for i in range(3)]
+    assert list(table["response"][:3]) == [policy.tokenizer.token_to_str(i) for i in ids["token_id"][:3]]
     from rmjax.data.preferences import load_value_prompts
     from rmjax.models.transformer import forward, unembed
     p, _ = render(policy.tokenizer, [{"role": "user", "content": load_value_prompts()["best_ever_one"]}], "")
     hidden = forward(policy.params, policy.config, np.array([p]), np.ones((1, len(p)), np.int32)).hidden
     logits = np.asarray(unembed(policy.params, policy.config, hidden[0, -1]), np.float64)
     naive = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-    np.testing.assert_allclose(table["best_ever_one"], naive[:len(table)], atol=1e-4)
-    assert (out / "mwlr_best_ever_one.csv").exists()
+    np.testing.assert_allclose(table["best_ever_one"], naive[ids["token_id"]], atol=1e-4)
+    # the plain log-ratio implicit reward, per token id (one tokenizer)
+    ref = pd.read_csv(out / "reference_next_token_logprobs.csv", keep_default_na=False)
+    implicit = pd.read_csv(out / "next_token_implicit_reward.csv", keep_default_na=False)
+    assert list(implicit.columns) == ["response", *keys]
+    np.testing.assert_allclose(implicit[keys], table[keys] - ref[keys], atol=1e-6)
+    assert list(pd.read_csv(out / "mwlr.csv", keep_default_na=False).columns) == ["response", *keys]
+    assert list(pd.read_csv(out / "mwlr_words.csv").columns) == ["response", *keys]
+    # read by the analysis: the prompts are the prompt keys, and case/space variants keep the most probable
+    from rmjax.analysis import load_scores
+    folder = tmp_path / "as_scores"
+    folder.mkdir()
+    (folder / "smollm-policy.csv").write_bytes((out / "next_token_logprobs.csv").read_bytes())
+    with pytest.warns(Warning):
+        scores = load_scores(folder)
+    assert scores.prompts == keys
+    folded = table.assign(word=table["response"].str.strip().str.lower())
+    folded = folded[folded["word"] != ""].groupby("word")[keys].max()
+    got = scores.tables["smollm-policy"]
+    assert len(got) == len(folded) < len(table)
+    np.testing.assert_allclose(got.loc[folded.index, keys], folded, atol=1e-6)

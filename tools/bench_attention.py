@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds (best of)")
     ap.add_argument("--gpu", action="store_true", help="cudnn/blockwise/naive and 1B-class MFU (needs a GPU)")
     ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--out", default="tools/results/attention_cpu.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -230,8 +231,9 @@ def main() -> None:
         result["mfu_1b"] = gpu_mfu([4096, 8192], args.repeats)
         write_result(args.out, result)
         return
-    result["layer"] = layer_table(args.layer_lengths, args.repeats, ("blockwise", "naive"))
-    write_result(args.out, result)
+    if not args.skip_layer:
+        result["layer"] = layer_table(args.layer_lengths, args.repeats, ("blockwise", "naive"))
+        write_result(args.out, result)
     if not args.skip_forward:
         result["forward"] = forward_table(args.lengths, args.naive_max, args.repeats)
     write_result(args.out, result)

@@ -56,6 +56,16 @@ def matmul_peak_flops(n: int = 2048, dtype: str = "float32") -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. /proc's VmHWM is the address space's own high-water
+    mark; getrusage's ru_maxrss also carries the parent's peak across fork + exec (Linux), which
+    would give every benchmark subprocess its parent's figure."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

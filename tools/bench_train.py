@@ -50,6 +50,14 @@ def sample_examples(tok, data: str, n: int, max_length: int, long: bool, seed: i
     return examples
 
 
+def attention_backend(config) -> str:
+    import jax
+    platform = jax.devices()[0].platform
+    if config.attention == "auto" and platform == "cpu":
+        return "auto (blockwise on cpu)"
+    return f"{config.attention} on {platform}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=8)
@@ -66,6 +74,7 @@ def main() -> None:
     from rmjax import sharding as shd
     from rmjax.models.loading import load_model
     from rmjax.train import heads as theads
+    from rmjax.train.config import load_config
 
     mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
     loaded = load_model("smollm2-135m-instruct", mesh=mesh, strategy="dp")
@@ -75,7 +84,10 @@ def main() -> None:
     result = {**environment(), "benchmark": "train_step", "model": "smollm2-135m-instruct", "data": args.data,
               "long": args.long, "pairs": args.pairs, "max_length": args.max_length, "dtype": "float32",
               "last_k": LAST_K, "sequence_tokens_per_step": seq_tokens,
-              "tree_tokens_per_step": sum(e.tree.tree_length for e in examples)}
+              "tree_tokens_per_step": sum(e.tree.tree_length for e in examples),
+              "attention": attention_backend(loaded.config), "attention_block_q": loaded.config.attention_block_q,
+              "attention_block_k": loaded.config.attention_block_k,
+              "remat": load_config(None, []).model.remat}
     for mode in args.trainable:
         result[mode] = bench_mode(mode, loaded, head, examples, mesh, args)
         write_result(args.out, result)  # keep finished modes if a later one is interrupted

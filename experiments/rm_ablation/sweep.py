@@ -2,7 +2,7 @@
 
     python experiments/rm_ablation/sweep.py [--models smollm2-135m-instruct gemma3-270m]
         [--sources hh-rlhf:helpful hh-rlhf:harmless my_prefs.jsonl ...] [--fractions 0.25 0.5 1.0] [--seeds 0]
-        [--base experiments/rm_ablation/base.yaml] [--root runs/rm_ablation] [--value-scores]
+        [--base experiments/rm_ablation/base.yaml] [--root runs/rm_ablation] [--value-scores] [--trajectories]
         [key=value ...]
 
 A source is anything `rmjax train` reads as data.train (jsonl / parquet / a datasets directory,
@@ -12,10 +12,21 @@ sweep) under ROOT/<model>/<source tag>/f<fraction>/s<seed> (the tag: the subsets
 else the file stems); a cell whose result.json exists is skipped, and a killed
 cell resumes from its last checkpoint. Final metrics are collected into ROOT/results.csv and .md.
 
+Quantity: base.yaml sets train.epochs, so a cell's steps are epochs x (its fraction of the pool) /
+batch size: a smaller fraction trains on fewer distinct pairs for proportionally fewer steps (the
+columns distinct_pairs and presentations of results.csv show it). Override train.epochs=0
+train.steps=N to fix the number of steps instead.
+
 --value-scores: every seed-0 RM then scores the Big Two nouns as one-word answers to the value
 prompts (`rmjax vocab-scan --mode words --rm RUN/final`), one table per RM in ROOT/value_scores/
 (the schema of the released RM scores) with ROOT/value_scores_families.csv (RM -> base model
 family), ready for `rmjax value-bias`; a table already written is kept.
+
+--trajectories: every seed-0 RM also scores the Big Two nouns at every saved checkpoint (base.yaml
+keeps them all: train.keep_checkpoints 0), one table per step in ROOT/value_trajectory/<RM>/, then
+ROOT/value_trajectory.csv (mean median rank per RM, step, framing and category),
+ROOT/value_trajectory_difference.csv (the family difference over training progress) and
+ROOT/value_trajectory.png (Christian et al., Figure 4a).
 """
 from __future__ import annotations
 
@@ -77,6 +88,51 @@ def value_scores(root: Path, done: list[tuple[dict, Path]], prompt_keys: list[st
     return failed
 
 
+def trajectories(root: Path, done: list[tuple[dict, Path]], prompt_keys: list[str] | None,
+                 dictionary: str = "big2_nouns") -> pd.DataFrame:
+    """Big Two noun scores of every seed-0 RM at every saved checkpoint, and the family trajectory."""
+    from rmjax.analysis import load_dictionary
+    from rmjax.analysis.families import infer_family
+    from rmjax.analysis.trajectory import family_difference, plot_trajectory, trajectory
+    from rmjax.data.preferences import load_value_prompts
+    from rmjax.models.loading import load_model
+    from rmjax.scoring.vocab_scan import word_scores
+    from rmjax.train.checkpoints import checkpoint_model, saved_steps
+    from rmjax.train.config import load_config
+
+    lexicon = load_dictionary(dictionary)
+    prompts = load_value_prompts()
+    if prompt_keys:
+        prompts = {k: prompts[k] for k in prompt_keys}
+    tables, families, bases = {}, {}, {}
+    for keys, run_dir in done:
+        if keys["seed"] != 0:
+            continue
+        name = "_".join(run_dir.relative_to(root).parts[:-1])
+        families[name] = infer_family(Path(keys["model"]).name) or Path(keys["model"]).name
+        run = load_config(run_dir / "config.yaml")
+        for step in saved_steps(run_dir):
+            target = root / "value_trajectory" / name / f"step{step}.csv"
+            if not target.exists():
+                print(f"trajectory: {run_dir} step {step}", flush=True)
+                if keys["model"] not in bases:
+                    bases[keys["model"]] = load_model(keys["model"], dtype="float32")
+                model = checkpoint_model(run_dir, step, bases[keys["model"]])
+                table = word_scores(model, prompts, lexicon.words, run.data.template, "plain", rm=True)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                table.to_csv(target, index=False)
+            tables[name, step] = pd.read_csv(target, keep_default_na=False)
+    if not tables:
+        return pd.DataFrame()
+    points = trajectory(tables, families, lexicon)
+    difference = family_difference(points)
+    points.to_csv(root / "value_trajectory.csv", index=False)
+    difference.to_csv(root / "value_trajectory_difference.csv", index=False)
+    plot_trajectory(points, difference, root / "value_trajectory")
+    print(f"value trajectories in {root / 'value_trajectory.csv'} and {root / 'value_trajectory.png'}")
+    return points
+
+
 def collect(root: Path, rows: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.to_csv(root / "results.csv", index=False)
@@ -95,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="runs/rm_ablation")
     ap.add_argument("--value-scores", action="store_true",
                     help="score the Big Two nouns on the value prompts with every seed-0 RM")
+    ap.add_argument("--trajectories", action="store_true",
+                    help="score the Big Two nouns with every seed-0 RM at every saved checkpoint and plot the "
+                         "family difference over training")
     ap.add_argument("--value-prompt-keys", help="only these value prompts, comma-separated (default all 54)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args(argv)
@@ -115,13 +174,17 @@ def main(argv=None) -> int:
         result = json.loads(result_file.read_text())
         ev = result.get("eval", {})
         rows.append({**keys, "train_examples": result["train_examples"], "steps": result["step"],
+                     "distinct_pairs": result.get("distinct_train_examples"),
+                     "presentations": result.get("pair_presentations"),
                      "eval_accuracy": ev.get("accuracy"), "eval_margin": ev.get("margin"),
                      **{k: v for k, v in ev.items() if k.startswith("accuracy/")}})
     if rows:
         print(collect(root, rows).to_string(index=False))
+    keys = [k.strip() for k in args.value_prompt_keys.split(",") if k.strip()] if args.value_prompt_keys else None
     if args.value_scores:
-        keys = [k.strip() for k in args.value_prompt_keys.split(",") if k.strip()] if args.value_prompt_keys else None
         failed += value_scores(root, done, keys)
+    if args.trajectories:
+        trajectories(root, done, keys)
     if failed:
         print(f"{len(failed)} runs failed: {failed}", file=sys.stderr)
         return 1

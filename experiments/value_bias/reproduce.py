@@ -1,9 +1,11 @@
 """Reproduce the value-bias study on the released scores of 10 open RMs (4 Gemma-2-based, 6 Llama-3-based).
 
-    python experiments/value_bias/reproduce.py                      # Big Two nouns, the main result
-    python experiments/value_bias/reproduce.py --dictionaries big2_nouns mfd2 big2_expanded
+    python experiments/value_bias/reproduce.py          # Figure 1a (Big Two nouns) and 1b (MFD 2.0)
+    python experiments/value_bias/reproduce.py --dictionaries big2_nouns big2_expanded
 
 Each dictionary gets its own folder under --out with the tables, figures and report.md of `rmjax value-bias`.
+The scores are the ones bundled with rmjax (rmjax/data/bundled/rm_scores/): the Big Two nouns for the
+Big Two dictionaries, the Moral Foundations 2.0 terms for mfd2. Nothing outside the repository is read.
 """
 from __future__ import annotations
 
@@ -13,27 +15,33 @@ import time
 from pathlib import Path
 
 from rmjax.cli import main as rmjax_main
+from rmjax.data.preferences import bundled_path
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SCORES = REPO.parent / "shared" / "data" / "rm_scores" / "big2_nouns"
+# which released score set each bundled dictionary is analysed on
+SCORES_FOR = {"big2_nouns": "big2_nouns", "big2_expanded": "big2_nouns", "mfd2": "mfd2"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scores", type=Path, default=DEFAULT_SCORES, help=f"default {DEFAULT_SCORES}")
+    parser.add_argument("--scores", type=Path, default=None,
+                        help="one score folder for every dictionary (default: the bundled released scores, "
+                             f"{bundled_path('rm_scores')}/<{'|'.join(sorted(set(SCORES_FOR.values())))}>)")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "value_bias" / "results")
-    parser.add_argument("--dictionaries", nargs="+", default=["big2_nouns"])
+    parser.add_argument("--dictionaries", nargs="+", default=["big2_nouns", "mfd2"], choices=sorted(SCORES_FOR))
     parser.add_argument("--permutations", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-figures", action="store_true", help="tables and report only")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for dictionary in args.dictionaries:
-        command = ["value-bias", "--scores", str(args.scores), "--dictionary", dictionary,
+        scores = args.scores or bundled_path("rm_scores", SCORES_FOR[dictionary])
+        command = ["value-bias", "--scores", str(scores), "--dictionary", dictionary,
                    "--out", str(args.out / dictionary), "--permutations", str(args.permutations),
-                   "--seed", str(args.seed)]
+                   "--seed", str(args.seed), *(["--no-figures"] if args.no_figures else [])]
         print(f"$ rmjax {' '.join(command)}", file=sys.stderr)
         start = time.perf_counter()
         code = rmjax_main(command)

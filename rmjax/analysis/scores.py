@@ -62,8 +62,11 @@ def load_scores(directory: str | Path, common_prompts: bool = False) -> ScoreSet
 def read_score_file(path: Path) -> pd.DataFrame:
     """Scores of one model: index = normalised response, one float column per prompt.
 
-    Non-numeric, empty or infinite scores are errors naming the line and column. Responses repeated after
-    strip + lowercase keep their first row, with a warning that counts them.
+    Non-numeric, empty or infinite scores are errors naming the line and column. Responses that are only
+    whitespace (vocabulary tokens such as "\\n") cannot be dictionary words and are skipped with a
+    warning. Responses repeated after strip + lowercase (" Love", "love") are merged, each prompt keeping
+    the highest score among the variants (in a next-token table: the most probable variant), with a
+    warning that counts them.
     """
     raw = _read_raw(path)
     columns = [str(c) for c in raw.columns]
@@ -80,20 +83,27 @@ def read_score_file(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: no prompt columns beside {RESPONSE_COLUMN!r}; add one score column per prompt")
     if len(raw) == 0:
         raise DataError(f"{path}: no rows; each scored response needs a row")
-    words = raw[RESPONSE_COLUMN].map(lambda v: "" if pd.isna(v) else normalise_word(v))
-    empty = np.flatnonzero((words == "").to_numpy())
+    text = raw[RESPONSE_COLUMN].map(lambda v: "" if pd.isna(v) else str(v))
+    empty = np.flatnonzero((text == "").to_numpy())
     if len(empty):
         raise DataError(f"{path}, {_row_name(path, empty[0])}, column {RESPONSE_COLUMN!r}: empty response "
                         f"({len(empty)} such rows); fill in the word or delete the row")
+    words = text.map(normalise_word)
+    blank = (words == "").to_numpy()
+    if blank.any():
+        warn(f"{path}: {int(blank.sum())} responses are only whitespace (e.g. {text[blank].iloc[0]!r}) and were "
+             "skipped: no dictionary word can match them")
+        raw, words = raw[~blank], words[~blank]
     scores = pd.DataFrame({p: _numeric_column(raw[p], path, p) for p in prompts})
     scores.index = pd.Index(words.to_numpy(), name="word")
     duplicated = scores.index.duplicated(keep="first")
     if duplicated.any():
-        repeats = [f"{w!r} ({_row_name(path, i)})" for i, w in zip(np.flatnonzero(duplicated), scores.index[duplicated])]
-        warn(f"{path}: {int(duplicated.sum())} responses repeat an earlier one after strip + lowercase; the first "
-             f"row of each is kept and the repeats are not used: {', '.join(repeats[:5])}"
+        positions = np.flatnonzero(~blank)[duplicated] if blank.any() else np.flatnonzero(duplicated)
+        repeats = [f"{w!r} ({_row_name(path, i)})" for i, w in zip(positions, scores.index[duplicated])]
+        warn(f"{path}: {int(duplicated.sum())} responses repeat an earlier one after strip + lowercase; each prompt "
+             f"keeps the highest score among the variants: {', '.join(repeats[:5])}"
              + (f", ... (+{len(repeats) - 5} more)" if len(repeats) > 5 else ""))
-        scores = scores[~duplicated]
+        scores = scores.groupby(level=0, sort=False).max()
     return scores
 
 
@@ -118,7 +128,7 @@ def _numeric_column(column: pd.Series, path: Path, prompt: str) -> np.ndarray:
     if len(bad):
         first = bad[0]
         problem = "is empty" if text.iloc[first] == "" else f"{text.iloc[first]!r} is not a finite number"
-        raise DataError(f"{path}, {_row_name(path, first)}, column {prompt!r}: the score {problem} "
+        raise DataError(f"{path}, {_row_name(path, int(column.index[first]))}, column {prompt!r}: the score {problem} "
                         f"({len(bad)} such cells in this column); every prompt column needs a numeric score per row")
     return values
 

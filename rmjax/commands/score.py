@@ -11,21 +11,40 @@ from rmjax.data.chat import TEMPLATE_CHOICES
 from rmjax.errors import RmjaxError
 
 
+DEFAULT_POLICY, DEFAULT_REFERENCE, HELDOUT = "smollm2-135m-dpo-hh", "smollm2-135m-instruct", "heldout"
+CROSS_FAMILY = ("smollm2-135m-instruct", "gemma3-270m", "hh-rlhf")
+HELDOUT_FILE = "heldout.jsonl.gz"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score a corpus with implicit rewards and/or a reward model (resumable)",
-                       description="Score every example of a corpus. Re-running the same command resumes it.")
-    p.add_argument("--data", default="hh-rlhf", help="jsonl / parquet / HF datasets dir, or hh-rlhf[:SUBSETS]")
+                       description="Score every example of a corpus. Re-running the same command resumes it. "
+                                   "Default: the implicit RM rmjax ships (SmolLM2-135M-Instruct + its DPO LoRA "
+                                   "adapter against SmolLM2-135M-Instruct) on the adapter's held-out HH-RLHF pairs.")
+    p.add_argument("--data", default=HELDOUT,
+                   help="jsonl / parquet / HF datasets dir, hh-rlhf[:SUBSETS], or 'heldout': the held-out pairs "
+                        "bundled with the --policy adapter (default: %(default)s)")
     p.add_argument("--split", help="split of a DatasetDict directory")
-    p.add_argument("--policy", default="smollm2-135m-instruct", help="policy model (log pi); '' for none")
-    p.add_argument("--reference", default="gemma3-270m", help="reference model (log pi_ref); '' = reference-free")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help="policy model (log pi); '' for none (default: %(default)s)")
+    p.add_argument("--reference", default=DEFAULT_REFERENCE,
+                   help="reference model (log pi_ref); '' = reference-free (default: %(default)s)")
+    p.add_argument("--cross-family", action="store_true",
+                   help=f"the cross-family pair instead: --policy {CROSS_FAMILY[0]} --reference {CROSS_FAMILY[1]} "
+                        f"--data {CROSS_FAMILY[2]} (an instruct model against another family's base model: their "
+                        "disagreement, not a reward model)")
     p.add_argument("--rm", default="", help="explicit reward model (*ForSequenceClassification dir)")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--reduction", choices=["sum", "mean"], default="sum",
                    help="sequence log-prob in the implicit reward: sum, or mean (length-normalised)")
     p.add_argument("--template", choices=TEMPLATE_CHOICES, default="model",
-                   help="chat rendering: each model's own template (plain HH layout for base models) or a fixed one")
-    p.add_argument("--sample", type=int, default=64,
-                   help="score a fixed, seeded sample of this many examples (0 = the whole corpus)")
+                   help="the policy's (and --rm's) rendering: its own chat template (model; raw prompt text for "
+                        "a base model) or a fixed one (default: %(default)s)")
+    p.add_argument("--reference-template", choices=TEMPLATE_CHOICES, default="model",
+                   help="the reference's rendering, as --template (default: %(default)s: a base reference reads "
+                        "the raw prompt text)")
+    p.add_argument("--sample", type=int, default=None,
+                   help="score a fixed, seeded sample of this many examples (0 = the whole corpus; default: every "
+                        "held-out pair with --data heldout, else 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=512,
                    help="tokens per sequence (prompt + response) for each model; see --over-length")
@@ -56,12 +75,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--prompts", help="YAML {key: prompt}; default the 54 bundled value prompts")
     v.add_argument("--prompt-keys", nargs="*", help="only these prompt keys")
     v.add_argument("--mode", choices=["next-token", "response", "words"], default="next-token")
-    v.add_argument("--words", default="big2_nouns", help="words mode: a bundled dictionary name or a file")
-    v.add_argument("--template", choices=TEMPLATE_CHOICES, default="model")
+    v.add_argument("--words", default="big2_nouns",
+                   help="words mode: the words to score; next-token mode with --reference: the words whose MWLR "
+                        "(mean over case/space variants) goes to mwlr_words.csv. A bundled dictionary name or a file")
+    v.add_argument("--template", choices=TEMPLATE_CHOICES, default="model",
+                   help="rendering of --model and --rm: the model's chat template (model), for a base model the "
+                        "bare prompt (raw, as Christian et al. prompt pretrained models), or a fixed one")
+    v.add_argument("--reference-template", choices=TEMPLATE_CHOICES, default="model",
+                   help="rendering of --reference, as --template (default: %(default)s)")
+    v.add_argument("--mwlr-join", choices=["exact", "folded"], default="exact",
+                   help="next-token MWLR across tokenizers: join on exact decoded strings (Christian et al.; "
+                        "max per string) or on folded ones (strip + lowercase + ASCII) (default: %(default)s)")
     v.add_argument("--chunk", type=int, default=512, help="responses per batch against the prompt cache")
     v.add_argument("--out", default="runs/vocab_scan")
     add_attention_arguments(v)
     v.set_defaults(func=run_vocab_scan)
+
+
+def _sample(records, n: int, seed: int):
+    import numpy as np
+
+    if not n or n >= len(records):
+        return records
+    keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
+    from dataclasses import replace
+    return [replace(records[i], index=j) for j, i in enumerate(keep)]
+
+
+def resolve_score_inputs(args) -> None:
+    """--cross-family, --data heldout (the policy adapter's held-out pairs) and the --sample default."""
+    if args.cross_family:
+        given = [f for f, v, d in (("--policy", args.policy, DEFAULT_POLICY), ("--reference", args.reference,
+                 DEFAULT_REFERENCE), ("--data", args.data, HELDOUT)) if v != d]
+        if given:
+            raise RmjaxError(f"--cross-family sets the models and data itself; drop {', '.join(given)}")
+        args.policy, args.reference, args.data = CROSS_FAMILY
+    if args.data == HELDOUT:
+        from rmjax.io.registry import resolve_model
+
+        source = resolve_model(args.policy) if args.policy else None
+        held = source.path / HELDOUT_FILE if source is not None and source.kind == "adapter" else None
+        if held is None or not held.exists():
+            raise RmjaxError(f"--data heldout needs a --policy adapter that ships {HELDOUT_FILE} (the pairs it did "
+                             f"not train on); {args.policy!r} has none: give --data")
+        args.data = str(held)
+        args.sample = 0 if args.sample is None else args.sample
+    elif args.sample is None:
+        args.sample = 64
 
 
 def run_score(args) -> int:
@@ -78,6 +138,7 @@ def run_score(args) -> int:
     from rmjax.scoring.output import ScoreWriter
 
     distributed.maybe_initialize()
+    resolve_score_inputs(args)
     report = RecordReport()
     records = sample_records(read_records(args.data, on_error=args.on_error, report=report, split=args.split),
                       args.sample, args.seed)
@@ -85,6 +146,7 @@ def run_score(args) -> int:
     if not records:
         raise RmjaxError(f"{args.data}: no records to score")
     s = bulk.ScoreSettings(beta=args.beta, reduction=args.reduction, template=args.template,
+                           reference_template=args.reference_template,
                            max_length=args.max_length, over_length=args.over_length, batch_size=args.batch_size,
                            shard_size=args.shard_size, token_logprobs=args.token_logprobs,
                            pack_length=args.pack_length, batch_tokens=args.batch_tokens)
@@ -92,7 +154,8 @@ def run_score(args) -> int:
     if not args.policy and args.reference:
         raise RmjaxError("--reference needs a --policy")
     settings = {"models": {r: m for r, m in roles if m}, "beta": args.beta, "reduction": args.reduction,
-                "template": args.template, "dtype": args.dtype, "data": args.data, "split": args.split,
+                "template": args.template, "reference_template": args.reference_template, "dtype": args.dtype,
+                "data": args.data, "split": args.split,
                 "data_hash": input_fingerprint(args.data), "sample": args.sample, "seed": args.seed,
                 "max_length": args.max_length, "over_length": args.over_length, "batch_size": args.batch_size,
                 "pack_length": args.pack_length, "batch_tokens": args.batch_tokens,
@@ -139,6 +202,11 @@ def run_score(args) -> int:
     summary["records_skipped"] = len(report.skipped)
     writer.finalize({"summary": summary, "settings_resolved": dataclasses.asdict(s)})
     print(json.dumps(summary, indent=2))
+    if "implicit_pairwise_accuracy" in summary and args.reference:
+        lo, hi = summary["implicit_pairwise_accuracy_ci95"]
+        bulk.log(f"implicit reward {args.policy} vs {args.reference}: pairwise accuracy "
+                 f"{summary['implicit_pairwise_accuracy']:.3f} [95% CI {lo:.3f}, {hi:.3f}] on "
+                 f"{summary['implicit_pairs']} pairs of {args.data}")
     return 0
 
 
@@ -169,15 +237,7 @@ def run_vocab_scan(args) -> int:
     attention = attention_options(args)
     model = load_model(args.model, **attention) if args.model else None
     if args.mode == "next-token":
-        table = vs.next_token_table(model, prompts, args.template)
-        _write_csv(table, out / "next_token_logprobs.csv")
-        if args.reference:
-            ref = load_model(args.reference, **attention)
-            ref_table = vs.next_token_table(ref, prompts, args.template)
-            _write_csv(ref_table, out / "reference_next_token_logprobs.csv")
-            for key in prompts:
-                m = vs.mixture_weighted_log_ratio(table, ref_table, key)
-                _write_csv(m, out / f"mwlr_{key}.csv")
+        _next_token_scan(args, model, prompts, out, attention)
         print(f"wrote {out}")
         return 0
     rm = load_model(args.rm, **attention) if args.rm else None
@@ -195,25 +255,63 @@ def run_vocab_scan(args) -> int:
         for tag, loaded in (("policy", model), ("reference", ref), ("rm", rm)):
             if loaded is None:
                 continue
+            template = args.reference_template if tag == "reference" else args.template
+            base = "plain" if tag == "rm" else "raw"  # an RM without a template reads what it trained on
             if words is None:
-                prompt_ids, cands = vs.token_responses(loaded, text, args.template)
+                prompt_ids, cands = vs.token_responses(loaded, text, template, base)
             else:
-                prompt_ids, cands = vs.word_responses(loaded, text, words, args.template)
+                prompt_ids, cands = vs.word_responses(loaded, text, words, template, base)
             head = loaded.score_head[:, 0] if tag == "rm" else None
             res = vs.scan_responses(loaded, prompt_ids, cands, chunk=args.chunk, rm_head=head,
                                     progress=f"{key} [{tag}]")
             columns.setdefault(tag, {})[key] = res["rm"] if tag == "rm" else res["sum"]
     first = model or rm
     labels = words if words is not None else [first.tokenizer.token_to_str(i) for i in range(len(cands))]
-    for tag, cols in columns.items():
-        frame = pd.DataFrame({"response": labels, **cols})
-        _write_csv(frame, out / f"{args.mode}_{tag}.csv")
+    tables = {tag: pd.DataFrame({"response": labels, **cols}) for tag, cols in columns.items()}
     if ref is not None:
-        frame = pd.DataFrame({"response": labels, **{k: columns["policy"][k] - columns["reference"][k]
-                                                      for k in prompts}})
-        _write_csv(frame, out / f"{args.mode}_implicit_reward.csv")
+        tables["implicit_reward"] = pd.DataFrame({"response": labels, **{
+            k: columns["policy"][k] - columns["reference"][k] for k in prompts}})
+    for tag, frame in tables.items():
+        name = f"{args.mode}_{tag}"
+        if words is None:  # token ids: rows in the analysis schema, the ids in token_ids/
+            frame = frame.rename_axis("token_id")
+            frame = frame[frame["response"] != ""]
+            (out / "token_ids").mkdir(exist_ok=True)
+            _write_csv(frame[["response"]].reset_index(), out / "token_ids" / f"{name}.csv")
+        _write_csv(frame, out / f"{name}.csv")
     print(f"wrote {out}")
     return 0
+
+
+def _next_token_scan(args, model, prompts: dict, out: Path, attention: dict) -> None:
+    """Next-token tables in the analysis schema (``response`` + one column per prompt key; the token
+    ids of each row in token_ids/); with a reference also the log-ratio implicit reward and MWLR."""
+    from rmjax.models.loading import load_model
+    from rmjax.scoring import vocab_scan as vs
+    from rmjax.scoring.bulk import same_tokenizer
+
+    def write_table(table, name: str) -> None:
+        _write_csv(table, out / f"{name}.csv")
+        (out / "token_ids").mkdir(exist_ok=True)
+        _write_csv(table[["response"]].reset_index(), out / "token_ids" / f"{name}.csv")
+
+    table = vs.next_token_table(model, prompts, args.template)
+    write_table(table, "next_token_logprobs")
+    if not args.reference:
+        return
+    ref = load_model(args.reference, **attention)
+    ref_table = vs.next_token_table(ref, prompts, args.reference_template)
+    write_table(ref_table, "reference_next_token_logprobs")
+    shared = same_tokenizer(model.tokenizer, ref.tokenizer)
+    ratio = vs.log_ratio_table(table, ref_table, prompts, shared)
+    if shared:
+        write_table(ratio, "next_token_implicit_reward")
+    else:  # one row per exact decoded string both vocabularies hold
+        _write_csv(ratio, out / "next_token_implicit_reward.csv")
+    mwlr = vs.mwlr_table(table, ref_table, prompts, args.mwlr_join)
+    _write_csv(mwlr, out / "mwlr.csv")
+    words = vs.word_mwlr(mwlr, _words(args.words))
+    _write_csv(words.drop(columns="variants").rename(columns={"word": "response"}), out / "mwlr_words.csv")
 
 
 def _write_csv(frame, path: Path) -> None:

@@ -6,9 +6,16 @@ rendered with the generation prompt, the full conversation must start with exact
 (checked), and the response ids are the tokens of the remainder (the reply and its end-of-turn).
 
 Templates: the model's own chat template by default; a named built-in (``chatml``, ``gemma``,
-``llama3``) to render a base model in its instruct sibling's format; or ``plain``, the HH-RLHF
-transcript layout ("\\n\\nHuman: ...\\n\\nAssistant: reply" + EOS), used for base models that ship no
-template.
+``llama3``) to render a base model in its instruct sibling's format; ``plain``, the HH-RLHF
+transcript layout ("\\n\\nHuman: ...\\n\\nAssistant: reply" + EOS); or ``raw``, the bare prompt text as
+a pretrained model reads a document (the tokenizer's own special tokens, e.g. BOS, and nothing else;
+several messages are joined by blank lines) with the response appended as plain text (" reply", no
+end-of-turn, no EOS). ``raw`` is how Christian et al. (ICLR 2026) prompt base models.
+
+``model`` on a tokenizer without a chat template (a base model) falls back to ``base``: ``plain``
+for training (an RM learns the turn structure of HH-RLHF), ``raw`` in the vocabulary scan and the
+implicit reward (``rmjax vocab-scan``, ``rmjax score``), where the base model is a reference that
+should read the prompt as text.
 
 ``gate_offset(tokenizer, prompt_messages)`` locates ArmoRM's *gating token* in the prompt ids: the
 token that closes the last user turn (Llama-3's ``<|eot_id|>`` before the assistant header,
@@ -28,19 +35,24 @@ BUILTIN_TEMPLATES = {
                " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
 }
-TEMPLATE_CHOICES = ("model", "plain", *BUILTIN_TEMPLATES)
+TEMPLATE_CHOICES = ("model", "plain", "raw", *BUILTIN_TEMPLATES)
+BASE_FALLBACKS = ("plain", "raw")
 
 
-def template_name(tokenizer, template: str = "model") -> str:
-    """The template actually used: 'model' falls back to 'plain' for tokenizers without one."""
+def template_name(tokenizer, template: str = "model", base: str = "plain") -> str:
+    """The template actually used: 'model' falls back to ``base`` for tokenizers without one."""
     if template not in TEMPLATE_CHOICES:
         raise ConfigError(f"unknown template {template!r}; choose one of {list(TEMPLATE_CHOICES)}")
+    if base not in BASE_FALLBACKS:
+        raise ConfigError(f"unknown base-model fallback {base!r}; choose one of {list(BASE_FALLBACKS)}")
     if template == "model":
-        return "model" if tokenizer.has_chat_template else "plain"
+        return "model" if tokenizer.has_chat_template else base
     return template
 
 
-def render(tokenizer, prompt: list[dict], response: str, template: str = "model") -> tuple[list[int], list[int]]:
+def render(tokenizer, prompt: list[dict], response: str, template: str = "model",
+           base: str = "plain") -> tuple[list[int], list[int]]:
+    template = template_name(tokenizer, template, base)
     prompt_ids, response_ids = _render(tokenizer, prompt, response, template)
     bos = tokenizer.bos_id
     if bos is not None and prompt_ids[:2] == [bos, bos]:
@@ -54,6 +66,10 @@ def render(tokenizer, prompt: list[dict], response: str, template: str = "model"
 
 def _render(tokenizer, prompt: list[dict], response: str, template: str) -> tuple[list[int], list[int]]:
     name = template_name(tokenizer, template)
+    if name == "raw":
+        text = "\n\n".join(m["content"] for m in prompt)
+        prompt_ids = tokenizer.encode(text, add_special_tokens=True)
+        return prompt_ids, tokenizer.encode(" " + response, add_special_tokens=False) if response else []
     if name == "plain":
         turns = "".join(f"\n\n{'Assistant' if m['role'] == 'assistant' else 'Human'}: {m['content']}"
                         for m in prompt if m["role"] != "system")

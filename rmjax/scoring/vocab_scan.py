@@ -9,8 +9,10 @@ extended by batches of candidate responses:
 Output tables follow the released score tables: a ``response`` column, then one column per prompt.
 
 The cross-tokenizer mixture-weighted log ratio compares two models whose vocabularies differ:
-MWLR(s) = 0.5 (p_A(s) + p_B(s)) (log p_A(s) - log p_B(s)), joined on normalised decoded strings
-(strip, lowercase, ASCII only; the max probability per string within each model).
+MWLR(s) = 0.5 (p_A(s) + p_B(s)) (log p_A(s) - log p_B(s)), as Christian et al. (ICLR 2026) define it:
+joined on the exact decoded strings (the max probability per string within each model), one MWLR
+per string; a word's MWLR is the mean over its case and space variants (``word_mwlr``). The
+``folded`` join (strip, lowercase, ASCII only before the max) is an option.
 """
 from __future__ import annotations
 
@@ -45,12 +47,15 @@ def _next_token_fn(config):
 
 
 def next_token_table(loaded, prompts: dict[str, str], template: str = "model") -> pd.DataFrame:
-    """log p(token | prompt) for every token id (rows) and prompt key (columns)."""
+    """log p(token | prompt) in the analysis schema: a ``response`` column (the token's decoded text)
+    and one column per prompt key, one row per token id (the index, ``token_id``; tokens that decode
+    to the empty string are left out). A base model reads the bare prompt (``raw``) unless
+    ``template`` says otherwise."""
     config, tok = loaded.config, loaded.tokenizer
     run = _next_token_fn(config)
     columns = {}
     for key, text in prompts.items():
-        prompt_ids, _ = render(tok, [{"role": "user", "content": text}], "", template)
+        prompt_ids, _ = render(tok, [{"role": "user", "content": text}], "", template, base="raw")
         ids, mask = pad_rows([prompt_ids], bucket(len(prompt_ids)), tok.pad_id)
         columns[key] = np.asarray(run(loaded.params, ids, mask))[0, :config.vocab_size]
     return _table(tok, config.vocab_size, columns)
@@ -58,10 +63,26 @@ def next_token_table(loaded, prompts: dict[str, str], template: str = "model") -
 
 def _table(tok, vocab_size: int, columns: dict[str, np.ndarray]) -> pd.DataFrame:
     n = min(vocab_size, tok.vocab_size)
-    frame = pd.DataFrame({"token_id": np.arange(n), "response": [tok.token_to_str(i) for i in range(n)]})
-    for key, values in columns.items():
-        frame[key] = values[:n]
-    return frame
+    frame = pd.DataFrame({"response": [tok.token_to_str(i) for i in range(n)],
+                          **{key: values[:n] for key, values in columns.items()}},
+                         index=pd.RangeIndex(n, name="token_id"))
+    return frame[frame["response"] != ""]
+
+
+def log_ratio_table(table_a: pd.DataFrame, table_b: pd.DataFrame, prompts, same_tokenizer: bool) -> pd.DataFrame:
+    """The plain implicit reward log p_A - log p_B of every next token, per prompt column: per token id
+    when both models share a tokenizer (rows and index as ``table_a``), else per exact decoded string
+    present in both vocabularies (the max per string within each model, as for MWLR)."""
+    prompts = list(prompts)
+    if same_tokenizer:
+        b = table_b.reindex(table_a.index)
+        return pd.concat([table_a[["response"]], table_a[prompts] - b[prompts]], axis=1)
+    columns = {}
+    for key in prompts:
+        a, b = string_logprobs(table_a, key), string_logprobs(table_b, key)
+        joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner")
+        columns[key] = joined["a"] - joined["b"]
+    return pd.DataFrame(columns).rename_axis("response").reset_index()
 
 
 def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *, chunk: int = 512,
@@ -106,48 +127,101 @@ def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *
     return out
 
 
-def token_responses(loaded, prompt_text: str, template: str = "model") -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, [token + end-of-turn suffix] for every token id)."""
+def token_responses(loaded, prompt_text: str, template: str = "model", base: str = "raw"
+                    ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [token + end-of-turn suffix] for every token id); ``base``: the rendering of a
+    model without a chat template (``raw``: the bare prompt, no suffix)."""
     tok = loaded.tokenizer
-    prompt_ids, suffix = render(tok, [{"role": "user", "content": prompt_text}], "", template)
+    prompt_ids, suffix = render(tok, [{"role": "user", "content": prompt_text}], "", template, base)
     suffix = [t for t in suffix if t != tok.bos_id]
     n = min(loaded.config.vocab_size, tok.vocab_size)
     return prompt_ids, [[t] + suffix for t in range(n)]
 
 
-def word_responses(loaded, prompt_text: str, words: list[str], template: str = "model"
+def word_responses(loaded, prompt_text: str, words: list[str], template: str = "model", base: str = "raw"
                    ) -> tuple[list[int], list[list[int]]]:
     """(prompt ids, each word rendered as the reply) with one shared prompt prefix."""
     tok = loaded.tokenizer
     messages = [{"role": "user", "content": prompt_text}]
-    prompt_ids, _ = render(tok, messages, "", template)
+    prompt_ids, _ = render(tok, messages, "", template, base)
     candidates = []
     for word in words:
-        p, r = render(tok, messages, word, template)
+        p, r = render(tok, messages, word, template, base)
         if p != prompt_ids:
             raise ValueError(f"prompt tokens changed with the reply {word!r}; the template is not prefix-stable")
         candidates.append(r)
     return prompt_ids, candidates
 
 
+def word_scores(loaded, prompts: dict[str, str], words: list[str], template: str = "model", base: str = "raw",
+                rm: bool = False, chunk: int = 512) -> pd.DataFrame:
+    """Each word as the reply to each prompt: ``response`` + one column per prompt key holding the
+    reply's log-prob sum, or with ``rm`` the reward model's score (``loaded.score_head``, first label)."""
+    columns = {}
+    for key, text in prompts.items():
+        prompt_ids, cands = word_responses(loaded, text, words, template, base)
+        head = np.asarray(loaded.score_head)[:, 0] if rm else None
+        res = scan_responses(loaded, prompt_ids, cands, chunk=chunk, rm_head=head)
+        columns[key] = res["rm"] if rm else res["sum"]
+    return pd.DataFrame({"response": list(words), **columns})
+
+
 def normalise(s: str) -> str:
-    """strip, lowercase, ASCII only (accents folded, other characters dropped)."""
+    """strip, lowercase, ASCII only (accents folded, other characters dropped): the ``folded`` join."""
     folded = unicodedata.normalize("NFKD", s.strip().lower())
     return folded.encode("ascii", "ignore").decode("ascii").strip()
 
 
-def string_logprobs(table: pd.DataFrame, column: str) -> pd.Series:
-    """log p per normalised string: the max over the tokens that normalise to it (empty dropped)."""
-    keys = table["response"].map(normalise)
-    frame = pd.DataFrame({"string": keys, "logp": table[column].to_numpy()})
+MWLR_JOINS = ("exact", "folded")
+
+
+def string_logprobs(table: pd.DataFrame, column: str, join: str = "exact") -> pd.Series:
+    """log p per string: the max over the tokens whose decoded text is that string.
+
+    ``exact``: the decoded string as it is (" Love", "love" and "Love" stay apart; non-ASCII kept), as
+    Christian et al. join vocabularies; ``folded``: strip + lowercase + ASCII (``normalise``). Empty
+    strings are dropped.
+    """
+    if join not in MWLR_JOINS:
+        raise ValueError(f"unknown join {join!r}; choose one of {list(MWLR_JOINS)}")
+    keys = table["response"].astype(str)
+    if join == "folded":
+        keys = keys.map(normalise)
+    frame = pd.DataFrame({"string": keys.to_numpy(), "logp": table[column].to_numpy()})
     frame = frame[frame["string"] != ""]
-    return frame.groupby("string")["logp"].max()
+    return frame.groupby("string", sort=True)["logp"].max()
 
 
-def mixture_weighted_log_ratio(table_a: pd.DataFrame, table_b: pd.DataFrame, column: str) -> pd.DataFrame:
-    """MWLR per string present in both vocabularies: 0.5 (p_A + p_B) (log p_A - log p_B)."""
-    a, b = string_logprobs(table_a, column), string_logprobs(table_b, column)
+def mixture_weighted_log_ratio(table_a: pd.DataFrame, table_b: pd.DataFrame, column: str,
+                               join: str = "exact") -> pd.DataFrame:
+    """MWLR per string present in both vocabularies: 0.5 (p_A + p_B) (log p_A - log p_B).
+
+    Columns ``response`` (the joined string), ``logp_a``, ``logp_b``, ``mwlr``.
+    """
+    a, b = string_logprobs(table_a, column, join), string_logprobs(table_b, column, join)
     joined = pd.concat([a.rename("logp_a"), b.rename("logp_b")], axis=1, join="inner")
     pa, pb = np.exp(joined["logp_a"]), np.exp(joined["logp_b"])
     joined["mwlr"] = 0.5 * (pa + pb) * (joined["logp_a"] - joined["logp_b"])
     return joined.reset_index(names="response")
+
+
+def mwlr_table(table_a: pd.DataFrame, table_b: pd.DataFrame, prompts, join: str = "exact") -> pd.DataFrame:
+    """MWLR of every shared string (rows, ``response``) under every prompt (one column per prompt key)."""
+    columns = {key: mixture_weighted_log_ratio(table_a, table_b, key, join).set_index("response")["mwlr"]
+               for key in prompts}
+    return pd.DataFrame(columns).rename_axis("response").reset_index()
+
+
+def word_mwlr(table: pd.DataFrame, words) -> pd.DataFrame:
+    """Per word, the mean MWLR over the strings that equal it after strip + lowercase (" Love",
+    "love", "LOVE", ...), as Christian et al. average case and space variants in their Figure 3.
+    ``table``: ``mwlr_table`` output; words without any variant are left out. Columns ``word``,
+    ``variants`` and one per prompt."""
+    wanted = {str(w).strip().lower() for w in words}
+    keys = table["response"].astype(str).str.strip().str.lower()
+    rows = table[keys.isin(wanted)]
+    prompts = [c for c in table.columns if c != "response"]
+    grouped = rows[prompts].groupby(keys[rows.index].to_numpy())
+    out = grouped.mean()
+    out.insert(0, "variants", grouped.size())
+    return out.rename_axis("word").reset_index()

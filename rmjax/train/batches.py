@@ -21,6 +21,7 @@ Shapes are bucketed (rows in multiples of the data-parallel devices), so few sha
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -51,6 +52,14 @@ class Layout:
     @property
     def keys(self) -> tuple[str, ...]:
         return MODEL_KEYS[self.packed] + SLOT_KEYS + LABEL_KEYS[self.trees] + (TARGET_KEYS if self.targets else ())
+
+
+def planned_steps(train, n_examples: int) -> int:
+    """Optimizer steps of a run: ``train.steps``, or with ``train.epochs`` > 0 enough steps for every
+    one of the ``n_examples`` training examples to be seen ``epochs`` times (at least one step)."""
+    if train.epochs <= 0:
+        return train.steps
+    return max(1, math.ceil(train.epochs * n_examples / train.batch_size))
 
 
 def plan(examples: list, batch_size: int, steps: int, seed: int, max_length: int) -> list[np.ndarray]:

@@ -83,7 +83,10 @@ class LossSection:
 
 @dataclasses.dataclass
 class TrainSection:
-    steps: int = 100
+    steps: int = 100  # optimizer steps; replaced by the epochs rule below when epochs > 0
+    # > 0: steps = ceil(epochs x training examples / batch_size), so the data quantity (data.fraction)
+    # sets the training length: every example is seen ``epochs`` times whatever the fraction
+    epochs: float = 0.0
     batch_size: int = 8  # pairs per optimizer step (over all devices), split into grad_accum micro-batches
     grad_accum: int = 1
     trainable: str = "lora"  # head | last_k | lora | full
@@ -95,7 +98,7 @@ class TrainSection:
     seed: int = 0
     eval_every: int = 50
     save_every: int = 50
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 = keep every saved checkpoint (checkpoint trajectories)
     log_every: int = 10
 
 
@@ -224,6 +227,8 @@ def validate(config: RunConfig, where: str = "config") -> RunConfig:
         (t.pack_length == 0 or t.pack_length >= d.max_length,
          "train.pack_length must be 0 (= data.max_length) or at least data.max_length"),
         (t.steps > 0, "train.steps must be positive"),
+        (t.epochs >= 0, "train.epochs must be 0 (use train.steps) or positive"),
+        (t.keep_checkpoints >= 0, "train.keep_checkpoints must be 0 (keep all) or positive"),
         (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
          "train.batch_size must be a positive multiple of train.grad_accum"),
         (config.optim.lr > 0, "optim.lr must be positive"),

@@ -15,7 +15,6 @@ example-weighted mean of its subsets (RewardBench 1's roll-up).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 from rmjax import sharding as shd
 from rmjax.errors import DataError
 from rmjax.scoring import compute
+from rmjax.scoring.compute import wilson  # noqa: F401 (re-exported: the interval of every report)
 from rmjax.train import batches as tbatches
 
 
@@ -71,16 +71,6 @@ def example_score(kind: str, out: dict, **kw) -> tuple[float, float]:
         return float(compute.pairwise_wins(np.float64(margin))), float(margin)
     s = response_scores(kind, out, **kw)
     return float(compute.best_of_n_scores(s[None])[0]), float(s[0] - s[1:].max())
-
-
-def wilson(mean: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a mean of n scores in [0, 1]."""
-    if n == 0:
-        return float("nan"), float("nan")
-    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
-    return (0.0 if mean <= 0 else lo), (1.0 if mean >= 1 else hi)
 
 
 def _group(scores: np.ndarray) -> dict:

@@ -11,6 +11,7 @@ Run directory layout:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -175,6 +176,11 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     entry = theads.entry(run)
     train_set, eval_set = texamples.load_sets(run, tok, entry.trees, log)
     log(f"data ({entry.trees}): train {train_set.summary()}; eval {eval_set.summary()}")
+    steps = tbatches.planned_steps(run.train, len(train_set.examples))
+    if steps != run.train.steps:  # train.epochs: the training length follows the data quantity
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, steps=steps))
+        log(f"train.epochs={run.train.epochs:g} over {len(train_set.examples)} examples at batch "
+            f"{run.train.batch_size}: {steps} steps")
     statics = statics_for(run, tok, train_set.objectives)
 
     full = model_params(run, loaded, entry, mesh, head_extras(run, loaded, mesh, train_set))
@@ -187,7 +193,8 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
         f"on mesh {shd.describe(mesh)} ({run.mesh.strategy}); {run.head.kind} head, {run.loss.kind} loss, "
         f"{'packed prompt trees' if run.train.pack else 'padded rows'}")
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=run.train.keep_checkpoints, enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=run.train.keep_checkpoints or None,
+                                           enable_async_checkpointing=True)
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
     lower_is_better = entry.trees == "ratings"
     best = ocp.CheckpointManager((run_dir / "best").absolute(), options=ocp.CheckpointManagerOptions(
@@ -256,6 +263,8 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     result = {"step": int(state.step), "skipped_steps": int(state.skipped), "eval": last_eval,
               "head": run.head.kind, "loss": run.loss.kind, "objectives": list(train_set.objectives),
               "train_examples": len(train_set), "eval_examples": len(eval_set),
+              "distinct_train_examples": int(len(np.unique(np.concatenate(plan)))),
+              "pair_presentations": int(sum(len(p) for p in plan)),
               "dropped_examples": len(train_set.dropped) + len(eval_set.dropped),
               "truncated_examples": train_set.truncated + eval_set.truncated,
               "bad_records_skipped": len(train_set.skipped) + len(eval_set.skipped), "tokens": counts}
