@@ -3,9 +3,10 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 from hf_models import build, padded_batch
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from rmjax import sharding as shd
 from rmjax.models import forward, unembed
 from rmjax.models.loading import StateDictCheckpoint, load_params
@@ -68,3 +69,9 @@ def test_mesh_config_errors():
     with pytest.raises(ValueError, match="needs 6 devices"):
         shd.MeshConfig(data=3, fsdp=2).axis_sizes(8)
     assert shd.MeshConfig(data=2, fsdp=-1).axis_sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}
+
+
+def test_command_strategy_choices_are_the_rules_table():
+    from rmjax.commands.options import STRATEGY_CHOICES
+
+    assert STRATEGY_CHOICES == ("none", *shd.RULES)

@@ -5,7 +5,11 @@ import argparse
 import json
 import sys
 
-from rmjax.commands.options import add_attention_arguments, attention_options
+from rmjax.commands.options import (
+    add_attention_arguments,
+    add_strategy_argument,
+    attention_options,
+)
 from rmjax.data.chat import TEMPLATE_CHOICES
 from rmjax.errors import RmjaxError
 
@@ -29,8 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed batch")
     p.add_argument("--shard-size", type=int, default=64, help="examples per part (unit of resumption)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--strategy", choices=["none", "dp", "fsdp", "tp", "fsdp_tp"], default="none",
-                   help="shard the model and batches over all devices by this rule set (none: one device)")
+    add_strategy_argument(p, "the model and batches")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -40,7 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_features(args) -> int:
     from rmjax import distributed
-    from rmjax.data.records import RecordReport, input_fingerprint, read_records, sample_records
+    from rmjax.data.records import (
+        RecordReport,
+        input_fingerprint,
+        read_records,
+        sample_records,
+    )
     from rmjax.io import registry
     from rmjax.models.loading import load_model
     from rmjax.scoring import features

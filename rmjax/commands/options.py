@@ -5,6 +5,14 @@ import argparse
 
 from rmjax.models.config import ATTENTION_BACKENDS
 
+# "none" (one device) and every rule set in rmjax/sharding.py's RULES (kept equal by a test)
+STRATEGY_CHOICES = ("none", "dp", "fsdp", "tp", "fsdp_tp")
+
+
+def add_strategy_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="none",
+                   help=f"shard {what} over all devices by this rule set (none: one device)")
+
 
 def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attention kernel")

@@ -6,10 +6,13 @@ import json
 import sys
 from pathlib import Path
 
-from rmjax.commands.options import add_attention_arguments, attention_options
+from rmjax.commands.options import (
+    add_attention_arguments,
+    add_strategy_argument,
+    attention_options,
+)
 from rmjax.data.chat import TEMPLATE_CHOICES
 from rmjax.errors import RmjaxError
-
 
 DEFAULT_POLICY, DEFAULT_REFERENCE, HELDOUT = "smollm2-135m-dpo-hh", "smollm2-135m-instruct", "heldout"
 CROSS_FAMILY = ("smollm2-135m-instruct", "gemma3-270m", "hh-rlhf")
@@ -58,8 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch when --pack-length 0")
     p.add_argument("--shard-size", type=int, default=32, help="examples per output part (unit of resumption)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--strategy", choices=["none", "dp", "fsdp", "tp", "fsdp_tp"], default="none",
-                   help="shard both models over all devices by this rule set (none: one device)")
+    add_strategy_argument(p, "both models")
     p.add_argument("--token-logprobs", action="store_true", help="also store per-token log-probs (tokens.zarr)")
     p.add_argument("--out", default="runs/score", help="output directory")
     p.add_argument("--overwrite", action="store_true")
@@ -132,7 +134,12 @@ def run_score(args) -> int:
     from tqdm import tqdm
 
     from rmjax import distributed
-    from rmjax.data.records import RecordReport, input_fingerprint, read_records, sample_records
+    from rmjax.data.records import (
+        RecordReport,
+        input_fingerprint,
+        read_records,
+        sample_records,
+    )
     from rmjax.models.loading import load_model
     from rmjax.scoring import bulk
     from rmjax.scoring.output import ScoreWriter
