@@ -23,7 +23,10 @@ def test_logprobs_chat_and_text_output(capsys):
 
 def test_bad_model_and_top(capsys):
     assert main(["logprobs", "--model", "no-such-model", "--prompt", "x"]) == 2
-    assert "registry models: gemma3-270m, smollm2-135m-instruct" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err
+    for name in ("gemma3-270m", "smollm2-135m-instruct", "smollm2-135m-dpo-hh"):
+        assert name in err.split("registry models:")[1]
     assert main(["logprobs", "--prompt", "x", "--top", "0"]) == 2
     assert main(["logprobs", "--model", "gemma3-270m", "--prompt", "x", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
