@@ -77,6 +77,24 @@ def bradley_terry_label_smoothing(r_chosen: ArrayLike, r_rejected: ArrayLike, ep
     return weighted_mean(per_pair, weights)
 
 
+def label_smoothed_ce(log_probs: ArrayLike, label: ArrayLike, eps: ArrayLike,
+                      weights: ArrayLike | None = None) -> Array:
+    """Cross-entropy of ``log_probs`` [N, C] against the class ``label`` [N] smoothed as torch's
+    ``CrossEntropyLoss(label_smoothing=eps)``: target (1 - eps) one-hot + eps / C uniform.
+
+    With C = 2 classes normalised over themselves (a generative judge's two verdict tokens, as GRAM)
+    and D = z_right - z_wrong this is ``bradley_terry_label_smoothing(z_right, z_wrong, eps)``:
+    -log s(D) + (eps/2) D, Bradley-Terry plus a penalty on the margin.
+    """
+    _check_range("eps", eps, 0.0, 1.0)
+    log_probs = _as_float(log_probs)
+    label = jnp.asarray(label, jnp.int32)
+    right = jnp.take_along_axis(log_probs, label[:, None], axis=1)[:, 0]
+    e = _as_float(eps).astype(log_probs.dtype)
+    per = -(1 - e) * right - e * jnp.mean(log_probs, axis=1)
+    return weighted_mean(per, weights)
+
+
 def reward_centering(r_chosen: ArrayLike, r_rejected: ArrayLike, coef: ArrayLike,
                      weights: ArrayLike | None = None) -> Array:
     """``coef * mean((r_chosen + r_rejected)^2)``: pins the (otherwise free) reward offset near 0."""

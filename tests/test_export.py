@@ -129,7 +129,7 @@ def test_multi_objective_and_armorm_exports(base, tmp_path):
     np.testing.assert_allclose(got, np.asarray(want).reshape(-1)[slots[0]], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [["head.kind=judge", "loss.kind=ce", "head.judge_labels=[Yes, No]"],
+@pytest.mark.parametrize("overrides", [["head.kind=judge", "loss.kind=ce", "head.judge_labels=[Y, N]"],
                                        ["head.kind=lm", "loss.kind=dpo", "loss.beta=0.3"]])
 def test_judge_and_dpo_policies_export_as_causal_lms(base, tmp_path, overrides):
     final, full, hidden, loaded = trained(base, tmp_path, "train.trainable=lora", *overrides)
@@ -142,7 +142,7 @@ def test_judge_and_dpo_policies_export_as_causal_lms(base, tmp_path, overrides):
     report = evaluate_rm(str(final), data=(str(DATA),), max_length=96)  # eval-rm takes the export as it is
     assert report["head"] == kind and report["examples"] == 2 and 0 <= report["accuracy"] <= 1
     if kind == "judge":
-        assert settings["labels"] == ["Yes", "No"]
+        assert settings["labels"] == ["Y", "N"] and settings["judge_template"] == "rmjax"
     else:
         assert kind == "lm" and settings["reference"] == str(base) and settings["beta"] == 0.3
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())

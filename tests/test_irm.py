@@ -50,8 +50,7 @@ def test_bundled_adapter_is_a_small_lora_on_smollm2():
 
 
 def score_args(**kw):
-    base = dict(policy="smollm2-135m-dpo-hh", reference="smollm2-135m-instruct", data="heldout", sample=None,
-                cross_family=False)
+    base = dict(policy=None, reference=None, data="heldout", sample=None, cross_family=False, rm="", judge="")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -59,6 +58,13 @@ def test_score_defaults_to_the_heldout_pairs_and_the_cross_family_pair_is_one_fl
     args = score_args()
     resolve_score_inputs(args)
     assert args.data == str(ADAPTER / "heldout.jsonl.gz") and args.sample == 0  # every held-out pair
+    assert (args.policy, args.reference) == ("smollm2-135m-dpo-hh", "smollm2-135m-instruct")
+    args = score_args(judge="some-judge", data="pairs.jsonl")  # a judge alone brings no default policy
+    resolve_score_inputs(args)
+    assert (args.policy, args.reference, args.sample) == ("", "", 64)
+    args = score_args(rm="an-rm", policy="smollm2-135m-instruct", data="pairs.jsonl")  # a policy keeps its reference
+    resolve_score_inputs(args)
+    assert args.reference == "smollm2-135m-instruct"
     args = score_args(cross_family=True)
     resolve_score_inputs(args)
     assert (args.policy, args.reference, args.data, args.sample) == (*CROSS_FAMILY, 64)

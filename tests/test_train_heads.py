@@ -11,6 +11,7 @@ import pytest
 from hf_models import save_tiny_checkpoint
 from rmjax import losses
 from rmjax import sharding as shd
+from rmjax.data import judge
 from rmjax.data.records import Record
 from rmjax.errors import DataError
 from rmjax.heads.armorm import ArmoRMGatingHead
@@ -33,6 +34,7 @@ COMBOS = {
                   "head.gate_layers=1"],
     "judge+ce": ["head.kind=judge", "loss.kind=ce", "train.trainable=lora", "loss.label_smoothing=0.1"],
     "lm+dpo": ["head.kind=lm", "loss.kind=dpo", "train.trainable=lora", "loss.beta=0.5"],
+    "lm+nll": ["head.kind=lm", "loss.kind=nll", "train.trainable=lora"],
 }
 
 
@@ -84,6 +86,9 @@ def naive(name, tiny, ex, full, run, statics):
     p, c = tparams.apply_lora(full["backbone"], full["lora"], run.train.lora_alpha / 4) if "lora" in full \
         else full["backbone"], tiny.config
     seqs = [np.concatenate([ex.tree.prompt, r]) for r in ex.tree.responses]
+    if name == "lm+nll":
+        return {"logp": np.array([naive_response_logprobs(p, c, ex.tree.prompt, r).sum() for r in ex.tree.responses]),
+                "count": np.array([len(r) for r in ex.tree.responses], np.float32)}
     if name == "lm+dpo":
         pol = [naive_response_logprobs(p, c, ex.tree.prompt, r).sum() for r in ex.tree.responses]
         ref = [naive_response_logprobs(full["backbone"], c, ex.tree.prompt, r).sum() for r in ex.tree.responses]
@@ -103,7 +108,8 @@ def naive(name, tiny, ex, full, run, statics):
         return {"reward": np.asarray(gate.apply({"params": head["gating"]}, prompt_h, rewards).score)}
     logits = np.asarray(unembed(p, c, jnp.asarray(h)))
     lp = jax.nn.log_softmax(logits, axis=-1)
-    return {"log_probs": np.asarray(lp[:, list(statics["label_ids"])])}
+    ids = list(statics["label_ids"])
+    return {"log_probs": np.asarray(lp[:, ids]), "logits": logits[:, ids]}
 
 
 def naive_loss(name, per_example, exs, run):
@@ -111,12 +117,14 @@ def naive_loss(name, per_example, exs, run):
         pred = np.concatenate([o["rewards"] for o in per_example])
         target = np.array([[np.nan if v is None else v for v in e.targets] for e in exs])
         return losses.masked_mse(pred, target)
-    if name == "judge+ce":
-        lp = np.concatenate([o["log_probs"] for o in per_example])
+    if name == "judge+ce":  # GRAM: softmax over the two verdict tokens, torch-style smoothing (1 - eps/2, eps/2)
+        lp = np.asarray(jax.nn.log_softmax(np.concatenate([o["logits"] for o in per_example]), axis=-1))
         label = np.array([lab for e in exs for lab in e.labels])
         right, wrong = lp[np.arange(len(label)), label], lp[np.arange(len(label)), 1 - label]
         eps = run.loss.label_smoothing
-        return np.mean(-(1 - eps) * right - eps * wrong)
+        return np.mean(-(1 - eps / 2) * right - eps / 2 * wrong)
+    if name == "lm+nll":
+        return -sum(o["logp"].sum() for o in per_example) / sum(o["count"].sum() for o in per_example)
     pairs = [(o, e, a, b) for o, e in zip(per_example, exs) for a, b in e.pairs]
     w = np.array([e.weight for _, e, _, _ in pairs])
     if name == "lm+dpo":
@@ -165,7 +173,7 @@ def test_head_outputs_and_loss_equal_naive_and_training_lowers_the_loss(tiny, na
 def test_judge_trees_share_the_prompt_and_hold_both_orders(tiny):
     run = load_config(None, COMBOS["judge+ce"] + ["data.max_length=96"])
     rec = records("pairs")[0]
-    first, second = texamples.judge_sequences(tiny.tokenizer, rec, ("A", "B"), "model")
+    first, second = judge.judge_sequences(tiny.tokenizer, rec, ("A", "B"), "model", judge.TEMPLATES["rmjax"])
     ex = texamples.build([rec], tiny.tokenizer, run, "judge").examples[0]
     assert list(ex.tree.prompt) + list(ex.tree.responses[0]) == first
     assert list(ex.tree.prompt) + list(ex.tree.responses[1]) == second

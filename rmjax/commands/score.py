@@ -28,14 +28,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="jsonl / parquet / HF datasets dir, hh-rlhf[:SUBSETS], or 'heldout': the held-out pairs "
                         "bundled with the --policy adapter (default: %(default)s)")
     p.add_argument("--split", help="split of a DatasetDict directory")
-    p.add_argument("--policy", default=DEFAULT_POLICY, help="policy model (log pi); '' for none (default: %(default)s)")
-    p.add_argument("--reference", default=DEFAULT_REFERENCE,
-                   help="reference model (log pi_ref); '' = reference-free (default: %(default)s)")
+    p.add_argument("--policy", default=None,
+                   help=f"policy model (log pi); '' for none (default: {DEFAULT_POLICY}; none with --judge or --rm)")
+    p.add_argument("--reference", default=None,
+                   help=f"reference model (log pi_ref); '' = reference-free (default: {DEFAULT_REFERENCE} with a "
+                        "policy)")
     p.add_argument("--cross-family", action="store_true",
                    help=f"the cross-family pair instead: --policy {CROSS_FAMILY[0]} --reference {CROSS_FAMILY[1]} "
                         f"--data {CROSS_FAMILY[2]} (an instruct model against another family's base model: their "
                         "disagreement, not a reward model)")
     p.add_argument("--rm", default="", help="explicit reward model (*ForSequenceClassification dir)")
+    p.add_argument("--judge", default="",
+                   help="generative judge: an exported judge dir (rmjax train head.kind=judge, e.g. GRAM) or any "
+                        "causal LM as a zero-shot judge; each pair is judged in both orders (swap-debiased). "
+                        "Alone, it scores without the default policy/reference")
+    p.add_argument("--judge-labels", nargs=2, metavar=("FIRST", "SECOND"),
+                   help="verdict tokens for the first / second response (default: the judge's own, else A B)")
+    p.add_argument("--judge-template", default="",
+                   help="judge prompt: rmjax | gram | a template file with {question} {response_a} {response_b} "
+                        "(default: the judge's own, else rmjax)")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--reduction", choices=["sum", "mean"], default="sum",
                    help="sequence log-prob in the implicit reward: sum, or mean (length-normalised)")
@@ -105,13 +116,21 @@ def _sample(records, n: int, seed: int):
 
 
 def resolve_score_inputs(args) -> None:
-    """--cross-family, --data heldout (the policy adapter's held-out pairs) and the --sample default."""
+    """--cross-family, the default policy / reference (none when only --judge or --rm is given),
+    --data heldout (the policy adapter's held-out pairs) and the --sample default."""
     if args.cross_family:
-        given = [f for f, v, d in (("--policy", args.policy, DEFAULT_POLICY), ("--reference", args.reference,
-                 DEFAULT_REFERENCE), ("--data", args.data, HELDOUT)) if v != d]
+        given = [f for f, v, d in (("--policy", args.policy, None), ("--reference", args.reference, None),
+                                   ("--data", args.data, HELDOUT)) if v != d]
         if given:
             raise RmjaxError(f"--cross-family sets the models and data itself; drop {', '.join(given)}")
         args.policy, args.reference, args.data = CROSS_FAMILY
+    other = bool(getattr(args, "judge", "") or args.rm)
+    if args.policy is None:
+        args.policy = "" if other else DEFAULT_POLICY
+        if args.reference is None:
+            args.reference = "" if other else DEFAULT_REFERENCE
+    elif args.reference is None:
+        args.reference = DEFAULT_REFERENCE
     if args.data == HELDOUT:
         from rmjax.io.registry import resolve_model
 
@@ -157,7 +176,7 @@ def run_score(args) -> int:
                            max_length=args.max_length, over_length=args.over_length, batch_size=args.batch_size,
                            shard_size=args.shard_size, token_logprobs=args.token_logprobs,
                            pack_length=args.pack_length, batch_tokens=args.batch_tokens)
-    roles = [("policy", args.policy), ("reference", args.reference), ("rm", args.rm)]
+    roles = [("policy", args.policy), ("reference", args.reference), ("rm", args.rm), ("judge", args.judge)]
     if not args.policy and args.reference:
         raise RmjaxError("--reference needs a --policy")
     settings = {"models": {r: m for r, m in roles if m}, "beta": args.beta, "reduction": args.reduction,
@@ -167,6 +186,8 @@ def run_score(args) -> int:
                 "max_length": args.max_length, "over_length": args.over_length, "batch_size": args.batch_size,
                 "pack_length": args.pack_length, "batch_tokens": args.batch_tokens,
                 "on_error": args.on_error}
+    if args.judge:
+        settings.update(judge_labels=args.judge_labels, judge_template=args.judge_template)
     writer = ScoreWriter(args.out, settings, num_examples=len(records), shard_size=args.shard_size,
                          token_logprobs=args.token_logprobs, overwrite=args.overwrite)
     if writer.is_complete():
@@ -180,6 +201,11 @@ def run_score(args) -> int:
     slots = [bulk.ModelSlot(role, load_model(name, dtype=args.dtype, mesh=mesh,
                                              strategy=args.strategy if mesh else "dp", **attention_options(args)))
              for role, name in roles if name]
+    for sl in slots:
+        if sl.role == "judge":
+            sl.judge = bulk.judge_spec(args.judge, sl.loaded, tuple(args.judge_labels or ()), args.judge_template)
+            bulk.log(f"judge: labels {list(sl.judge.labels)} (token ids {list(sl.judge.label_ids)}), chat "
+                     f"template {sl.judge.chat}, both candidate orders per pair")
     scorer = bulk.Scorer(slots, s, mesh=mesh, strategy=args.strategy)
     bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in slots)}; "
              f"{'one fused jit for policy+reference' if scorer.fused else 'per-model passes'}")
@@ -207,6 +233,9 @@ def run_score(args) -> int:
         summary["padding_efficiency"] = scorer.real_tokens / scorer.padded_tokens
         summary["tokens_vs_unshared"] = scorer.real_tokens / max(scorer.naive_tokens, 1)
     summary["records_skipped"] = len(report.skipped)
+    elapsed = time.perf_counter() - t0  # this invocation (a resumed run counts its own part)
+    summary["run"] = {"seconds": round(elapsed, 1), "tokens": int(scorer.real_tokens),
+                      "tokens_per_s": round(scorer.real_tokens / max(elapsed, 1e-9), 1)}
     writer.finalize({"summary": summary, "settings_resolved": dataclasses.asdict(s)})
     print(json.dumps(summary, indent=2))
     if "implicit_pairwise_accuracy" in summary and args.reference:
@@ -214,6 +243,11 @@ def run_score(args) -> int:
         bulk.log(f"implicit reward {args.policy} vs {args.reference}: pairwise accuracy "
                  f"{summary['implicit_pairwise_accuracy']:.3f} [95% CI {lo:.3f}, {hi:.3f}] on "
                  f"{summary['implicit_pairs']} pairs of {args.data}")
+    if "judge_pairwise_accuracy" in summary:
+        lo, hi = summary["judge_pairwise_accuracy_ci95"]
+        bulk.log(f"judge {args.judge}: pairwise accuracy {summary['judge_pairwise_accuracy']:.3f} [95% CI {lo:.3f}, "
+                 f"{hi:.3f}] on {summary['judge_pairs']} pairs of {args.data} (swap-debiased log-odds; position "
+                 f"bias {summary['judge_mean_position_bias']:+.3f})")
     return 0
 
 

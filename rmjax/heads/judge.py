@@ -57,6 +57,17 @@ def label_logits(hidden: jax.Array, attention_mask: jax.Array, unembedding: jax.
     return picked, jax.nn.logsumexp(logits, axis=-1)
 
 
+def verdict_logits(pooled: jax.Array, unembedding: jax.Array, label_token_ids,
+                   final_logit_softcap: float | None = None) -> jax.Array:
+    """Logits of the two verdict tokens [..., 2] from hidden states at the verdict position [..., D]
+    (fp32; soft-capped like the LM's logits). Only two rows of the unembedding are read."""
+    rows = jnp.take(unembedding, jnp.asarray(label_token_ids, jnp.int32), axis=0).astype(jnp.float32)
+    z = jnp.einsum("...d,kd->...k", pooled.astype(jnp.float32), rows)
+    if final_logit_softcap:
+        z = final_logit_softcap * jnp.tanh(z / final_logit_softcap)
+    return z
+
+
 def judge_preference(hidden: jax.Array, attention_mask: jax.Array, unembedding: jax.Array,
                      label_token_ids: tuple[int, int], final_logit_softcap: float | None = None,
                      restrict_to_labels: bool = False) -> JudgeOutput:

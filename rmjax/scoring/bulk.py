@@ -21,13 +21,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from rmjax.data import batching
+from rmjax.data import batching, judge
 from rmjax.data.batching import Encoded
 from rmjax.data.chat import template_name
 from rmjax.data.records import Record
-from rmjax.errors import ConfigError
+from rmjax.errors import ConfigError, DataError
 from rmjax.scoring import compute, packing
-from rmjax.scoring.engine import pad_batch, paired_score_fn, score_fn
+from rmjax.scoring.engine import judge_fn, pad_batch, paired_score_fn, score_fn
 
 
 @dataclasses.dataclass
@@ -49,10 +49,21 @@ class ScoreSettings:
     buckets: tuple[int, ...] = batching.BUCKETS  # batches also sort by length
 
 
+@dataclasses.dataclass(frozen=True)
+class JudgeSpec:
+    """How a generative judge reads a pair (``rmjax.data.judge``)."""
+
+    labels: tuple[str, str]  # verdicts for the first / second response shown
+    label_ids: tuple[int, int]  # the token each verdict reply starts with
+    template: str  # the judge prompt (placeholders filled per pair and order)
+    chat: str = "model"  # the chat rendering of the judge prompt
+
+
 @dataclasses.dataclass
 class ModelSlot:
-    role: str  # policy | reference | rm
+    role: str  # policy | reference | rm | judge
     loaded: Any
+    judge: JudgeSpec | None = None
 
     @property
     def tokenizer(self):
@@ -62,14 +73,44 @@ class ModelSlot:
 def slot_template(slot: ModelSlot, s: ScoreSettings) -> str:
     """The rendering this model gets: its role's template, 'model' resolved for base models (an
     explicit RM without a chat template keeps ``plain``, the layout base-model RMs train on)."""
+    if slot.judge is not None:
+        return template_name(slot.tokenizer, slot.judge.chat, s.base_template)
     template = s.reference_template if slot.role == "reference" else s.template
     return template_name(slot.tokenizer, template, "plain" if slot.role == "rm" else s.base_template)
 
 
 def encode(slot: ModelSlot, rec: Record, s: ScoreSettings) -> Encoded | str:
-    """This model's token ids for the record, or the reason it is dropped."""
-    return batching.encode(slot.tokenizer, rec, slot_template(slot, s), s.max_length, s.over_length,
-                           name=f"{slot.role} ")
+    """This model's token ids for the record, or the reason it is dropped. A judge's record is one
+    tree: the judge prompt in both candidate orders, their shared beginning once."""
+    if slot.judge is None:
+        return batching.encode(slot.tokenizer, rec, slot_template(slot, s), s.max_length, s.over_length,
+                               name=f"{slot.role} ")
+    if rec.kind != "pair":
+        return f"{rec.id}: the judge compares two responses; it scores pair records only"
+    j = slot.judge
+    try:
+        seqs = judge.judge_sequences(slot.tokenizer, rec, j.labels, slot_template(slot, s), j.template)
+    except DataError as e:
+        raise DataError(f"{rec.place or rec.id}: {e}") from None
+    enc = batching.encode_sequences(seqs, 2 * s.max_length, s.over_length, name="judge ")  # it holds both responses
+    return f"{rec.id}: {enc}" if isinstance(enc, str) else enc
+
+
+def judge_spec(name: str, loaded, labels: tuple[str, ...] = (), template: str = "", chat: str = "model") -> JudgeSpec:
+    """The judge settings of ``name``: an exported judge's rmjax.json (labels, chat and judge
+    templates), else any causal LM as a zero-shot judge; arguments given override them."""
+    import json
+    from pathlib import Path
+
+    meta = Path(name) / "rmjax.json"
+    settings = json.loads(meta.read_text()).get("head", {}) if meta.is_file() else {}
+    if loaded.score_head is not None:
+        raise ConfigError(f"--judge {name}: a sequence-classification reward model, not a generative judge; "
+                          "score it with --rm")
+    labels = tuple(labels or settings.get("labels") or ("A", "B"))
+    chat = settings.get("template", chat)
+    text = judge.judge_template(template or judge.exported_template(name, settings))
+    return JudgeSpec(labels, judge.label_ids(loaded.tokenizer, labels, chat), text, chat)
 
 
 def batches(encoded: dict[int, Encoded], batch_size: int, buckets: tuple[int, ...]):
@@ -99,8 +140,8 @@ class Scorer:
         self.mesh, self.strategy = mesh, strategy
         roles = {sl.role: sl for sl in slots}
         self.policy, self.reference, self.rm = roles.get("policy"), roles.get("reference"), roles.get("rm")
-        if self.policy is None and self.rm is None:
-            raise ConfigError("give a --policy model (implicit reward / log-probs) or an --rm model (or both)")
+        if self.policy is None and self.rm is None and "judge" not in roles:
+            raise ConfigError("give a --policy model (implicit reward / log-probs), an --rm model or a --judge")
         self.fused = (self.policy is not None and self.reference is not None
                       and same_tokenizer(self.policy.tokenizer, self.reference.tokenizer)
                       and slot_template(self.policy, settings) == slot_template(self.reference, settings))
@@ -112,7 +153,9 @@ class Scorer:
         if self.fused:
             self.fns["pair"] = pair_fn(self.policy.loaded.config, self.reference.loaded.config, with_tokens=tok)
         for sl in slots:
-            if sl.role == "rm":
+            if sl.role == "judge":
+                self.fns["judge"] = (packing.packed_judge_fn if packed else judge_fn)(sl.loaded.config)
+            elif sl.role == "rm":
                 self.fns["rm"] = single_fn(sl.loaded.config, with_rm_head=True)
             elif not self.fused:
                 self.fns[sl.role] = single_fn(sl.loaded.config, with_tokens=tok and sl.role == "policy")
@@ -141,6 +184,8 @@ class Scorer:
             return [("policy", res["policy"]), ("reference", res["reference"])]
         if name == "rm":
             return [("rm", self.fns["rm"](slot.loaded.params, slot.loaded.score_head[:, 0], batch))]
+        if name == "judge":
+            return [("judge", self.fns["judge"](slot.loaded.params, np.asarray(slot.judge.label_ids, np.int32), batch))]
         return [(name, self.fns[name](slot.loaded.params, None, batch))]
 
     def _run_batches(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
@@ -194,7 +239,7 @@ class Scorer:
         if self.fused:
             self._run("pair", self.policy, encoded["policy"], results)
         for sl in self.slots:
-            if sl.role == "rm" or not self.fused:
+            if sl.role in ("rm", "judge") or not self.fused:
                 self._run(sl.role, sl, encoded[sl.role], results)
         kept = [rec for rec in records if rec.index in results]
         rows = [self.row(rec, results[rec.index], rec.index in truncated) for rec in kept]
@@ -213,6 +258,9 @@ class Scorer:
         names = rec.response_names
         row: dict[str, Any] = {"index": rec.index, "id": rec.id, "kind": rec.kind, "truncated": truncated}
         for role, stats in res.items():
+            if role == "judge":
+                row.update(judge_columns(stats["judge"]))
+                continue
             for j, name in enumerate(names):
                 if role == "rm":
                     row[f"rm_{name}"] = float(stats["rm"][j])
@@ -237,11 +285,29 @@ class Scorer:
             row[f"{prefix}best_of_n"] = float(compute.best_of_n_scores(scores[None])[0])
 
 
+def judge_columns(logits: np.ndarray) -> dict[str, float]:
+    """A judge's row: the verdict log-odds for chosen in each order (shown first, shown second), their
+    mean (``judge_margin``, swap-debiased), GRAM's score (the mean over both orders of p(chosen's
+    label), softmax over the two labels) and the position bias (the mean log-odds of the first label)."""
+    z = np.asarray(logits, np.float64)  # [2 orders, 2 labels]
+    first, second = z[0, 0] - z[0, 1], z[1, 1] - z[1, 0]
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    return {"judge_log_odds_chosen_first": float(first), "judge_log_odds_chosen_second": float(second),
+            "judge_margin": float(compute.judge_margin(z)),
+            "judge_p_chosen": float(0.5 * (sigmoid(first) + sigmoid(second))),
+            "judge_position_bias": float(0.5 * (first - second))}
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Pairwise accuracy (ties 0.5) and mean margin of the implicit reward and of the RM, and the
+    """Pairwise accuracy (ties 0.5) and mean margin of the implicit reward, of the RM and of the
+    judge (swap-debiased log-odds; also GRAM's rule, p(chosen) > 1/2, and the position bias), and the
     RewardBench 2 best-of-N accuracy of best-of-N records."""
     out: dict[str, Any] = {"examples": len(rows)}
-    for prefix, name in (("", "implicit"), ("rm_", "rm")):
+    judged = [r for r in rows if r.get("judge_p_chosen") is not None]
+    if judged:
+        out["judge_p_chosen_accuracy"] = compute.pairwise_accuracy([r["judge_p_chosen"] - 0.5 for r in judged])
+        out["judge_mean_position_bias"] = float(np.mean([r["judge_position_bias"] for r in judged]))
+    for prefix, name in (("", "implicit"), ("rm_", "rm"), ("judge_", "judge")):
         margins = np.array([r[f"{prefix}margin"] for r in rows if r.get(f"{prefix}margin") is not None], np.float64)
         margins = margins[~np.isnan(margins)]  # other rows have no margin
         if len(margins):

@@ -6,6 +6,7 @@ scan, training and evaluation):
     model_fn(stats, config, ...)              one jitted function per (layout, model, options), cached
     pair_fn(stats, config_a, config_b, ...)   policy and reference in ONE jitted function (the pair combinator)
     implicit_rewards(policy, reference, ...)  beta * (log pi - log pi_ref) per response
+    judge_margin(logits)                      a generative judge's verdict log-odds over both candidate orders
     pairwise_wins / best_of_n_scores          accuracy per example: ties 0.5; RewardBench 2's best-of-N rule
     wilson                                    the 95% Wilson interval of an accuracy
 
@@ -83,6 +84,14 @@ def implicit_rewards(policy: dict, reference: dict | None, beta: float, reductio
     picks the sequence log-prob (sum, or mean = length-normalised)."""
     ref = None if reference is None else np.asarray(reference[reduction])
     return np.asarray(implicit_reward(np.asarray(policy[reduction]), ref, beta))
+
+
+def judge_margin(logits):
+    """Swap-debiased verdict log-odds for chosen: the mean over both orders of z(chosen's label) -
+    z(the other label) (log-odds are the same under any normalisation). ``logits`` [..., 2 orders, 2
+    labels]: chosen is shown first (label 0) in order 0 and second (label 1) in order 1."""
+    z = np.asarray(logits, np.float64)
+    return 0.5 * ((z[..., 0, 0] - z[..., 0, 1]) + (z[..., 1, 1] - z[..., 1, 0]))
 
 
 def pairwise_wins(margins):

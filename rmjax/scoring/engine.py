@@ -20,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmjax.data.batching import BUCKETS, Encoded, bucket, pad_rows
+from rmjax.heads.judge import verdict_logits
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import KVCache, forward, unembedding_matrix
 from rmjax.pooling import gather_last, last_token_index
 from rmjax.scoring import compute
 from rmjax.scoring.logprobs import token_logprobs
 
-__all__ = ["Encoded", "bucket", "kv_stats", "pad_batch", "paired_score_fn", "response_logprobs", "score_fn"]
+__all__ = ["Encoded", "bucket", "judge_fn", "kv_stats", "pad_batch", "paired_score_fn", "response_logprobs",
+           "score_fn"]
 
 
 def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=BUCKETS,
@@ -53,13 +55,19 @@ def tile_cache(kv: KVCache, repeats: int) -> KVCache:
     return KVCache(rep(kv.k, 1), rep(kv.v, 1), rep(kv.mask, 0), rep(kv.positions, 0))
 
 
-def response_logprobs(params, config: ModelConfig, batch: dict, *, token_chunk: int = 1024):
-    """Per-token log-probs [G*R, Tr] of the responses and the responses' hidden states [G*R, Tr, D]."""
+def response_hidden(params, config: ModelConfig, batch: dict):
+    """(the prompts' forward output, the responses' forward output on the prompts' cache)."""
     prefix = forward(params, config, batch["prompt_ids"], batch["prompt_mask"], return_kv=True)
     n_resp = batch["response_ids"].shape[0] // batch["prompt_ids"].shape[0]
     # one prompt: its batch-1 cache is broadcast inside attention; several: each tiled per response
     cache = prefix.kv if batch["prompt_ids"].shape[0] == 1 else tile_cache(prefix.kv, n_resp)
-    out = forward(params, config, batch["response_ids"], batch["response_mask"], kv_cache=cache)
+    return prefix, forward(params, config, batch["response_ids"], batch["response_mask"], kv_cache=cache)
+
+
+def response_logprobs(params, config: ModelConfig, batch: dict, *, token_chunk: int = 1024):
+    """Per-token log-probs [G*R, Tr] of the responses and the responses' hidden states [G*R, Tr, D]."""
+    prefix, out = response_hidden(params, config, batch)
+    n_resp = batch["response_ids"].shape[0] // batch["prompt_ids"].shape[0]
     last_prompt = jnp.repeat(gather_last(prefix.hidden, batch["prompt_mask"]), n_resp, axis=0)
     predicting = jnp.concatenate([last_prompt[:, None], out.hidden[:, :-1]], axis=1)
     lp = token_logprobs(predicting, unembedding_matrix(params, config), batch["response_ids"],
@@ -77,6 +85,19 @@ def kv_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, 
     if head is not None:
         out["rm"] = compute.rm_score(hidden, last_token_index(batch["response_mask"]), head)
     return out
+
+
+def kv_judge_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, token_chunk: int) -> dict:
+    """Per response row: {'judge'} [G*R, 2], the verdict tokens' logits (``head`` = their ids) at the
+    row's last real token (the judge prompt's end)."""
+    _, out = response_hidden(params, config, batch)
+    pooled = gather_last(out.hidden, batch["response_mask"])
+    return {"judge": verdict_logits(pooled, unembedding_matrix(params, config), head, config.final_logit_softcap)}
+
+
+def judge_fn(config: ModelConfig) -> Callable:
+    """jit'd (params, verdict token ids [2], batch) -> {'judge': [G*R, 2]} (cached per model)."""
+    return compute.model_fn(kv_judge_stats, config, with_rm_head=True)
 
 
 def score_fn(config: ModelConfig, *, with_tokens: bool = False, with_rm_head: bool = False,

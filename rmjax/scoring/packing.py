@@ -3,7 +3,7 @@
 The packer (``rmjax.data.batching.packed_batches``) lays each example out as one tree segment
 ``[prompt | response 1 | response 2 ...]`` of a row, the responses as attention branches. Here the
 model runs over the rows; only response tokens are unembedded (``target_*``, row-local), and RM
-scores are read at each response's last token (``seq_index``).
+scores and a judge's verdict logits are read at each response's last token (``seq_index``).
 
 Compared with the KV-cache path (``rmjax.scoring.engine``, best for one prompt x many responses,
 as in the vocabulary scan), packing removes the padding of length-bucketed batches: in HH-RLHF,
@@ -16,13 +16,14 @@ from typing import Callable
 import jax.numpy as jnp
 
 from rmjax.data.batching import pack_rows, packed_batches, unpack
+from rmjax.heads.judge import verdict_logits
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import forward, unembedding_matrix
 from rmjax.scoring import compute
 from rmjax.scoring.logprobs import token_logprobs
 
-__all__ = ["pack_rows", "packed_batches", "packed_pair_fn", "packed_score_fn", "packed_stats", "target_logprobs",
-           "unpack"]
+__all__ = ["pack_rows", "packed_batches", "packed_judge_fn", "packed_pair_fn", "packed_score_fn", "packed_stats",
+           "target_logprobs", "unpack"]
 
 
 def packed_hidden(params, config: ModelConfig, batch: dict, **kwargs):
@@ -49,6 +50,18 @@ def packed_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bo
     if head is not None:
         stats["rm"] = compute.rm_score(hidden, batch["seq_index"], head)
     return stats
+
+
+def packed_judge_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, token_chunk: int) -> dict:
+    """Per slot [R, S, 2]: {'judge'}, the logits of the two verdict tokens (``head`` = their ids) at the
+    slot's last token; nothing else is unembedded."""
+    pooled = compute.gather_positions(packed_hidden(params, config, batch), batch["seq_index"])
+    return {"judge": verdict_logits(pooled, unembedding_matrix(params, config), head, config.final_logit_softcap)}
+
+
+def packed_judge_fn(config: ModelConfig) -> Callable:
+    """jit'd (params, verdict token ids [2], packed arrays) -> {'judge': [R, S, 2]} (cached per model)."""
+    return compute.model_fn(packed_judge_stats, config, with_rm_head=True)
 
 
 def packed_score_fn(config: ModelConfig, *, with_tokens: bool = False, with_rm_head: bool = False,

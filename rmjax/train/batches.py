@@ -15,7 +15,8 @@ Arrays of one micro-batch (every head reads the same schema; ``rmjax.train.heads
         pairs:    pair_a, pair_b (flat slot indices), pair_margin, pair_weight [P]
         ratings:  seq_targets, seq_target_mask [R * S, K]
         judge:    seq_label [R * S]
-        dpo:      target_index / target_ids / target_slot / target_valid [R, Tt]
+        lm:       (no labels: the reply tokens are the targets)
+        dpo, lm:  target_index / target_ids / target_slot / target_valid [R, Tt]
 Shapes are bucketed (rows in multiples of the data-parallel devices), so few shapes compile.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from rmjax.errors import DataError
 ROW_LADDER = (*range(1, 9), 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MODEL_KEYS = {True: ("input_ids", "segment_ids", "branch_ids", "positions"), False: ("input_ids", "attention_mask")}
 LABEL_KEYS = {"pairs": ("pair_a", "pair_b", "pair_margin", "pair_weight"),
-              "ratings": ("seq_targets", "seq_target_mask"), "judge": ("seq_label",)}
+              "ratings": ("seq_targets", "seq_target_mask"), "judge": ("seq_label",), "lm": ()}
 SLOT_KEYS = ("seq_index", "seq_gate_index", "seq_valid")
 TARGET_KEYS = ("target_index", "target_ids", "target_slot", "target_valid")
 
@@ -41,7 +42,7 @@ TARGET_KEYS = ("target_index", "target_ids", "target_slot", "target_valid")
 @dataclasses.dataclass(frozen=True)
 class Layout:
     packed: bool
-    trees: str  # pairs | ratings | judge
+    trees: str  # pairs | ratings | judge | lm
     targets: bool  # response-token targets (dpo)
     pad_id: int
     pack_length: int
@@ -180,7 +181,7 @@ def arrays(examples: list, layout: Layout, sizes: dict[str, int]) -> tuple[dict[
             targets[index_of(i, 0)] = np.nan_to_num(values)
             mask[index_of(i, 0)] = ~np.isnan(values)
         out.update(seq_targets=targets, seq_target_mask=mask)
-    else:
+    elif layout.trees == "judge":
         label = np.zeros(n_slots, np.int32)
         for i, e in enumerate(examples):
             for j, lab in enumerate(e.labels):

@@ -59,6 +59,7 @@ class HeadSection:
     gate_layers: int = 3
     gate_temperature: float = 10.0
     judge_labels: tuple[str, ...] = ("A", "B")  # judge: the verdict tokens for the first / second response
+    judge_template: str = "rmjax"  # judge: rmjax | gram | a template file (rmjax.data.judge)
 
 
 @dataclasses.dataclass
@@ -73,9 +74,12 @@ class OptimSection:
 
 @dataclasses.dataclass
 class LossSection:
-    kind: str = "bt"  # bt (Bradley-Terry) | mse | ce (judge) | dpo
+    kind: str = "bt"  # bt (Bradley-Terry) | mse | ce (judge) | dpo | nll (LM loss: GRAM pair pretraining)
     margin: float = 0.0  # bt: added to every pair's own margin field
-    label_smoothing: float = 0.0  # bt / ce / dpo
+    # bt / ce: the soft target of the preferred side is 1 - label_smoothing / 2 (torch's CrossEntropyLoss
+    # label_smoothing over two classes); dpo: the flip probability of conservative DPO
+    label_smoothing: float = 0.0
+    judge_normalize: str = "labels"  # ce: softmax over the two verdict tokens (GRAM) | vocab (the whole vocabulary)
     center_coef: float = 0.0  # bt: reward centring
     beta: float = 0.1  # dpo
     reference: str = ""  # dpo: the frozen reference model ("" = the policy as loaded)
@@ -133,7 +137,8 @@ _CHOICES = {
     "data.over_length": ("truncate", "drop"),
     "data.on_error": ("skip", "fail"),
     "head.kind": ("scalar", "multi_objective", "armorm", "judge", "lm"),
-    "loss.kind": ("bt", "mse", "ce", "dpo"),
+    "loss.kind": ("bt", "mse", "ce", "dpo", "nll"),
+    "loss.judge_normalize": ("labels", "vocab"),
     "train.trainable": ("head", "last_k", "lora", "full"),
     "mesh.strategy": ("dp", "fsdp", "tp", "fsdp_tp"),
 }
@@ -241,6 +246,12 @@ def validate(config: RunConfig, where: str = "config") -> RunConfig:
             raise ConfigError(f"{where}: {message}")
     from rmjax.train.heads import check_combination
     check_combination(config, where)
+    if config.head.kind == "judge":
+        from rmjax.data.judge import judge_template
+        try:
+            judge_template(config.head.judge_template)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: head.judge_template: {e}") from None
     return config
 
 

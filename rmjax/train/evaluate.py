@@ -66,8 +66,8 @@ def response_scores(kind: str, out: dict, *, beta: float = 1.0, reduction: str =
 def example_score(kind: str, out: dict, **kw) -> tuple[float, float]:
     """(score in [0, 1], margin) of one pair / best-of-N example."""
     if kind == "judge":
-        lp = out["log_probs"]  # [2 orders, 2 labels]; chosen is label 0 first, then label 1
-        margin = 0.5 * ((lp[0, 0] - lp[0, 1]) + (lp[1, 1] - lp[1, 0]))
+        z = out["logits"]  # [2 orders, 2 labels]; chosen is label 0 first, then label 1
+        margin = compute.judge_margin(z)
         return float(compute.pairwise_wins(np.float64(margin))), float(margin)
     s = response_scores(kind, out, **kw)
     return float(compute.best_of_n_scores(s[None])[0]), float(s[0] - s[1:].max())

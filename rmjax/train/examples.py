@@ -1,11 +1,12 @@
 """Training and evaluation examples: records (``read_records``) -> prompt trees with labels, per head.
 
     load_sets(run, tokenizer)   data.train / data.eval (or a held-out part of data.train) as ExampleSets
-    build(records, ...)         one ExampleSet for a head's tree kind ("pairs", "ratings", "judge")
+    build(records, ...)         one ExampleSet for a head's tree kind ("pairs", "ratings", "judge", "lm")
 
 An Example is one tree (``rmjax.data.batching.Encoded``: the prompt once, then its responses) and
 its labels: ``pairs`` (winner, loser) response indices for pairwise losses, ``targets`` (K ratings,
-None = not rated) for regression, ``labels`` (the correct verdict per response) for the judge.
+None = not rated) for regression, ``labels`` (the correct verdict per response) for the judge;
+an "lm" tree (GRAM pair pretraining) is the question and one reply holding both answers.
 Records that cannot become an example of this kind are dropped and counted, each with its reason.
 """
 from __future__ import annotations
@@ -16,13 +17,10 @@ import sys
 
 import numpy as np
 
-from rmjax.data import batching
+from rmjax.data import batching, judge
 from rmjax.data.chat import render
 from rmjax.data.records import Record, RecordReport, rating_matrix, read_records
-from rmjax.errors import ConfigError, DataError
-
-JUDGE_PROMPT = ("Which response answers the conversation better? Answer with {a} or {b} only.\n\n"
-                "{conversation}\n\n[Response {a}]\n{first}\n\n[Response {b}]\n{second}")
+from rmjax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,27 +60,6 @@ class ExampleSet:
         return s
 
 
-def judge_label_ids(tokenizer, labels: tuple[str, ...], template: str = "model") -> tuple[int, int]:
-    """The token that starts each verdict reply (the judge reads its next-token log-probs)."""
-    ids = tuple(render(tokenizer, [{"role": "user", "content": "?"}], label, template)[1][0] for label in labels)
-    if ids[0] == ids[1]:
-        raise ConfigError(f"head.judge_labels {list(labels)} start with the same token ({ids[0]}); choose labels "
-                          "whose replies begin with different tokens, e.g. A and B")
-    return ids
-
-
-def judge_sequences(tokenizer, record: Record, labels: tuple[str, ...], template: str) -> list[list[int]]:
-    """The judge prompt for both orders of a pair (chosen first, then rejected first), each rendered
-    up to where the verdict token comes."""
-    conversation = "\n\n".join(f"[{role.capitalize()}]\n{text}" for role, text in record.prompt)
-    chosen, rejected = record.responses
-    out = []
-    for first, second in ((chosen, rejected), (rejected, chosen)):
-        text = JUDGE_PROMPT.format(a=labels[0], b=labels[1], conversation=conversation, first=first, second=second)
-        out.append(render(tokenizer, [{"role": "user", "content": text}], labels[0], template)[0])
-    return out
-
-
 def _pairs_example(tokenizer, rec: Record, run) -> Example | str:
     if rec.kind not in ("pair", "best_of_n"):
         return f"{rec.id}: a single response has nothing to be compared with; give pairs or best-of-N records"
@@ -101,11 +78,28 @@ def _judge_example(tokenizer, rec: Record, run) -> Example | str:
     if rec.responses[0] == rec.responses[1]:
         return f"{rec.id}: chosen and rejected are identical"
     d = run.data
-    seqs = judge_sequences(tokenizer, rec, run.head.judge_labels, d.template)
+    seqs = judge.judge_sequences(tokenizer, rec, run.head.judge_labels, d.template,
+                                 judge.judge_template(run.head.judge_template))
     enc = batching.encode_sequences(seqs, 2 * d.max_length, d.over_length)  # the prompt holds both responses
     if isinstance(enc, str):
         return f"{rec.id}: {enc}"
     return Example(enc, rec, labels=(0, 1))  # chosen first: the first label wins; then the second
+
+
+def _lm_pairs_example(tokenizer, rec: Record, run) -> Example | str:
+    """GRAM stage 1: the question, then both answers as one reply (the LM loss trains on the reply);
+    the order of the two answers is random per record, so it carries no preference."""
+    if rec.kind != "pair":
+        return f"{rec.id}: pair pretraining writes out two answers; give pair records"
+    swap = bool(np.random.default_rng([run.data.shuffle_seed, rec.index]).integers(2))
+    prompt, text = judge.pair_text(rec, swap)
+    d = run.data
+    p, r = render(tokenizer, prompt, text, d.template)
+    kept = batching.truncate(p, [r], 2 * d.max_length, d.over_length)  # the reply holds both answers
+    if isinstance(kept, str):
+        return f"{rec.id}: {kept}"
+    enc = batching.Encoded(np.asarray(kept[0], np.int32), (np.asarray(r, np.int32),), kept[1])
+    return Example(enc, rec)
 
 
 def build(records: list[Record], tokenizer, run, trees: str, objectives: tuple[str, ...] = ()) -> ExampleSet:
@@ -125,7 +119,7 @@ def build(records: list[Record], tokenizer, run, trees: str, objectives: tuple[s
             out.examples.append(Example(enc, rec, targets=tuple(v)))
             out.truncated += enc.truncated
         return out
-    make = {"pairs": _pairs_example, "judge": _judge_example}[trees]
+    make = {"pairs": _pairs_example, "judge": _judge_example, "lm": _lm_pairs_example}[trees]
     for rec in records:
         ex = make(tokenizer, rec, run)
         if isinstance(ex, str):

@@ -8,11 +8,13 @@ plus ``rmjax.json`` (base model, head settings) and ``orbax/`` (the rmjax params
     armorm            the same K-label regression as ``score.weight``, plus ``armorm_gate.safetensors``
                       (the gate's params, flat names ``layers_0.kernel`` ... ``logit_scale``) and the gate
                       settings under ``head`` in rmjax.json; ``load_head`` rebuilds the gated score
-    judge             ``*ForCausalLM`` (the judge is the LM); rmjax.json ``head`` holds the verdict labels
+    judge             ``*ForCausalLM`` (the judge is the LM); rmjax.json ``head`` holds the verdict labels,
+                      the chat template and the judge template (a built-in name, or judge_template.txt)
     ArmoRM pipeline   ``export_released_armorm``: the released ArmoRM layout (``LlamaForRewardModelWithGating``:
                       backbone ``model.*``, ``regression_layer``, ``gating.*``, ``reward_transform_matrix``),
                       which ``load_head`` also reads from the authors' released checkpoint
     lm (dpo)          ``*ForCausalLM``; rmjax.json holds the reference model and beta of the implicit reward
+    lm (nll)          ``*ForCausalLM`` (GRAM stage 1, pair pretraining): the start of a judge's training
 
 With LoRA, the weights in ``final/`` have the adapters merged, and ``final/adapter/`` holds them in
 PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``, the head as a module to
@@ -32,6 +34,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from rmjax.data.judge import TEMPLATES, judge_template
 from rmjax.errors import ConfigError
 from rmjax.heads.armorm import RELEASED_ARCHITECTURE
 from rmjax.io import adapters
@@ -40,6 +43,7 @@ from rmjax.models.loading import _canonical
 from rmjax.train import params as tparams
 
 GATE_FILE = "armorm_gate.safetensors"
+JUDGE_TEMPLATE_FILE = "judge_template.txt"
 SEQ_CLS_HEADS = ("scalar", "multi_objective", "armorm")
 LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 
@@ -127,8 +131,12 @@ def head_settings(run, statics: dict) -> dict:
     if kind == "armorm":
         out.update(gate_hidden=h.gate_hidden, gate_layers=h.gate_layers, gate_temperature=h.gate_temperature)
     if kind == "judge":
-        out.update(labels=list(h.judge_labels), template=run.data.template)
-    if kind == "lm":
+        # a template file is copied into the export (judge_template.txt), a built-in one named
+        out.update(labels=list(h.judge_labels), template=run.data.template,
+                   judge_template=h.judge_template if h.judge_template in TEMPLATES else JUDGE_TEMPLATE_FILE)
+    if kind == "lm" and run.loss.kind == "nll":  # a pair-pretrained LM (GRAM stage 1): no reward yet
+        out.update(stage="pair_pretraining")
+    elif kind == "lm":
         out.update(reference=run.loss.reference or run.model.name, beta=run.loss.beta)
     return out
 
@@ -175,6 +183,8 @@ def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | No
     pad_id = loaded.tokenizer.pad_id if loaded.tokenizer else None
     hf_config = _hf_config(ckpt, kind, num_labels, settings.get("objectives", []), pad_id)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if kind == "judge" and run.head.judge_template not in TEMPLATES:
+        (out_dir / JUDGE_TEMPLATE_FILE).write_text(judge_template(run.head.judge_template), encoding="utf-8")
     if kind == "armorm":
         flat = traverse_util.flatten_dict(head["gating"], sep=".")
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}, str(out_dir / GATE_FILE))

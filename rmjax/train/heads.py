@@ -20,8 +20,11 @@ Pairs index the flattened [R * S] slots (``pair_a`` wins over ``pair_b``; padded
                               closes the user turn) over the frozen regression of a multi_objective run
                               (and a frozen reward transform, when the head has one), Bradley-Terry on the
                               gated score (frozen backbone)
-    judge + ce                next-token log-probs of the two verdict tokens at the end of a judge
-                              prompt; cross-entropy with label smoothing, both candidate orders per pair
+    judge + ce                next-token logits of the two verdict tokens at the end of a judge
+                              prompt; cross-entropy with label smoothing over the two tokens (GRAM; or
+                              over the vocabulary: loss.judge_normalize), both candidate orders per pair
+    lm + nll                  GRAM stage 1: the language-modelling loss on a reply holding both answers
+                              of a pair (mean over the reply tokens of the batch)
     lm + dpo                  the policy's sequence log-probs against a frozen reference (DPO); the
                               implicit reward beta * (log pi - log pi_ref) is the trained RM
 """
@@ -37,6 +40,7 @@ from flax import linen as nn
 from rmjax import losses
 from rmjax.errors import ConfigError
 from rmjax.heads.armorm import ArmoRMGatingHead
+from rmjax.heads.judge import verdict_logits
 from rmjax.heads.scalar import MultiObjectiveHead, ScalarHead
 from rmjax.scoring import compute
 from rmjax.scoring.logprobs import token_logprobs
@@ -134,13 +138,16 @@ def init_none(rng, hidden_size: int, run, extra: dict) -> dict:
 
 
 def judge_outputs(head: dict, hidden, batch: dict, ctx: Context) -> dict:
-    """log p(label A), log p(label B) [R, S, 2] over the whole vocabulary at each slot's last token."""
+    """At each slot's last token: the verdict tokens' logits [R, S, 2] and their log-probs over the
+    whole vocabulary [R, S, 2] (either gives the same log-odds)."""
     pooled = _pooled(hidden, batch)
     from rmjax.models.transformer import unembedding_matrix
     emb = unembedding_matrix(ctx.backbone, ctx.config)
-    out = [token_logprobs(pooled, emb, jnp.full(pooled.shape[:2], label, jnp.int32),
-                          logit_softcap=ctx.config.final_logit_softcap) for label in ctx.statics["label_ids"]]
-    return {"log_probs": jnp.stack(out, axis=-1)}
+    cap = ctx.config.final_logit_softcap
+    out = [token_logprobs(pooled, emb, jnp.full(pooled.shape[:2], label, jnp.int32), logit_softcap=cap)
+           for label in ctx.statics["label_ids"]]
+    return {"logits": verdict_logits(pooled, emb, ctx.statics["label_ids"], cap),
+            "log_probs": jnp.stack(out, axis=-1)}
 
 
 def _sequence_logp(hidden, backbone, config, batch: dict) -> dict:
@@ -185,15 +192,31 @@ def mse_loss(out: dict, batch: dict, run) -> tuple[jax.Array, dict]:
 
 
 def judge_loss(out: dict, batch: dict, run) -> tuple[jax.Array, dict]:
-    """-(1 - eps) log p(correct label) - eps log p(other label), over both orders of every pair."""
-    lp = _flat(out["log_probs"])
+    """Label-smoothed cross-entropy of the correct verdict over both orders of every pair, with
+    log-probs normalised over the two verdict tokens (GRAM: = BT + a margin penalty) or the vocabulary."""
+    logits = _flat(out["logits"])
+    lp = jax.nn.log_softmax(logits, axis=-1) if run.loss.judge_normalize == "labels" else _flat(out["log_probs"])
     label = batch["seq_label"]
-    right = jnp.take_along_axis(lp, label[:, None], axis=1)[:, 0]
-    wrong = jnp.take_along_axis(lp, 1 - label[:, None], axis=1)[:, 0]
-    eps = run.loss.label_smoothing
     w = batch["seq_valid"].reshape(-1).astype(jnp.float32)
-    loss = losses.weighted_mean(-(1 - eps) * right - eps * wrong, w)
+    loss = losses.label_smoothed_ce(lp, label, run.loss.label_smoothing, w)
+    right = jnp.take_along_axis(logits, label[:, None], axis=1)[:, 0]
+    wrong = jnp.take_along_axis(logits, 1 - label[:, None], axis=1)[:, 0]
     return loss, {"accuracy": losses.weighted_mean(compute.pairwise_wins(right - wrong), w)}
+
+
+def nll_outputs(head: dict, hidden, batch: dict, ctx: Context) -> dict:
+    """The reply's log-prob sum and token count [R, S]."""
+    stats = _sequence_logp(hidden, ctx.backbone, ctx.config, batch)
+    return {"logp": stats["sum"], "count": stats["count"]}
+
+
+def nll_loss(out: dict, batch: dict, run) -> tuple[jax.Array, dict]:
+    """Mean negative log-likelihood per reply token over the batch (padding slots count nothing)."""
+    valid = batch["seq_valid"] > 0
+    total = jnp.sum(jnp.where(valid, out["logp"], 0.0))
+    count = jnp.maximum(jnp.sum(jnp.where(valid, out["count"], 0.0)), 1.0)
+    loss = -total / count
+    return loss, {"nll": loss}
 
 
 def dpo_loss(out: dict, batch: dict, run) -> tuple[jax.Array, dict]:
@@ -210,6 +233,7 @@ TABLE: dict[tuple[str, str], HeadEntry] = {
                                 frozen=("regression_layer", "reward_transform")),
     ("judge", "ce"): HeadEntry("judge", init_none, judge_outputs, judge_loss),
     ("lm", "dpo"): HeadEntry("pairs", init_none, lm_outputs, dpo_loss, targets=True),
+    ("lm", "nll"): HeadEntry("lm", init_none, nll_outputs, nll_loss, targets=True),
 }
 
 
@@ -226,8 +250,8 @@ def check_combination(run, where: str = "config") -> None:
     if key == ("armorm", "bt") and run.train.trainable != "head":
         raise ConfigError(f"{where}: head.kind=armorm trains the gate over a frozen backbone; "
                           "set train.trainable=head")
-    if key == ("lm", "dpo") and run.train.trainable == "head":
-        raise ConfigError(f"{where}: loss.kind=dpo trains the policy itself, which has no separate head; "
-                          "set train.trainable to lora, last_k or full")
+    if key[0] in ("lm", "judge") and run.train.trainable == "head":
+        raise ConfigError(f"{where}: head.kind={key[0]} with loss.kind={key[1]} trains the language model itself, "
+                          "which has no separate head; set train.trainable to lora, last_k or full")
     if len(run.head.judge_labels) != 2:
         raise ConfigError(f"{where}: head.judge_labels must be two verdict labels, got {list(run.head.judge_labels)}")

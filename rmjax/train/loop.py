@@ -24,6 +24,7 @@ import numpy as np
 
 from rmjax import distributed
 from rmjax import sharding as shd
+from rmjax.data import judge
 from rmjax.errors import ConfigError
 from rmjax.train import batches as tbatches
 from rmjax.train import evaluate as tevaluate
@@ -121,16 +122,21 @@ def head_extras(run: RunConfig, loaded, mesh, train_set) -> dict:
 def statics_for(run: RunConfig, tokenizer, objectives: tuple[str, ...]) -> dict:
     out: dict = {"objectives": objectives}
     if run.head.kind == "judge":
-        out["label_ids"] = texamples.judge_label_ids(tokenizer, run.head.judge_labels, run.data.template)
+        out["label_ids"] = judge.label_ids(tokenizer, run.head.judge_labels, run.data.template)
     return out
 
 
 def evaluate(eval_fn, trainable, frozen, data: texamples.ExampleSet, layout, mesh, run: RunConfig,
              batch_size: int) -> dict:
-    """Accuracy (pairs, best-of-N, judge; ties 0.5) per subset, or the MSE per objective (ratings)."""
+    """Accuracy (pairs, best-of-N, judge; ties 0.5) per subset, the MSE per objective (ratings), or
+    the held-out NLL per reply token (lm: pair pretraining)."""
     if not data.examples:
         return {}
     outs = tevaluate.outputs_per_example(eval_fn, trainable, frozen, data.examples, layout, mesh, batch_size)
+    if layout.trees == "lm":
+        tokens = sum(float(o["count"].sum()) for o in outs)
+        return {"nll": -sum(float(o["logp"].sum()) for o in outs) / max(tokens, 1.0), "tokens": int(tokens),
+                "examples": len(data)}
     if layout.trees == "ratings":
         report = tevaluate.ratings_report(outs, data.examples, data.objectives)
         return {"mse": report["mse"], "examples": report["examples"],
@@ -196,7 +202,8 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     options = ocp.CheckpointManagerOptions(max_to_keep=run.train.keep_checkpoints or None,
                                            enable_async_checkpointing=True)
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
-    lower_is_better = entry.trees == "ratings"
+    score_key = {"ratings": "mse", "lm": "nll"}.get(entry.trees, "accuracy")
+    lower_is_better = score_key != "accuracy"
     best = ocp.CheckpointManager((run_dir / "best").absolute(), options=ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda m: m["score"], best_mode="min" if lower_is_better else "max"))
     start = 0
@@ -252,7 +259,7 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
                                      run.train.batch_size)
             metrics_log.write(done, "eval", last_eval)
             if last_eval and finite(state.params):
-                score = last_eval["mse" if lower_is_better else "accuracy"]
+                score = last_eval[score_key]
                 best.save(done, args=ocp.args.StandardSave(state.params), metrics={"score": score})
         if done % run.train.save_every == 0 or done == run.train.steps:
             save_checkpoint(manager, done, state, log)

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from rmjax import sharding as shd
+from rmjax.data import judge
 from rmjax.data.records import RecordReport
 from rmjax.errors import ConfigError, DataError, RmjaxError
 from rmjax.train import evaluate as tevaluate
@@ -67,7 +68,7 @@ class Evaluator:
         if model:
             from rmjax.train.export import load_head
             kind, head, settings = load_head(model, loaded)
-            if kind == "lm" and not settings:
+            if kind == "lm" and "beta" not in settings:
                 raise ConfigError(f"{model}: a language model, not a reward model (no score head); evaluate its "
                                   "implicit reward with --policy MODEL --reference REF")
         if kind == "lm":
@@ -85,15 +86,16 @@ class Evaluator:
                      f"data.template={template}", f"loss.beta={beta}",
                      *(f"head.{k}={settings[k]}" for k in ("gate_hidden", "gate_layers", "gate_temperature")
                        if k in settings),
-                     "train.trainable=lora" if kind == "lm" else "train.trainable=head",
-                     f"head.judge_labels={json.dumps(settings.get('labels', ['A', 'B']))}"]
+                     "train.trainable=lora" if kind in ("lm", "judge") else "train.trainable=head",
+                     f"head.judge_labels={json.dumps(settings.get('labels', ['A', 'B']))}",
+                     f"head.judge_template={judge.exported_template(model, settings)}"]
         if pack_length > 0:
             overrides.append(f"train.pack_length={pack_length}")
         run = load_config(None, overrides)
         statics = {"objectives": tuple(settings.get("objectives", ())),
                    "reference_free": kind == "lm" and "reference" not in frozen}
         if kind == "judge":
-            statics["label_ids"] = texamples.judge_label_ids(loaded.tokenizer, run.head.judge_labels, template)
+            statics["label_ids"] = judge.label_ids(loaded.tokenizer, run.head.judge_labels, template)
         name = model or f"implicit: {policy} vs {reference or '(reference-free)'}"
         return cls(kind, run, loaded, {"head": jax.device_put(head, shd.replicated(mesh))}, frozen, statics,
                    settings, mesh, beta, name)
