@@ -77,6 +77,15 @@ def test_gating_token_plain_template_is_the_last_user_token():
     assert gemma.decode(ids[g + 1:]) == "\n\nAssistant:"
 
 
+def test_gating_token_gemma_is_end_of_turn_before_the_model_turn():
+    gemma = registry.load_tokenizer("gemma3-270m")
+    ids, g = _gate_token(gemma, "gemma")
+    assert ids[g] == gemma.token_id("<end_of_turn>")
+    assert gemma.decode(ids[g + 1:]) == "\n<start_of_turn>model\n"  # the header follows the gate
+    assert gemma.decode(ids[:g]).endswith("And the worst?")
+    assert ids.count(ids[g]) == 3 and g == len(ids) - 1 - ids[::-1].index(ids[g])  # every turn closes so; the last
+
+
 def test_gating_token_llama3_is_eot_before_the_assistant_header():
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
