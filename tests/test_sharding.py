@@ -75,3 +75,32 @@ def test_command_strategy_choices_are_the_rules_table():
     from rmjax.commands.options import STRATEGY_CHOICES
 
     assert STRATEGY_CHOICES == ("none", *shd.RULES)
+
+
+def test_mesh_axis_names_appear_only_in_the_rules_module():
+    """Every PartitionSpec, collective and mesh outside rmjax/sharding.py names its axes through the
+    rules module's constants, never as literal strings, so a strategy is one RULES entry."""
+    import ast
+    from pathlib import Path
+
+    from rmjax.sharding import MESH_AXES
+
+    calls = {"P", "PartitionSpec", "NamedSharding", "Mesh", "make_mesh", "psum", "pmax", "pmin", "pmean",
+             "axis_index", "ppermute", "all_gather", "psum_scatter", "all_to_all", "shard_map",
+             "with_sharding_constraint"}
+    package = Path(__file__).resolve().parents[1] / "rmjax"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "sharding.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name not in calls:
+                continue
+            for arg in [*node.args, *(k.value for k in node.keywords)]:
+                for leaf in ast.walk(arg):
+                    if isinstance(leaf, ast.Constant) and leaf.value in MESH_AXES:
+                        found.append(f"{path.relative_to(package.parent)}:{leaf.lineno} {name}(... {leaf.value!r} ...)")
+    assert not found, "literal mesh-axis names outside rmjax/sharding.py:\n" + "\n".join(found)
