@@ -15,6 +15,7 @@ example-weighted mean of its subsets (RewardBench 1's roll-up).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -30,9 +31,12 @@ from rmjax.train import batches as tbatches
 def outputs_per_example(eval_fn, trainable, frozen, examples: list, layout: tbatches.Layout, mesh,
                         batch_size: int) -> list[dict[str, np.ndarray]]:
     """Per example {output name: [responses, ...]} from the eval step; batches of ``batch_size``
-    examples sorted by length (the order does not change any output)."""
+    examples sorted by length (the order does not change any output). With several processes each
+    builds the same batches (the eval set is small) and reads the replicated outputs."""
     order = sorted(range(len(examples)), key=lambda i: examples[i].tree.tree_length)
     out: list[dict | None] = [None] * len(examples)
+    # every process evaluates every example: one global batch, its rows split over all data shards
+    layout = dataclasses.replace(layout, row_multiple=shd.batch_shards(mesh))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         group = [examples[i] for i in idx]

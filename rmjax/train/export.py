@@ -160,7 +160,8 @@ def _hf_config(ckpt, kind: str, num_labels: int, labels: list[str], pad_id) -> d
 
 
 def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | None = None) -> Path:
-    """Write ``out_dir/`` (see the module docstring) for the run's head."""
+    """Write ``out_dir/`` (see the module docstring) for the run's head. With several processes
+    every one calls it (the params may span processes); process 0 writes the HF files."""
     import orbax.checkpoint as ocp
     from safetensors.numpy import save_file
 
@@ -169,7 +170,12 @@ def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | No
     statics = statics or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    full_params = jax.device_get(full_params)
+    checkpointer = ocp.StandardCheckpointer()  # every process saves its shards of the rmjax params
+    checkpointer.save((out_dir / "orbax").absolute(), full_params, force=True)
+    full_params = host_copy(full_params)  # every process takes part in gathering what others hold
+    if jax.process_index() != 0:  # the HF files are written once
+        checkpointer.wait_until_finished()
+        return out_dir
     kind, head = run.head.kind, full_params.get("head", {})
     backbone = full_params["backbone"]
     scale = run.train.lora_alpha / max(run.train.lora_rank, 1)
@@ -199,10 +205,19 @@ def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | No
                        targets=[LORA_MODULES[k] for k in full_params["lora"]], base=run.model.name,
                        task_type="SEQ_CLS" if kind in SEQ_CLS_HEADS else "CAUSAL_LM",
                        modules_to_save=["score"] if kind in SEQ_CLS_HEADS else [])
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((out_dir / "orbax").absolute(), full_params, force=True)
     checkpointer.wait_until_finished()
     return out_dir
+
+
+def host_copy(tree):
+    """NumPy copies of a pytree's arrays; arrays that span processes are gathered (a collective:
+    every process must call it)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
 
 
 def load_head(directory: str | Path, loaded) -> tuple[str, dict, dict]:

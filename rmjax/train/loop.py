@@ -261,6 +261,7 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
             if last_eval and finite(state.params):
                 score = last_eval[score_key]
                 best.save(done, args=ocp.args.StandardSave(state.params), metrics={"score": score})
+                best.wait_until_finished()  # two managers must not write the same step at once
         if done % run.train.save_every == 0 or done == run.train.steps:
             save_checkpoint(manager, done, state, log)
         bar.update(1)
@@ -275,11 +276,11 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
               "dropped_examples": len(train_set.dropped) + len(eval_set.dropped),
               "truncated_examples": train_set.truncated + eval_set.truncated,
               "bad_records_skipped": len(train_set.skipped) + len(eval_set.skipped), "tokens": counts}
-    if int(state.step) == run.train.steps and distributed.is_main_process():
+    if int(state.step) == run.train.steps:  # every process exports (a collective); one writes the files
         from rmjax.train.export import export_run
-        full = tparams.merge(jax.device_get(state.params), jax.device_get(frozen))
-        export_run(full, loaded, run, run_dir / "final", statics)
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        export_run(tparams.merge(state.params, frozen), loaded, run, run_dir / "final", statics)
+        if distributed.is_main_process():
+            (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
