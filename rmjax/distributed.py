@@ -31,3 +31,20 @@ def maybe_initialize() -> bool:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def main_first(open_fn):
+    """``open_fn(True)`` on process 0, then, after a barrier, ``open_fn(False)`` on the others: one
+    process creates (or resumes, or overwrites) a run's shared files before the rest open them."""
+    if jax.process_count() == 1:
+        return open_fn(True)
+    from jax.experimental import multihost_utils
+    out = open_fn(True) if is_main_process() else None
+    multihost_utils.sync_global_devices("rmjax-main-first")
+    return out if is_main_process() else open_fn(False)
+
+
+def own_devices() -> list | None:
+    """The devices a process scores on: with several processes each one its own (it scores its own
+    shards with replicated models); on one machine None (all devices)."""
+    return jax.local_devices() if jax.process_count() > 1 else None

@@ -52,26 +52,35 @@ def test_two_processes_train_as_one(model_dir, tmp_path, strategy):
 
 
 @pytest.mark.slow
-def test_two_processes_score_as_one(model_dir, tmp_path):
-    """Each process scores its own shards on its own devices (the models replicated per process,
-    fsdp within it); every row is written once and equals the one-process run."""
+def test_two_processes_score_and_cache_features_as_one(model_dir, tmp_path):
+    """Each process scores (and caches features of) its own shards on its own devices (the model
+    replicated per process, fsdp within it); every row is written once and equals the one-process
+    run; the feature arrays too."""
     import pandas as pd
+
+    from rmjax.scoring.features import FeatureCache
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Question {i}: {'why ' * i}?",
                                         "chosen": f"Because {i}.", "rejected": "No" + "!" * i}) + "\n"
                             for i in range(9)))
-    tables = {}
+    common = ["--data", str(data), "--shard-size", "2", "--strategy", "fsdp", "--no-progress"]
+    jobs = {"score": ["score", "--policy", str(model_dir), "--reference", "", "--sample", "0", *common],
+            "features": ["features", "--model", str(model_dir), "--max-length", "128", *common]}
+    tables, caches = {}, {}
     for n in (1, 2):
-        out, logs = tmp_path / f"score{n}", tmp_path / f"logs{n}"
-        logs.mkdir()
-        argv = ["score", "--policy", str(model_dir), "--reference", "", "--data", str(data), "--sample", "0",
-                "--shard-size", "2", "--strategy", "fsdp", "--out", str(out), "--no-progress"]
-        codes = multiprocess.run(argv, n=n, devices=8 // n, timeout=300, logs=logs)
-        assert codes == [0] * n, multiprocess.tails(logs, n)
-        tables[n] = pd.read_parquet(out / "scores.parquet")
-        assert json.loads((out / "metadata.json").read_text())["status"] == "complete"
+        for job, argv in jobs.items():
+            out, logs = tmp_path / f"{job}{n}", tmp_path / f"{job}{n}_logs"
+            logs.mkdir()
+            codes = multiprocess.run([*argv, "--out", str(out)], n=n, devices=8 // n, timeout=300, logs=logs)
+            assert codes == [0] * n, multiprocess.tails(logs, n)
+            assert json.loads((out / "metadata.json").read_text())["status"] == "complete"
+        tables[n] = pd.read_parquet(tmp_path / f"score{n}" / "scores.parquet")
+        caches[n] = FeatureCache(tmp_path / f"features{n}")
     assert tables[2]["id"].tolist() == [f"p{i}" for i in range(9)]  # each row once, in record order
     numeric = [c for c in tables[1].columns if tables[1][c].dtype.kind == "f"]
     # fsdp over 4 devices instead of 8 sums in another order: log-prob sums of ~60 agree to ~2e-6 relative
     np.testing.assert_allclose(tables[2][numeric].to_numpy(), tables[1][numeric].to_numpy(), rtol=1e-5, atol=1e-5)
+    assert caches[2].index.tolist() == list(range(9))
+    np.testing.assert_allclose(caches[2].response(), caches[1].response(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(caches[2].gate(), caches[1].gate(), rtol=1e-5, atol=1e-5)

@@ -61,9 +61,9 @@ def run_features(args) -> int:
     if not records:
         raise RmjaxError(f"{args.data}: no records to cache")
     mesh = None
-    if args.strategy != "none":
+    if args.strategy != "none":  # several processes: each caches its own shards on its own devices
         from rmjax import sharding as shd
-        mesh = shd.make_mesh(args.strategy)
+        mesh = shd.make_mesh(args.strategy, devices=distributed.own_devices())
     loaded = load_model(args.model, dtype=args.dtype, mesh=mesh, strategy=args.strategy if mesh else "dp",
                         **attention_options(args))
     settings = features.FeatureSettings(template=args.template, max_length=args.max_length,

@@ -188,17 +188,11 @@ def run_score(args) -> int:
                 "on_error": args.on_error}
     if args.judge:
         settings.update(judge_labels=args.judge_labels, judge_template=args.judge_template)
-    def open_writer(overwrite: bool):
+    def open_writer(overwrite: bool):  # process 0 opens (or resumes) the run before the others
         return ScoreWriter(args.out, settings, num_examples=len(records), shard_size=args.shard_size,
                            token_logprobs=args.token_logprobs, overwrite=overwrite)
 
-    if jax.process_count() > 1:  # process 0 opens (or resumes) the run before the others look at it
-        from jax.experimental import multihost_utils
-        writer = open_writer(args.overwrite) if distributed.is_main_process() else None
-        multihost_utils.sync_global_devices("rmjax-score-open")
-        writer = writer or open_writer(False)
-    else:
-        writer = open_writer(args.overwrite)
+    writer = distributed.main_first(lambda first: open_writer(args.overwrite and first))
     if writer.is_complete():
         bulk.log(f"{args.out}: already complete")
         print(json.dumps(writer.metadata.get("summary", {}), indent=2))
@@ -207,7 +201,7 @@ def run_score(args) -> int:
     if args.strategy != "none":
         # several processes: each one scores its own shards with the models on its own devices
         from rmjax import sharding as shd
-        mesh = shd.make_mesh(args.strategy, devices=jax.local_devices() if jax.process_count() > 1 else None)
+        mesh = shd.make_mesh(args.strategy, devices=distributed.own_devices())
     slots = [bulk.ModelSlot(role, load_model(name, dtype=args.dtype, mesh=mesh,
                                              strategy=args.strategy if mesh else "dp", **attention_options(args)))
              for role, name in roles if name]

@@ -258,8 +258,9 @@ def cache_features(records: list[Record], loaded, out_dir: Path | str, *, settin
              "pack_length": settings.pack_length, "batch_tokens": settings.batch_tokens,
              "width": width, "responses": responses, "objectives": list(objectives), "gating_token": GATING_RULE,
              "features": "final-normed hidden state (after the model's final norm)"}
-    writer = FeatureWriter(out_dir, ident, num_examples=len(records), shard_size=settings.shard_size,
-                           overwrite=overwrite)
+    from rmjax.distributed import main_first
+    writer = main_first(lambda first: FeatureWriter(out_dir, ident, num_examples=len(records),
+                                                    shard_size=settings.shard_size, overwrite=overwrite and first))
     if writer.is_complete():
         return writer.metadata
     ex = FeatureExtractor(loaded, settings, objectives, mesh=mesh, strategy=strategy)
