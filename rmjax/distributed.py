@@ -10,17 +10,63 @@ import os
 
 import jax
 
+from rmjax.errors import RmjaxError
+
 _CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
                   "OMPI_COMM_WORLD_SIZE")
 
 
+def _wait_for(address: str, timeout: float, who: str) -> None:
+    import socket
+    import time
+
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RmjaxError(f"{who} could not join the job at RMJAX_COORDINATOR={address} within {timeout:g}s "
+                                 f"({e.strerror or e}): check that process 0 runs on that host and listens on that "
+                                 "port, that the port is reachable from here, and RMJAX_INIT_TIMEOUT") from None
+            time.sleep(0.2)
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise RmjaxError(f"{name}={value!r}: with RMJAX_COORDINATOR set, {name} must be an integer "
+                         "(RMJAX_NUM_PROCESSES: how many processes; RMJAX_PROCESS_ID: this one, 0-based)") from None
+
+
 def maybe_initialize() -> bool:
-    """Initialise jax.distributed when running multi-host; returns True if it did."""
+    """Initialise jax.distributed when running multi-host; returns True if it did.
+
+    RMJAX_COORDINATOR=host:port, RMJAX_NUM_PROCESSES and RMJAX_PROCESS_ID start a job by hand;
+    RMJAX_INIT_TIMEOUT (seconds, default 300) bounds the wait for every process to connect."""
     if os.environ.get("RMJAX_COORDINATOR"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["RMJAX_COORDINATOR"],
-            num_processes=int(os.environ["RMJAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["RMJAX_PROCESS_ID"]))
+        address = os.environ["RMJAX_COORDINATOR"]
+        n, i = _env_int("RMJAX_NUM_PROCESSES"), _env_int("RMJAX_PROCESS_ID")
+        if n < 1 or not 0 <= i < n:
+            raise RmjaxError(f"RMJAX_PROCESS_ID={i} with RMJAX_NUM_PROCESSES={n}: process ids run from 0 to "
+                             f"{max(n, 1) - 1}; start each of the {n} processes with its own id")
+        if ":" not in address or not address.rsplit(":", 1)[1].isdigit():
+            raise RmjaxError(f"RMJAX_COORDINATOR={address!r}: give host:port (process 0's host and a free port)")
+        timeout = _env_int("RMJAX_INIT_TIMEOUT") if os.environ.get("RMJAX_INIT_TIMEOUT") else 300
+        if i != 0:  # the runtime aborts the process when the coordinator never answers: look first
+            _wait_for(address, timeout, f"process {i} of {n}")
+        try:
+            jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=i,
+                                       initialization_timeout=timeout)
+        except Exception as e:  # noqa: BLE001 -- the runtime raises several kinds; all mean "no job"
+            raise RmjaxError(f"process {i} of {n} could not join the job at RMJAX_COORDINATOR={address} within "
+                             f"{timeout}s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                             f"check that process 0 runs on that host and port, that every process has the same "
+                             f"RMJAX_NUM_PROCESSES, and that the port is reachable") from None
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts or any(os.environ.get(k) for k in _CLUSTER_HINTS[1:]):

@@ -84,3 +84,20 @@ def test_two_processes_score_and_cache_features_as_one(model_dir, tmp_path):
     assert caches[2].index.tolist() == list(range(9))
     np.testing.assert_allclose(caches[2].response(), caches[1].response(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(caches[2].gate(), caches[1].gate(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_job_that_cannot_form_is_a_clear_error(tmp_path):
+    """A bad process id fails at once; a process whose coordinator never answers gives up after
+    RMJAX_INIT_TIMEOUT with the address in the message (and its process is gone)."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "rmjax.cli", "score", "--policy", "p", "--data", str(tmp_path / "none.jsonl")]
+    env = multiprocess.process_env(3, 2, multiprocess.free_port(), 1)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "RMJAX_PROCESS_ID=3 with RMJAX_NUM_PROCESSES=2" in out.stderr
+    port = multiprocess.free_port()  # nothing listens there: process 1 waits for a coordinator that never comes
+    env = dict(multiprocess.process_env(1, 2, port, 1), RMJAX_INIT_TIMEOUT="3")
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"could not join the job at RMJAX_COORDINATOR=127.0.0.1:{port} within 3s" in out.stderr
