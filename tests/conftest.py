@@ -19,13 +19,3 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
-# Files that take longest go first: with one file per worker (pytest -n 2 --dist loadfile) the
-# run then ends with short files on both workers instead of one long file on one of them.
-_LONG_FIRST = ("test_train_step.py", "test_train_loop.py", "test_multiprocess.py", "test_score_cli.py",
-               "test_train_heads.py", "test_attention.py", "test_io_gguf.py", "test_real_models.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import multiprocess
+import processes
 from hf_models import save_tiny_checkpoint
 
 OVERRIDES = ["train.steps=4", "train.save_every=2", "train.eval_every=4", "train.log_every=1", "train.batch_size=8",
@@ -26,8 +26,8 @@ def train(model_dir, run_dir, strategy, n):
     logs.mkdir(parents=True)
     argv = ["train", "--no-progress", f"model.name={model_dir}", f"run_dir={run_dir}", f"mesh.strategy={strategy}",
             *OVERRIDES]
-    codes = multiprocess.run(argv, n=n, devices=8 // n, timeout=400, logs=logs)
-    assert codes == [0] * n, multiprocess.tails(logs, n)
+    codes = processes.run(argv, n=n, devices=8 // n, timeout=400, logs=logs)
+    assert codes == [0] * n, processes.tails(logs, n)
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -72,8 +72,8 @@ def test_two_processes_score_and_cache_features_as_one(model_dir, tmp_path):
         for job, argv in jobs.items():
             out, logs = tmp_path / f"{job}{n}", tmp_path / f"{job}{n}_logs"
             logs.mkdir()
-            codes = multiprocess.run([*argv, "--out", str(out)], n=n, devices=8 // n, timeout=300, logs=logs)
-            assert codes == [0] * n, multiprocess.tails(logs, n)
+            codes = processes.run([*argv, "--out", str(out)], n=n, devices=8 // n, timeout=300, logs=logs)
+            assert codes == [0] * n, processes.tails(logs, n)
             assert json.loads((out / "metadata.json").read_text())["status"] == "complete"
         tables[n] = pd.read_parquet(tmp_path / f"score{n}" / "scores.parquet")
         caches[n] = FeatureCache(tmp_path / f"features{n}")
@@ -93,11 +93,11 @@ def test_a_job_that_cannot_form_is_a_clear_error(tmp_path):
     import sys
 
     argv = [sys.executable, "-m", "rmjax.cli", "score", "--policy", "p", "--data", str(tmp_path / "none.jsonl")]
-    env = multiprocess.process_env(3, 2, multiprocess.free_port(), 1)
+    env = processes.process_env(3, 2, processes.free_port(), 1)
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "RMJAX_PROCESS_ID=3 with RMJAX_NUM_PROCESSES=2" in out.stderr
-    port = multiprocess.free_port()  # nothing listens there: process 1 waits for a coordinator that never comes
-    env = dict(multiprocess.process_env(1, 2, port, 1), RMJAX_INIT_TIMEOUT="3")
+    port = processes.free_port()  # nothing listens there: process 1 waits for a coordinator that never comes
+    env = dict(processes.process_env(1, 2, port, 1), RMJAX_INIT_TIMEOUT="3")
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"could not join the job at RMJAX_COORDINATOR=127.0.0.1:{port} within 3s" in out.stderr
