@@ -2,6 +2,7 @@
 8-device mesh) train exactly as one process with 8 devices: the same loss at every step, the same
 exported weights, the run directory's files written once."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -32,6 +33,8 @@ def train(model_dir, run_dir, strategy, n):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RMJAX_TEST_MULTIPROCESS_TRAIN"),
+                    reason="about 100 s on 2 cores; set RMJAX_TEST_MULTIPROCESS_TRAIN=1 to run it")
 @pytest.mark.parametrize("strategy", ["fsdp_tp"])  # the batch and the params both span processes
 def test_two_processes_train_as_one(model_dir, tmp_path, strategy):
     from safetensors.numpy import load_file
