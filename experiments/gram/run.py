@@ -19,25 +19,26 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from rmjax.cli import main as rmjax_main
 from rmjax.data.records import read_records
 
+
+def _armorm_driver():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("armorm_run", Path(__file__).resolve().parents[1] / "armorm" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+command = _armorm_driver().command  # print, run and time one rmjax command (the ArmoRM driver's)
+
 STAGES = ("data", "pretrain", "finetune", "finetune_only", "evaluate")
-
-
-def command(argv: list[str], log: dict, name: str) -> None:
-    print(f"\n$ rmjax {shlex.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    code = rmjax_main(argv)
-    if code:
-        raise SystemExit(f"stage {name} failed (exit {code})")
-    log.setdefault("commands", {})[name] = {"argv": ["rmjax", *argv], "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def make_splits(cfg: dict, out: Path) -> dict[str, str]:
@@ -63,8 +64,6 @@ def make_splits(cfg: dict, out: Path) -> dict[str, str]:
 
 
 def train(config: str, overrides: list[str], log: dict, name: str) -> Path:
-    import yaml as _yaml
-
     from rmjax.train.config import load_config
 
     run = load_config(config, overrides)
@@ -75,7 +74,7 @@ def train(config: str, overrides: list[str], log: dict, name: str) -> Path:
         command(["train", "--config", config, *overrides, "--no-progress"], log, name)
     log.setdefault("runs", {})[name] = {"config": config, "overrides": overrides,
                                         "result": json.loads((Path(run.run_dir) / "result.json").read_text()),
-                                        "resolved": _yaml.safe_load((Path(run.run_dir) / "config.yaml").read_text())}
+                                        "resolved": yaml.safe_load((Path(run.run_dir) / "config.yaml").read_text())}
     return final
 
 
@@ -94,17 +93,14 @@ def main(argv=None) -> int:
     splits = make_splits(cfg, root / "data")
     data = [f"data.train=[{splits['pretrain']}]", f"data.eval=[{splits['heldout']}]"]
     pretrain_final = root / "pretrain" / "final"
-    judges: dict[str, str] = {}
     if "pretrain" in todo:
         pretrain_final = train(cfg["pretrain"], [f"run_dir={root / 'pretrain'}", *data], log, "pretrain")
     tune = [f"data.train=[{splits['finetune']}]", f"data.eval=[{splits['heldout']}]"]
     if "finetune" in todo:
-        judges["gram"] = str(train(cfg["finetune"], [f"run_dir={root / 'finetune'}",
-                                                     f"model.name={pretrain_final}", *tune], log, "finetune"))
+        train(cfg["finetune"], [f"run_dir={root / 'finetune'}", f"model.name={pretrain_final}", *tune], log, "finetune")
     base = yaml.safe_load(Path(cfg["pretrain"]).read_text())["model"]["name"]
     if "finetune_only" in todo and cfg["baselines"].get("finetune_only"):
-        judges["finetune_only"] = str(train(cfg["finetune"], [f"run_dir={root / 'finetune_only'}",
-                                                              f"model.name={base}", *tune], log, "finetune_only"))
+        train(cfg["finetune"], [f"run_dir={root / 'finetune_only'}", f"model.name={base}", *tune], log, "finetune_only")
     if "evaluate" in todo:
         judges = {"gram": str(root / "finetune" / "final"), "finetune_only": str(root / "finetune_only" / "final"),
                   "zero_shot": cfg["baselines"]["zero_shot"]}
