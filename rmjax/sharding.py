@@ -5,7 +5,8 @@ Every parameter and key activation in rmjax carries *logical* axis names (``embe
 Adding a sharding strategy is adding one entry to ``RULES``; nothing else needs to change.
 
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel + parameter sharding),
-``tensor`` (Megatron-style model parallel) and ``sequence`` (room for context parallelism).
+``tensor`` (Megatron-style model parallel) and ``sequence`` (context parallelism: the logical
+``length`` split over devices, attention as a ring, ``rmjax/models/attention.py``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rmjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+
+class MeshError(ConfigError, ValueError):
+    """A mesh that cannot be built from this job's devices (a clear message, no traceback)."""
 
 # Logical axis names used across rmjax:
 #   batch, length           activations
@@ -62,6 +69,15 @@ RULES: dict[str, tuple[tuple[str, Any], ...]] = {
         ("vocab", "tensor"),
         ("embed", "fsdp"),
     ),
+    # Context parallelism: every activation's `length` split over `sequence` (ring attention),
+    # parameters sharded as in fsdp. For long sequences (8K-32K tokens) whose activations do not
+    # fit one device.
+    "fsdp_sp": (
+        ("batch", _BATCH),
+        ("length", "sequence"),
+        ("embed", "fsdp"),
+        ("vocab", None),
+    ),
 }
 
 # Default mesh shapes (-1 = all remaining devices) for each strategy.
@@ -70,6 +86,7 @@ DEFAULT_MESH_SHAPES: dict[str, dict[str, int]] = {
     "fsdp": {"fsdp": -1},
     "tp": {"tensor": -1},
     "fsdp_tp": {"fsdp": -1, "tensor": 2},
+    "fsdp_sp": {"fsdp": -1, "sequence": 2},
 }
 
 
@@ -85,9 +102,13 @@ class MeshConfig:
 
     @classmethod
     def for_strategy(cls, strategy: str, **sizes: int) -> "MeshConfig":
+        """The strategy's default shape with ``sizes`` on top (a size of -1 given here takes the
+        place of the default's -1)."""
         if strategy not in RULES:
-            raise ValueError(f"unknown sharding strategy {strategy!r}; known: {sorted(RULES)}")
+            raise MeshError(f"unknown sharding strategy {strategy!r}; known: {sorted(RULES)}")
         shape = dict(DEFAULT_MESH_SHAPES[strategy])
+        if -1 in sizes.values():
+            shape = {a: s for a, s in shape.items() if s != -1}
         shape.update(sizes)
         return cls(strategy=strategy, **shape)
 
@@ -95,16 +116,18 @@ class MeshConfig:
         sizes = {a: getattr(self, a) for a in MESH_AXES}
         free = [a for a, s in sizes.items() if s == -1]
         if len(free) > 1:
-            raise ValueError(f"at most one mesh axis may be -1, got {free}")
+            raise MeshError(f"mesh {sizes}: at most one mesh axis may be -1 (all devices left over), got {free}")
         fixed = math.prod(s for s in sizes.values() if s != -1)
         if free:
             if n_devices % fixed:
-                raise ValueError(f"{n_devices} devices do not divide by the fixed mesh sizes {sizes}")
+                raise MeshError(f"mesh {sizes} ({self.strategy}): the fixed axis sizes (product {fixed}) do not "
+                                f"divide the {n_devices} devices of this job; choose sizes whose product divides "
+                                f"{n_devices}")
             sizes[free[0]] = n_devices // fixed
         if math.prod(sizes.values()) != n_devices:
-            raise ValueError(
-                f"mesh {sizes} needs {math.prod(sizes.values())} devices but {n_devices} are available; "
-                "set one axis to -1 to take the rest")
+            raise MeshError(
+                f"mesh {sizes} ({self.strategy}) needs {math.prod(sizes.values())} devices but this job has "
+                f"{n_devices}; set one axis to -1 to take the rest")
         return sizes
 
 
@@ -123,7 +146,7 @@ def make_mesh(config: MeshConfig | str = "fsdp", devices: Sequence[jax.Device] |
     if n_slices > 1:  # multi-slice: only the data axis crosses the slow data-centre network
         from jax.experimental import mesh_utils
         if sizes["data"] % n_slices:
-            raise ValueError(f"{n_slices} slices need the data axis ({sizes['data']}) to be a multiple of them")
+            raise MeshError(f"{n_slices} slices need the data axis ({sizes['data']}) to be a multiple of them")
         per_slice = (sizes["data"] // n_slices,) + shape[1:]
         dcn = (n_slices,) + (1,) * (len(shape) - 1)
         grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices)
@@ -135,7 +158,7 @@ def make_mesh(config: MeshConfig | str = "fsdp", devices: Sequence[jax.Device] |
 
 def rules_for(strategy: str) -> tuple[tuple[str, Any], ...]:
     if strategy not in RULES:
-        raise ValueError(f"unknown sharding strategy {strategy!r}; known: {sorted(RULES)}")
+        raise MeshError(f"unknown sharding strategy {strategy!r}; known: {sorted(RULES)}")
     return RULES[strategy]
 
 
@@ -196,6 +219,48 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def with_constraint(x: jax.Array, *names: str | None) -> jax.Array:
     """Activation sharding hint by logical names; a no-op outside ``nn.logical_axis_rules``."""
     return nn.with_logical_constraint(x, P(*names))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthSplit:
+    """The logical ``length`` split over a mesh axis in the current context (``activate``): what a
+    kernel that works per device (ring attention under ``shard_map``) needs to know."""
+
+    axis: str | tuple[str, ...]  # the mesh axis (or axes) of `length`
+    size: int  # how many devices one sequence spans
+    mesh_shape: tuple[tuple[str, int], ...]
+    rules: tuple
+
+    def spec(self, names: Sequence[str | None], shape: Sequence[int]) -> P:
+        """Mesh PartitionSpec of an array with logical axis ``names`` under the current rules; a
+        dimension that does not divide by its mesh axes stays whole (``length`` always splits)."""
+        sizes = dict(self.mesh_shape)
+        spec = list(nn.logical_to_mesh_axes(tuple(names), self.rules))
+        for i, axes in enumerate(spec):
+            group = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+            group = tuple(a for a in group if sizes.get(a, 1) > 1)
+            spec[i] = None if not group or shape[i] % math.prod(sizes[a] for a in group) else (
+                group[0] if len(group) == 1 else group)
+        return P(*spec)
+
+
+def length_split() -> LengthSplit | None:
+    """How the logical ``length`` is split in the current context (an ambient mesh from
+    ``jax.set_mesh`` / ``activate`` and logical rules), or None when every device holds whole
+    sequences."""
+    from flax.linen import partitioning
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = tuple(partitioning.get_axis_rules())
+    if mesh.empty or not rules:
+        return None
+    axes = nn.logical_to_mesh_axes(("length",), rules)[0]
+    group = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    group = tuple(a for a in group if mesh.shape.get(a, 1) > 1)
+    if not group:
+        return None
+    return LengthSplit(group[0] if len(group) == 1 else group, math.prod(mesh.shape[a] for a in group),
+                       tuple(mesh.shape.items()), rules)
 
 
 def describe(mesh: Mesh) -> str:

@@ -69,6 +69,14 @@ def test_mesh_config_errors():
     with pytest.raises(ValueError, match="needs 6 devices"):
         shd.MeshConfig(data=3, fsdp=2).axis_sizes(8)
     assert shd.MeshConfig(data=2, fsdp=-1).axis_sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}
+    assert shd.MeshConfig.for_strategy("fsdp_sp").axis_sizes(8) == {"data": 1, "fsdp": 4, "tensor": 1, "sequence": 2}
+    assert shd.MeshConfig.for_strategy("fsdp", data=-1).axis_sizes(8)["data"] == 8  # -1 replaces the default's
+    with pytest.raises(shd.MeshError, match="do not divide the 6 devices"):
+        shd.MeshConfig.for_strategy("fsdp_sp", sequence=4).axis_sizes(6)
+    from rmjax.train.config import load_config
+    run = load_config(None, ["mesh.strategy=fsdp_sp", "mesh.sequence=4"])
+    mesh = shd.MeshConfig.for_strategy(run.mesh.strategy, **run.mesh.sizes())
+    assert mesh.axis_sizes(8) == {"data": 1, "fsdp": 2, "tensor": 1, "sequence": 4}
 
 
 def test_command_strategy_choices_are_the_rules_table():

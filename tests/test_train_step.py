@@ -166,7 +166,7 @@ def run_steps(ckpt, strategy, mode, n_steps=3, single=False):
 def test_strategies_give_single_device_losses(tiny, mode):
     ref, _, _ = run_steps(tiny, "dp", mode, single=True)
     assert ref[-1] < ref[0]
-    for strategy in ("dp", "fsdp", "tp", "fsdp_tp"):
+    for strategy in ("dp", "fsdp", "tp", "fsdp_tp", "fsdp_sp"):
         losses, state, _ = run_steps(tiny, strategy, mode)
         np.testing.assert_allclose(losses, ref, atol=1e-4, err_msg=strategy)
         if strategy == "fsdp" and mode == "full":  # optimizer state sharded like the params

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from rmjax.models.config import ATTENTION_BACKENDS
+from rmjax.sharding import RULES
 
-# "none" (one device) and every rule set in rmjax/sharding.py's RULES (kept equal by a test)
-STRATEGY_CHOICES = ("none", "dp", "fsdp", "tp", "fsdp_tp")
+# "none" (one device) and every rule set in rmjax/sharding.py's RULES
+STRATEGY_CHOICES = ("none", *RULES)
 
 
 def add_strategy_argument(p: argparse.ArgumentParser, what: str) -> None:

@@ -33,6 +33,13 @@ Backends (``spec.backend``):
     splash     the Pallas splash attention kernel (TPU) with segment ids: causal, packed segments,
                optional window and soft-cap; no branches, no cached prefix.
     auto       cudnn on GPU and splash on TPU where their constraints hold, blockwise otherwise.
+
+Context parallelism: when the current sharding rules split the logical ``length`` over a mesh axis
+(strategy ``fsdp_sp``), causal self-attention runs as a ring (``ring_attention``): each device keeps
+its queries, the key/value chunks travel around the ring (``ppermute``) and the blockwise kernel's
+pieces are merged by their logsumexp; the backward pass sends each chunk's dk/dv around with it.
+Chunks are laid out zig-zag (device d holds pieces d and 2n-1-d of 2n), so that every device has
+the same share of the causal triangle. ``naive`` stays the single-program reference (XLA gathers).
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax import sharding as shd
 from rmjax.errors import ConfigError
 from rmjax.models.config import ATTENTION_BACKENDS as BACKENDS
 
@@ -80,6 +88,9 @@ def attend(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, win
     ``static_window`` is the model's window when ``window`` is traced (it is either 0 or this value);
     backends whose kernels need a static window (cudnn, splash) compile both and pick per layer."""
     backend = resolve_backend(spec, q, k, q_tokens)
+    split = shd.length_split() if backend != "naive" else None
+    if split is not None and spec.causal and k.shape[:2] == q.shape[:2]:
+        return ring_attention(q, k, v, q_tokens, spec, window, split)
     if backend in ("naive", "blockwise"):
         return attend_with_lse(q, k, v, q_tokens, k_tokens, spec, window)[0]
     fn = _cudnn if backend == "cudnn" else _splash
@@ -90,14 +101,18 @@ def attend(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, win
                         lambda: fn(q, k, v, q_tokens, k_tokens, spec, None))
 
 
-def attend_with_lse(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0):
-    """(out, lse) from the naive or blockwise path (``auto`` = blockwise): what ``merge`` needs."""
+def attend_with_lse(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0, *,
+                    q_index=None, k_index=None):
+    """(out, lse) from the naive or blockwise path (``auto`` = blockwise): what ``merge`` needs.
+
+    ``q_index`` [T] / ``k_index`` [S] place the tokens in one sequence for the causal rule (default
+    0, 1, ...): pieces of a longer sequence (ring attention's chunks) keep their global order."""
     if spec.backend == "naive":
-        return naive_attention(q, k, v, q_tokens, k_tokens, spec, window)
+        return naive_attention(q, k, v, q_tokens, k_tokens, spec, window, q_index=q_index, k_index=k_index)
     if spec.backend in ("cudnn", "splash"):
         raise ConfigError(f"attention backend {spec.backend!r} cannot attend over a cached prefix; "
                           "use attention='auto' or 'blockwise' for KV-cache scoring")
-    return blockwise_attention(q, k, v, q_tokens, k_tokens, spec, window)
+    return blockwise_attention(q, k, v, q_tokens, k_tokens, spec, window, q_index=q_index, k_index=k_index)
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -178,7 +193,8 @@ def _softcap(s, cap):
     return s if not cap else cap * jnp.tanh(s / cap)
 
 
-def naive_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0):
+def naive_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0, *,
+                    q_index=None, k_index=None):
     """The reference: every score materialised, fully masked rows give zeros."""
     b, t = q.shape[:2]
     kt = _broadcast_tokens(k_tokens, b)
@@ -187,7 +203,7 @@ def naive_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: Attention
     s = jnp.einsum("bqhgd,shd->bhgqs" if shared else "bqhgd,bshd->bhgqs", q * jnp.asarray(spec.scale, q.dtype),
                    ks, preferred_element_type=jnp.float32)
     s = _softcap(s, spec.softcap)
-    mask = _visible(q_tokens, kt, jnp.arange(t), jnp.arange(k.shape[1]), spec.causal, window)[:, None, None]
+    mask = _visible(q_tokens, kt, _index(q_index, t), _index(k_index, k.shape[1]), spec.causal, window)[:, None, None]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -197,6 +213,10 @@ def naive_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: Attention
                      (p / jnp.where(l > 0, l, 1.0)[..., None]).astype(v.dtype), vs)
     lse = jnp.where(l > 0, m[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), EMPTY_LSE)
     return out.astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2))
+
+
+def _index(index, n: int) -> jax.Array:
+    return jnp.arange(n, dtype=jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
 
 
 def _broadcast_tokens(t: Tokens, b: int) -> Tokens:
@@ -223,12 +243,13 @@ def _pad_to(x, n, axis, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _split_meta(t: Tokens, n: int, blk: int) -> _Meta:
+def _split_meta(t: Tokens, n: int, blk: int, index=None) -> _Meta:
     def split(x):
         x = _pad_to(x.astype(jnp.int32), n * blk, 1)
         return jnp.moveaxis(x.reshape(x.shape[0], n, blk), 1, 0)
 
-    index = jnp.arange(n * blk, dtype=jnp.int32).reshape(n, blk)
+    size = t.segment.shape[1]
+    index = _pad_to(_index(index, size), n * blk, 0).reshape(n, blk)
     return _Meta(split(t.segment), split(t.position), None if t.branch is None else split(t.branch), index)
 
 
@@ -290,25 +311,73 @@ def _block_mask(qm: _Meta, i, km: _Meta, j, causal: bool, window):
     return _visible(qt, _broadcast_tokens(kt, qt.segment.shape[0]), qm.index[i], km.index[j], causal, window)
 
 
-def blockwise_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0):
+def blockwise_attention(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window=0, *,
+                        q_index=None, k_index=None):
     """Flash attention in pure JAX (see the module docstring); same contract as ``naive_attention``."""
+    p = _prepare(q, k, v, q_tokens, k_tokens, spec, window, q_index, k_index)
+    ob, lse = _flash(p.qb, p.kb, p.vb, p.qm, p.km, p.vis, p.window, p.lay, spec.scale, spec.causal, spec.softcap)
+    return p.unblock_q(ob), p.unblock_q(lse[..., None])[..., 0]
+
+
+def blockwise_gradients(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window, out, lse,
+                        d_out, d_lse=None, *, q_index=None, k_index=None):
+    """(dq, dk, dv) of the keys k/v's share of an attention whose *total* output and logsumexp over a
+    larger key set are ``out`` / ``lse``: the flash backward of one key set, so the gradients of an
+    attention split over disjoint key sets (ring attention) are the sums over the sets."""
+    p = _prepare(q, k, v, q_tokens, k_tokens, spec, window, q_index, k_index)
+    d_lse = jnp.zeros(lse.shape, jnp.float32) if d_lse is None else d_lse
+    res = (p.qb, p.kb, p.vb, p.qm, p.km, p.vis, p.window, p.block_q(out.astype(q.dtype)),
+           p.block_q(lse[..., None].astype(jnp.float32))[..., 0])
+    cot = (p.block_q(d_out.astype(q.dtype)), p.block_q(d_lse[..., None].astype(jnp.float32))[..., 0])
+    dq, dk, dv = _flash_bwd(p.lay, spec.scale, spec.causal, spec.softcap, res, cot)[:3]
+    return p.unblock_q(dq), p.unblock_kv(dk, k.shape), p.unblock_kv(dv, v.shape)
+
+
+class _Prepared(NamedTuple):
+    qb: jax.Array
+    kb: jax.Array
+    vb: jax.Array
+    qm: _Meta
+    km: _Meta
+    vis: tuple
+    window: jax.Array
+    lay: "_Layout"
+    nq: int
+    bq: int
+    nk: int
+    bk: int
+    t: int
+
+    def block_q(self, x):
+        """[B, T, Hkv, G, D] -> [nq, *Z, M, D] (the layout of ``_Layout``)."""
+        b, _, hkv, g, d = x.shape
+        x = _pad_to(x, self.nq * self.bq, 1).reshape(b, self.nq, self.bq, hkv, g, d)
+        return jnp.transpose(x, self.lay.q_perm).reshape(self.nq, *self.lay.z, self.lay.m(self.bq), d)
+
+    def unblock_q(self, xb):
+        lay, d = self.lay, xb.shape[-1]
+        back = tuple(int(i) for i in np.argsort(lay.q_perm))
+        x = jnp.transpose(xb.reshape(self.nq, *lay.grid, self.bq, d), back)
+        return x.reshape(lay.b, self.nq * self.bq, lay.h, lay.g, d)[:, :self.t]
+
+    def unblock_kv(self, xb, shape):
+        bk_rows, s, hkv, d = shape
+        x = jnp.transpose(xb.reshape(self.nk, bk_rows, hkv, self.bk, d), (1, 0, 3, 2, 4))
+        return x.reshape(bk_rows, self.nk * self.bk, hkv, d)[:, :s]
+
+
+def _prepare(q, k, v, q_tokens, k_tokens, spec, window, q_index, k_index) -> _Prepared:
     b, t, hkv, g, d = q.shape
     s = k.shape[1]
     nq, bq = _blocking(t, spec.block_q)
     nk, bk = _blocking(s, spec.block_k)
-    qm, km = _split_meta(q_tokens, nq, bq), _split_meta(k_tokens, nk, bk)
+    qm, km = _split_meta(q_tokens, nq, bq, q_index), _split_meta(k_tokens, nk, bk, k_index)
     vis = block_visibility(qm, km, spec.causal, window)
     lay = _Layout(shared=k.shape[0] != b, b=b, h=hkv, g=g)
-    qb = jnp.transpose(_pad_to(q, nq * bq, 1).reshape(b, nq, bq, hkv, g, d), lay.q_perm).reshape(
-        nq, *lay.z, lay.m(bq), d)
     kv_b = lambda x: jnp.transpose(  # noqa: E731
         _pad_to(x, nk * bk, 1).reshape(x.shape[0], nk, bk, hkv, d), (1, 0, 3, 2, 4)).reshape(nk, *lay.z, bk, d)
-    w = jnp.asarray(window, jnp.int32)
-    ob, lse = _flash(qb, kv_b(k), kv_b(v), qm, km, vis, w, lay, spec.scale, spec.causal, spec.softcap)
-    back = tuple(int(i) for i in np.argsort(lay.q_perm))
-    out = jnp.transpose(ob.reshape(nq, *lay.grid, bq, d), back).reshape(b, nq * bq, hkv, g, d)[:, :t]
-    lse = jnp.transpose(lse.reshape(nq, *lay.grid, bq), back[:-1]).reshape(b, nq * bq, hkv, g)[:, :t]
-    return out, lse
+    p = _Prepared(None, kv_b(k), kv_b(v), qm, km, vis, jnp.asarray(window, jnp.int32), lay, nq, bq, nk, bk, t)
+    return p._replace(qb=p.block_q(q))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,6 +522,115 @@ def _flash_bwd(lay, scale, causal, softcap, res, cotangents):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- ring attention
+def ring_attention(q, k, v, tokens: Tokens, spec: AttentionSpec, window, split: "shd.LengthSplit"):
+    """Causal self-attention with the length split over ``split.size`` devices (see the module
+    docstring). Same result as ``attend`` on the whole sequence; O(T / n) memory per device."""
+    n, t = split.size, q.shape[1]
+    if t % (2 * n):
+        raise ConfigError(f"context parallelism over {n} devices needs sequence lengths that are multiples of "
+                          f"{2 * n} (two pieces per device), got {t}: pad rows to a multiple (max_length, "
+                          "pack_length or the batch buckets) or use fewer sequence devices")
+    q_spec = split.spec(("batch", "length", "kv_heads", None, None), q.shape)
+    kv_spec = split.spec(("batch", "length", "kv_heads", None), k.shape)
+    kv_spec = shd.P(q_spec[0], kv_spec[1], q_spec[2], None)  # rows and heads split as the queries'
+    tok_spec = shd.P(q_spec[0], kv_spec[1])
+    branch = tokens.branch
+    fields = (tokens.segment, tokens.position) + (() if branch is None else (branch,))
+
+    def local(q, k, v, window, *fields):
+        zig = functools.partial(_to_zigzag, axis=split.axis, n=n)
+        tok = Tokens(*(zig(f) for f in fields), *(() if branch is not None else (None,)))
+        out = _ring(zig(q), zig(k), zig(v), tok, window, spec, split.axis, n)
+        return _from_zigzag(out, axis=split.axis, n=n)
+
+    run = jax.shard_map(local, mesh=None, in_specs=(q_spec, kv_spec, kv_spec, shd.P()) + (tok_spec,) * len(fields),
+                        out_specs=q_spec, check_vma=False)
+    return run(q, k, v, jnp.asarray(window, jnp.int32), *(f.astype(jnp.int32) for f in fields))
+
+
+def _zigzag_owner(piece: int, n: int) -> int:
+    return piece if piece < n else 2 * n - 1 - piece
+
+
+def _to_zigzag(x, axis, n):
+    """Device i's contiguous pieces (2i, 2i+1) of 2n -> device d's zig-zag pieces (d, 2n-1-d)."""
+    c = x.shape[1] // 2
+    even = jax.lax.ppermute(x[:, :c], axis, [(i, _zigzag_owner(2 * i, n)) for i in range(n)])
+    odd = jax.lax.ppermute(x[:, c:], axis, [(i, _zigzag_owner(2 * i + 1, n)) for i in range(n)])
+    first_even = jax.lax.axis_index(axis) % 2 == 0  # piece d is even iff d is
+    return jnp.where(first_even, jnp.concatenate([even, odd], 1), jnp.concatenate([odd, even], 1))
+
+
+def _from_zigzag(y, axis, n):
+    """The inverse of ``_to_zigzag``."""
+    c = y.shape[1] // 2
+    first_even = jax.lax.axis_index(axis) % 2 == 0
+    even = jnp.where(first_even, y[:, :c], y[:, c:])
+    odd = jnp.where(first_even, y[:, c:], y[:, :c])
+    even_of = lambda d: d if d % 2 == 0 else 2 * n - 1 - d  # noqa: E731
+    even = jax.lax.ppermute(even, axis, [(d, even_of(d) // 2) for d in range(n)])
+    odd = jax.lax.ppermute(odd, axis, [(d, (2 * n - 1 - even_of(d)) // 2) for d in range(n)])
+    return jnp.concatenate([even, odd], 1)
+
+
+def _piece_index(d, n: int, c: int):
+    """Global token index of device d's zig-zag pieces d and 2n-1-d (c tokens each)."""
+    r = jnp.arange(c, dtype=jnp.int32)
+    return jnp.concatenate([d * c + r, (2 * n - 1 - d) * c + r])
+
+
+def _ring_shift(tree, axis, n):
+    return jax.lax.ppermute(tree, axis, [(i, (i + 1) % n) for i in range(n)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _ring(q, k, v, tokens, window, spec, axis, n):
+    return _ring_fwd(q, k, v, tokens, window, spec, axis, n)[0]
+
+
+def _ring_fwd(q, k, v, tokens, window, spec, axis, n):
+    me, c = jax.lax.axis_index(axis), q.shape[1] // 2
+    q_index = _piece_index(me, n, c)
+    part = lambda kc, vc, kt, src: blockwise_attention(  # noqa: E731
+        q, kc, vc, tokens, kt, spec, window, q_index=q_index, k_index=_piece_index(src, n, c))
+    out, lse = part(k, v, tokens, me)
+    out = out.astype(jnp.float32)
+
+    def step(s, carry):  # after s shifts this device holds the chunk of device me - s
+        out, lse, kv = carry
+        kv = _ring_shift(kv, axis, n)
+        o, l = part(*kv, (me - s) % n)
+        out, lse = merge(out, lse, o, l)
+        return out, lse, kv
+
+    out, lse, _ = jax.lax.fori_loop(1, n, step, (out, lse, (k, v, tokens)))
+    return out.astype(q.dtype), (q, k, v, tokens, window, out, lse)
+
+
+def _ring_bwd(spec, axis, n, res, d_out):
+    q, k, v, tokens, window, out, lse = res
+    me, c = jax.lax.axis_index(axis), q.shape[1] // 2
+    q_index = _piece_index(me, n, c)
+    f32 = lambda *xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
+    part = lambda kc, vc, kt, src: f32(*blockwise_gradients(  # noqa: E731
+        q, kc, vc, tokens, kt, spec, window, out, lse, d_out, q_index=q_index, k_index=_piece_index(src, n, c)))
+    dq, dk, dv = part(k, v, tokens, me)
+
+    def step(s, carry):  # each chunk's dk/dv travel with it and arrive home after n shifts
+        dq, kv, dkv = carry
+        kv, dkv = _ring_shift((kv, dkv), axis, n)
+        a, b, d = part(*kv, (me - s) % n)
+        return dq + a, kv, (dkv[0] + b, dkv[1] + d)
+
+    dq, _, (dk, dv) = jax.lax.fori_loop(1, n, step, (dq, (k, v, tokens), (dk, dv)))
+    dk, dv = _ring_shift((dk, dv), axis, n)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 # ----------------------------------------------------------------------------- accelerator kernels

@@ -17,6 +17,7 @@ import yaml
 
 from rmjax.errors import ConfigError
 from rmjax.models.config import ATTENTION_BACKENDS
+from rmjax.sharding import RULES
 
 
 @dataclasses.dataclass
@@ -108,10 +109,17 @@ class TrainSection:
 
 @dataclasses.dataclass
 class MeshSection:
+    """Mesh axis sizes: 0 = the strategy's default shape (``sharding.DEFAULT_MESH_SHAPES``, e.g.
+    fsdp_tp: tensor 2, fsdp_sp: sequence 2, the rest fsdp), -1 = every device left over."""
+
     strategy: str = "fsdp"
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = 0
+    fsdp: int = 0
+    tensor: int = 0
+    sequence: int = 0
+
+    def sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "sequence") if getattr(self, a)}
 
 
 @dataclasses.dataclass
@@ -140,7 +148,7 @@ _CHOICES = {
     "loss.kind": ("bt", "mse", "ce", "dpo", "nll"),
     "loss.judge_normalize": ("labels", "vocab"),
     "train.trainable": ("head", "last_k", "lora", "full"),
-    "mesh.strategy": ("dp", "fsdp", "tp", "fsdp_tp"),
+    "mesh.strategy": tuple(RULES),
 }
 
 

@@ -175,8 +175,7 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     distributed.maybe_initialize()
     run_dir = check_run_dir(run, overwrite)
     log = (lambda m: print(m, file=sys.stderr)) if distributed.is_main_process() else (lambda m: None)
-    mesh = shd.make_mesh(shd.MeshConfig(strategy=run.mesh.strategy, data=run.mesh.data, fsdp=run.mesh.fsdp,
-                                        tensor=run.mesh.tensor))
+    mesh = shd.make_mesh(shd.MeshConfig.for_strategy(run.mesh.strategy, **run.mesh.sizes()))
     loaded = load_model(run.model.name, mesh=mesh, strategy=run.mesh.strategy, **run.model.load_options())
     config, tok = loaded.config, loaded.tokenizer
     entry = theads.entry(run)
