@@ -152,3 +152,20 @@ def test_decoder_loss_and_gradients_with_the_length_split(case):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_sp), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_training_memory_per_device_falls_with_the_ring_size():
+    """XLA's accounting of the compiled forward + backward per device: with the length split over n
+    devices the scratch memory grows linearly in T and falls with n (no device holds whole K/V)."""
+    def temp_bytes(n, t):
+        q = jax.ShapeDtypeStruct((1, t, 2, 2, 32), jnp.float32)
+        kv = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
+        tok = _padded([t], t, "right")
+        spec = dataclasses.replace(SPEC, block_q=128, block_k=128)
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn.attend(q, k, v, tok, tok, spec)), argnums=(0, 1, 2)))
+        with shd.activate(_mesh(n), "fsdp_sp"):
+            return grad.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+    two, eight = temp_bytes(2, 2048), temp_bytes(8, 2048)
+    assert eight < 0.5 * two
+    assert temp_bytes(8, 4096) < 2.2 * eight
