@@ -104,3 +104,59 @@ def test_a_job_that_cannot_form_is_a_clear_error(tmp_path):
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"could not join the job at RMJAX_COORDINATOR=127.0.0.1:{port} within 3s" in out.stderr
+
+
+def _pairs(path, n):
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Question {i}: {'why ' * (i % 7)}?",
+                                        "chosen": f"Because {i}.", "rejected": "No" + "!" * (i % 5)}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.mark.slow
+def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
+    """(1) --mesh-scope global: one 8-device mesh over both processes, every shard scored by both
+    (each process feeding its own devices' rows), rows written once by process 0 = one process.
+    (2) kill -9 of one process mid-run, then every process killed and the job restarted: the run
+    completes with every row once and the values of an uninterrupted run."""
+    import signal
+    import time
+
+    import pandas as pd
+
+    data = _pairs(tmp_path / "pairs.jsonl", 40)
+    argv = ["score", "--policy", str(model_dir), "--reference", "", "--sample", "0", "--data", str(data),
+            "--shard-size", "2", "--strategy", "fsdp", "--no-progress"]
+
+    def run(name, n, *extra):
+        logs = tmp_path / f"{name}_logs"
+        logs.mkdir(exist_ok=True)
+        codes = processes.run([*argv, "--out", str(tmp_path / name), *extra], n=n, devices=8 // n, timeout=300,
+                              logs=logs)
+        assert codes == [0] * n, processes.tails(logs, n)
+        return pd.read_parquet(tmp_path / name / "scores.parquet")
+
+    ref = run("one", 1)
+    numeric = [c for c in ref.columns if ref[c].dtype.kind == "f"]
+    together = run("global", 2, "--mesh-scope", "global")
+    assert "mesh fsdp=8 (fsdp) over every process's devices" in (tmp_path / "global_logs" / "process1.log").read_text()
+    assert together["id"].tolist() == ref["id"].tolist() == [f"p{i}" for i in range(40)]
+    np.testing.assert_allclose(together[numeric].to_numpy(), ref[numeric].to_numpy(), rtol=1e-5, atol=1e-5)
+
+    out, logs = tmp_path / "killed", tmp_path / "killed_logs"
+    logs.mkdir()
+    procs = processes.start([*argv, "--out", str(out)], n=2, devices=4, logs=logs)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list((out / "parts").glob("*.parquet"))) < 2:
+            assert all(p.poll() is None for p in procs), processes.tails(logs, 2)
+            time.sleep(0.05)
+        assert procs[1].poll() is None, "finished before it could be killed; the test needs more shards"
+        os.kill(procs[1].pid, signal.SIGKILL)
+    finally:
+        processes.stop(procs)  # the survivor cannot finish without its peer: the job is restarted whole
+    done_before = len(list((out / "parts").glob("*.parquet")))
+    assert done_before < 20
+    resumed = run("killed", 2)
+    assert resumed["id"].tolist() == [f"p{i}" for i in range(40)]  # nothing lost, nothing twice
+    np.testing.assert_allclose(resumed[numeric].to_numpy(), ref[numeric].to_numpy(), rtol=1e-5, atol=1e-5)

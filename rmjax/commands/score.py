@@ -73,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=32, help="examples per output part (unit of resumption)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     add_strategy_argument(p, "both models")
+    p.add_argument("--mesh-scope", choices=["process", "global"], default="process",
+                   help="with several processes: 'process' (default; models that fit one host) gives each "
+                        "process its own shards and a mesh of its own devices; 'global' builds one mesh over "
+                        "every process's devices (models sharded across hosts) and scores each shard together")
     p.add_argument("--token-logprobs", action="store_true", help="also store per-token log-probs (tokens.zarr)")
     p.add_argument("--out", default="runs/score", help="output directory")
     p.add_argument("--overwrite", action="store_true")
@@ -198,10 +202,17 @@ def run_score(args) -> int:
         print(json.dumps(writer.metadata.get("summary", {}), indent=2))
         return 0
     mesh = None
+    together = args.mesh_scope == "global" and jax.process_count() > 1
+    if together and args.strategy == "none":
+        raise RmjaxError("--mesh-scope global shards the models over every process's devices: give a --strategy "
+                         "(e.g. fsdp)")
     if args.strategy != "none":
-        # several processes: each one scores its own shards with the models on its own devices
+        # several processes: each one scores its own shards with the models on its own devices, or
+        # (--mesh-scope global) all score every shard on one mesh over all of them
         from rmjax import sharding as shd
-        mesh = shd.make_mesh(args.strategy, devices=distributed.own_devices())
+        mesh = shd.make_mesh(args.strategy, devices=None if together else distributed.own_devices())
+        bulk.log(f"mesh {shd.describe(mesh)} ({args.strategy}) over "
+                 f"{'every process' if together else 'this process'}'s devices")
     slots = [bulk.ModelSlot(role, load_model(name, dtype=args.dtype, mesh=mesh,
                                              strategy=args.strategy if mesh else "dp", **attention_options(args)))
              for role, name in roles if name]
@@ -214,13 +225,14 @@ def run_score(args) -> int:
     bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in slots)}; "
              f"{'one fused jit for policy+reference' if scorer.fused else 'per-model passes'}")
     pending = writer.pending_shards()
-    mine = [k for k in pending if k % jax.process_count() == jax.process_index()]
+    mine = pending if together else [k for k in pending if k % jax.process_count() == jax.process_index()]
     done = len(records) - sum(len(writer.shard_range(k)) for k in pending)
     bar = tqdm(total=len(records), initial=done, unit="ex", desc="score", file=sys.stderr,
                disable=args.no_progress or not distributed.is_main_process())
     t0, tokens = time.perf_counter(), 0
     for k, (rows, dropped, token_streams) in zip(mine, _prefetched_shards(scorer, records, writer, mine)):
-        writer.write_shard(k, rows, skipped=dropped, token_logprobs=token_streams if s.token_logprobs else None)
+        if not together or distributed.is_main_process():  # one global mesh: every process has all rows
+            writer.write_shard(k, rows, skipped=dropped, token_logprobs=token_streams if s.token_logprobs else None)
         bar.update(len(writer.shard_range(k)))
         tokens = scorer.real_tokens
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")

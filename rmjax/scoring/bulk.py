@@ -163,12 +163,27 @@ class Scorer:
         self.padded_tokens = 0
         self.naive_tokens = 0
 
+    @property
+    def spans_processes(self) -> bool:
+        """One mesh over several processes' devices: every process runs each batch, each feeding its
+        own devices' rows, and every process receives the whole result."""
+        return self.mesh is not None and any(d.process_index != jax.process_index() for d in self.mesh.devices.flat)
+
     def _place(self, batch: dict[str, np.ndarray]) -> dict:
         """Rows split over the mesh's data-parallel axes where they divide (else replicated)."""
         if self.mesh is None:
             return batch
         from rmjax import sharding as shd
+        if self.spans_processes:  # each process places the rows of its own devices
+            return {k: jax.make_array_from_callback(v.shape, shd.batch_sharding(self.mesh, v.shape),
+                                                    lambda index, v=v: v[index]) for k, v in batch.items()}
         return {k: jax.device_put(v, shd.batch_sharding(self.mesh, v.shape)) for k, v in batch.items()}
+
+    def _fetch(self, stats):
+        if self.spans_processes:
+            from jax.experimental import multihost_utils
+            return multihost_utils.process_allgather(stats, tiled=True)
+        return jax.device_get(stats)
 
     def _run(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
         if self.mesh is None:
@@ -198,7 +213,7 @@ class Scorer:
                 self.padded_tokens += pb.padded_tokens
                 self.naive_tokens += sum(encoded[k].unshared_tokens for k in {q[0] for q in pb.sequences if q})
                 for role, stats in self._call(name, slot, pb.arrays):
-                    for key, per_example in packing.unpack(pb, jax.device_get(stats)).items():
+                    for key, per_example in packing.unpack(pb, self._fetch(stats)).items():
                         out.setdefault(key, {})[role] = per_example
             return
         for ids in batches(encoded, s.batch_size, s.buckets):
@@ -210,7 +225,7 @@ class Scorer:
             self.naive_tokens += sum(e.unshared_tokens for e in exs)
             r = len(exs[0].responses)
             for role, stats in self._call(name, slot, batch):
-                stats = jax.device_get(stats)
+                stats = self._fetch(stats)
                 for g, i in enumerate(ids):
                     rows = slice(g * r, (g + 1) * r)
                     out.setdefault(i, {})[role] = {k: np.asarray(v)[rows] for k, v in stats.items()}
