@@ -22,11 +22,11 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def train(model_dir, run_dir, strategy, n):
+def train(model_dir, run_dir, strategy, n, *extra):
     logs = run_dir.parent / f"{run_dir.name}_logs"
-    logs.mkdir(parents=True)
+    logs.mkdir(parents=True, exist_ok=True)
     argv = ["train", "--no-progress", f"model.name={model_dir}", f"run_dir={run_dir}", f"mesh.strategy={strategy}",
-            *OVERRIDES]
+            *OVERRIDES, *extra]
     codes = processes.run(argv, n=n, devices=8 // n, timeout=400, logs=logs)
     assert codes == [0] * n, processes.tails(logs, n)
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -52,6 +52,53 @@ def test_two_processes_train_as_one(model_dir, tmp_path, strategy):
     for k in wa:
         np.testing.assert_allclose(wb[k], wa[k], atol=1e-5, err_msg=k)
     assert json.loads((tmp_path / "two" / "result.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RMJAX_TEST_MULTIPROCESS_TRAIN"),
+                    reason="about 150 s on 2 cores; set RMJAX_TEST_MULTIPROCESS_TRAIN=1 to run it")
+def test_two_process_training_killed_resumes_in_two_or_one_process(model_dir, tmp_path):
+    """kill -9 of one of two training processes after a checkpoint, then the job restarted: from the
+    orbax checkpoint the two processes wrote, two processes and (from a copy) one process each
+    finish the run with the losses and weights of an uninterrupted run, every metric line once."""
+    import shutil
+    import signal
+    import time
+
+    from safetensors.numpy import load_file
+
+    longer = ["train.steps=6", "train.eval_every=6"]
+    ref = train(model_dir, tmp_path / "ref", "fsdp", 1, *longer)
+    run_dir, logs = tmp_path / "killed", tmp_path / "killed_logs"
+    logs.mkdir()
+    argv = ["train", "--no-progress", f"model.name={model_dir}", f"run_dir={run_dir}", "mesh.strategy=fsdp",
+            *OVERRIDES, *longer]
+    procs = processes.start(argv, n=2, devices=4, logs=logs)
+    try:
+        deadline = time.time() + 300
+        saved = lambda: [p for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]  # noqa: E731
+        while time.time() < deadline and not ((run_dir / "checkpoints").exists() and saved()):
+            assert all(p.poll() is None for p in procs), processes.tails(logs, 2)
+            time.sleep(0.05)
+        assert procs[1].poll() is None, "finished before it could be killed; the test needs a longer run"
+        os.kill(procs[1].pid, signal.SIGKILL)
+    finally:
+        processes.stop(procs)
+    assert not (run_dir / "result.json").exists()
+    shutil.copytree(run_dir, tmp_path / "in_one")
+    finished = {"two": train(model_dir, run_dir, "fsdp", 2, *longer),
+                "one": train(model_dir, tmp_path / "in_one", "fsdp", 1, *longer)}
+    assert "resumed from step" in (logs / "process0.log").read_text()
+    weights = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    for name, metrics in finished.items():
+        assert [m["step"] for m in metrics if m["kind"] == "train"] == list(range(1, 7)), name
+        for a, b in zip(ref, metrics):
+            for key in ("loss", "accuracy"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], abs=1e-5), (name, a["step"], key)
+        out = load_file(str((run_dir if name == "two" else tmp_path / "in_one") / "final" / "model.safetensors"))
+        for k in weights:
+            np.testing.assert_allclose(out[k], weights[k], atol=1e-5, err_msg=f"{name}: {k}")
 
 
 @pytest.mark.slow

@@ -40,7 +40,11 @@ def check_run_dir(run: RunConfig, overwrite: bool) -> Path:
     saved = run_dir / "config.yaml"
     if saved.exists():
         import yaml
-        previous, current = yaml.safe_load(saved.read_text()), plain(run)
+        # where the run lives and the mesh it runs on may change between restarts (a copied run
+        # directory, a resumed job on another slice): neither changes what it computes
+        movable = ("run_dir", "mesh")
+        previous, current = ({k: v for k, v in c.items() if k not in movable}
+                             for c in (yaml.safe_load(saved.read_text()), plain(run)))
         if previous != current:
             if not overwrite:
                 diff = [k for k in current if previous.get(k) != current[k]]
