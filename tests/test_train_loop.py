@@ -2,6 +2,7 @@
 export loads in transformers with the same rewards; refuses a run_dir with other settings."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,10 @@ def test_run_dir_with_other_settings_is_refused(model_dir, tmp_path):
     run = load_config(None, [f"run_dir={tmp_path / 'r'}", f"model.name={model_dir}"])
     check_run_dir(run, overwrite=False)
     check_run_dir(run, overwrite=False)  # same settings: resume is fine
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "r", moved)  # a copied run directory resumed on another mesh is the same run
+    check_run_dir(load_config(None, [f"run_dir={moved}", f"model.name={model_dir}", "mesh.strategy=fsdp_sp"]),
+                  overwrite=False)
     other = load_config(None, [f"run_dir={tmp_path / 'r'}", f"model.name={model_dir}", "optim.lr=0.5"])
     with pytest.raises(ConfigError, match="different settings"):
         check_run_dir(other, overwrite=False)
