@@ -90,6 +90,35 @@ def main_first(open_fn):
     return out if is_main_process() else open_fn(False)
 
 
+_NOTE_BYTES = 2048
+
+
+def on_every_process(what: str, fn):
+    """``fn()`` on every process. An ``RmjaxError`` on any of them (a host missing the data file, a
+    bad line on one host's copy) becomes an error on all of them that names each failing process,
+    its host and its message, instead of the others waiting for a process that is gone."""
+    if jax.process_count() == 1:
+        return fn()
+    import socket
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    out, note = None, b""
+    try:
+        out = fn()
+    except RmjaxError as e:
+        note = f"{socket.gethostname()}: {e}".encode()[:_NOTE_BYTES]
+    buf = np.zeros(_NOTE_BYTES, np.uint8)
+    buf[:len(note)] = np.frombuffer(note, np.uint8)
+    notes = np.asarray(multihost_utils.process_allgather(buf))
+    failed = [(i, bytes(row).rstrip(b"\0").decode(errors="replace")) for i, row in enumerate(notes) if row.any()]
+    if failed:
+        raise RmjaxError(f"{what} failed on {len(failed)} of {jax.process_count()} processes: "
+                         + "; ".join(f"process {i} on {msg}" for i, msg in failed))
+    return out
+
+
 def own_devices() -> list | None:
     """The devices a process scores on: with several processes each one its own (it scores its own
     shards with replicated models); on one machine None (all devices)."""

@@ -29,13 +29,15 @@ def process_env(i: int, n: int, port: int, devices: int) -> dict[str, str]:
     return env
 
 
-def start(argv: list[str], n: int = 2, devices: int = 4, logs: Path | None = None) -> list[subprocess.Popen]:
-    """``rmjax ARGV`` in ``n`` processes of ``devices`` CPU devices each (one process: no coordinator)."""
+def start(argv, n: int = 2, devices: int = 4, logs: Path | None = None) -> list[subprocess.Popen]:
+    """``rmjax ARGV`` in ``n`` processes of ``devices`` CPU devices each (one process: no coordinator);
+    ``argv`` may be a function of the process id (a host whose input differs)."""
     port = free_port()
     procs = []
     for i in range(n):
         out = open(logs / f"process{i}.log", "w") if logs else subprocess.DEVNULL  # noqa: SIM115
-        procs.append(subprocess.Popen([sys.executable, "-m", "rmjax.cli", *argv], env=process_env(i, n, port, devices),
+        args = argv(i) if callable(argv) else argv
+        procs.append(subprocess.Popen([sys.executable, "-m", "rmjax.cli", *args], env=process_env(i, n, port, devices),
                                       stdout=out, stderr=subprocess.STDOUT))
     return procs
 
@@ -48,7 +50,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def run(argv: list[str], n: int = 2, devices: int = 4, timeout: float = 300, logs: Path | None = None) -> list[int]:
+def run(argv, n: int = 2, devices: int = 4, timeout: float = 300, logs: Path | None = None) -> list[int]:
     """Run to completion; the exit codes. Past ``timeout`` seconds every process is killed and the
     test fails with the tail of each log."""
     procs = start(argv, n, devices, logs)
@@ -57,7 +59,7 @@ def run(argv: list[str], n: int = 2, devices: int = 4, timeout: float = 300, log
         while time.time() < deadline and any(p.poll() is None for p in procs):
             time.sleep(0.1)
         if any(p.poll() is None for p in procs):
-            raise AssertionError(f"{n} processes of rmjax {' '.join(argv)} still running after {timeout}s"
+            raise AssertionError(f"{n} processes of rmjax {argv} still running after {timeout}s"
                                  + tails(logs, n))
         return [p.returncode for p in procs]
     finally:

@@ -136,6 +136,29 @@ def test_two_processes_score_and_cache_features_as_one(model_dir, tmp_path):
     np.testing.assert_allclose(caches[2].gate(), caches[1].gate(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_host_missing_its_data_file_stops_every_process_with_its_name(model_dir, tmp_path):
+    """Process 1's copy of the data is missing: both processes exit with an error that names the
+    process, its host and the file (process 0 does not wait for a peer that is gone)."""
+    import socket
+    import time
+
+    data = _pairs(tmp_path / "pairs.jsonl", 4)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def argv(i):
+        return ["score", "--policy", str(model_dir), "--reference", "", "--sample", "0", "--strategy", "fsdp",
+                "--data", str(data if i == 0 else tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")]
+
+    t0 = time.time()
+    assert processes.run(argv, n=2, devices=4, timeout=120, logs=logs) == [2, 2], processes.tails(logs, 2)
+    assert time.time() - t0 < 90
+    for i in (0, 1):
+        text = (logs / f"process{i}.log").read_text()
+        assert f"failed on 1 of 2 processes: process 1 on {socket.gethostname()}: " in text, text[-2000:]
+        assert "missing.jsonl: no such file" in text and "Traceback" not in text
+
+
 def test_a_job_that_cannot_form_is_a_clear_error(tmp_path):
     """A bad process id fails at once; a process whose coordinator never answers gives up after
     RMJAX_INIT_TIMEOUT with the address in the message (and its process is gone)."""

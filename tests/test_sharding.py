@@ -112,3 +112,11 @@ def test_mesh_axis_names_appear_only_in_the_rules_module():
                     if isinstance(leaf, ast.Constant) and leaf.value in MESH_AXES:
                         found.append(f"{path.relative_to(package.parent)}:{leaf.lineno} {name}(... {leaf.value!r} ...)")
     assert not found, "literal mesh-axis names outside rmjax/sharding.py:\n" + "\n".join(found)
+
+
+def test_a_mesh_that_does_not_fit_the_job_is_a_clear_error(tmp_path, capsys):
+    from rmjax.cli import main
+
+    assert main(["train", "--no-progress", f"run_dir={tmp_path / 'r'}", "mesh.strategy=fsdp_tp", "mesh.tensor=3"]) == 2
+    err = capsys.readouterr().err
+    assert "the fixed axis sizes (product 3) do not divide the 8 devices of this job" in err, err

@@ -55,8 +55,8 @@ def run_features(args) -> int:
 
     distributed.maybe_initialize()
     report = RecordReport()
-    records = sample_records(read_records(args.data, on_error=args.on_error, report=report, split=args.split),
-                             args.sample, args.seed)
+    records = distributed.on_every_process(f"reading {args.data}", lambda: sample_records(
+        read_records(args.data, on_error=args.on_error, report=report, split=args.split), args.sample, args.seed))
     print(f"data: {report.summary()}; caching {len(records)} examples", file=sys.stderr)
     if not records:
         raise RmjaxError(f"{args.data}: no records to cache")

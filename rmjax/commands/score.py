@@ -170,8 +170,8 @@ def run_score(args) -> int:
     distributed.maybe_initialize()
     resolve_score_inputs(args)
     report = RecordReport()
-    records = sample_records(read_records(args.data, on_error=args.on_error, report=report, split=args.split),
-                      args.sample, args.seed)
+    records = distributed.on_every_process(f"reading {args.data}", lambda: sample_records(
+        read_records(args.data, on_error=args.on_error, report=report, split=args.split), args.sample, args.seed))
     bulk.log(f"data: {report.summary()}; scoring {len(records)} examples")
     if not records:
         raise RmjaxError(f"{args.data}: no records to score")

@@ -183,7 +183,8 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     loaded = load_model(run.model.name, mesh=mesh, strategy=run.mesh.strategy, **run.model.load_options())
     config, tok = loaded.config, loaded.tokenizer
     entry = theads.entry(run)
-    train_set, eval_set = texamples.load_sets(run, tok, entry.trees, log)
+    train_set, eval_set = distributed.on_every_process(
+        "reading the training data", lambda: texamples.load_sets(run, tok, entry.trees, log))
     log(f"data ({entry.trees}): train {train_set.summary()}; eval {eval_set.summary()}")
     steps = tbatches.planned_steps(run.train, len(train_set.examples))
     if steps != run.train.steps:  # train.epochs: the training length follows the data quantity
