@@ -67,6 +67,13 @@ def maybe_initialize() -> bool:
                              f"{timeout}s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                              f"check that process 0 runs on that host and port, that every process has the same "
                              f"RMJAX_NUM_PROCESSES, and that the port is reachable") from None
+
+        def same_count():
+            if jax.process_count() != n:
+                raise RmjaxError(f"RMJAX_NUM_PROCESSES={n} here, but the job that process 0 started has "
+                                 f"{jax.process_count()} processes: give every process the same RMJAX_NUM_PROCESSES")
+
+        on_every_process("starting the job", same_count)
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts or any(os.environ.get(k) for k in _CLUSTER_HINTS[1:]):

@@ -34,8 +34,8 @@ def train(model_dir, run_dir, strategy, n, *extra):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("RMJAX_TEST_MULTIPROCESS_TRAIN"),
-                    reason="about 100 s on 2 cores; set RMJAX_TEST_MULTIPROCESS_TRAIN=1 to run it")
-@pytest.mark.parametrize("strategy", ["fsdp_tp"])  # the batch and the params both span processes
+                    reason="about 100 s per strategy on 2 cores; set RMJAX_TEST_MULTIPROCESS_TRAIN=1 to run it")
+@pytest.mark.parametrize("strategy", ["dp", "fsdp", "fsdp_tp"])  # fsdp_tp: batch and params both span processes
 def test_two_processes_train_as_one(model_dir, tmp_path, strategy):
     from safetensors.numpy import load_file
 
@@ -157,6 +157,32 @@ def test_a_host_missing_its_data_file_stops_every_process_with_its_name(model_di
         text = (logs / f"process{i}.log").read_text()
         assert f"failed on 1 of 2 processes: process 1 on {socket.gethostname()}: " in text, text[-2000:]
         assert "missing.jsonl: no such file" in text and "Traceback" not in text
+
+
+def test_processes_that_disagree_on_the_process_count_stop(model_dir, tmp_path):
+    """Process 1 says there are 3 processes, the coordinator (process 0) 2: both stop with an error
+    naming the mismatch (the runtime alone would run the job with 2)."""
+    import subprocess
+    import sys
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    port = processes.free_port()
+    argv = [sys.executable, "-m", "rmjax.cli", "score", "--policy", str(model_dir), "--data", "x.jsonl"]
+    procs = []
+    try:
+        for i, n in ((0, 2), (1, 3)):
+            env = dict(processes.process_env(i, 2, port, 4), RMJAX_NUM_PROCESSES=str(n))
+            procs.append(subprocess.Popen(argv, env=env, stdout=open(logs / f"process{i}.log", "w"),  # noqa: SIM115
+                                          stderr=subprocess.STDOUT))
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        processes.stop(procs)
+    assert codes == [2, 2], processes.tails(logs, 2)
+    for i in (0, 1):
+        assert ("failed on 1 of 2 processes: process 1 on" in (logs / f"process{i}.log").read_text()
+                and "RMJAX_NUM_PROCESSES=3 here, but the job that process 0 started has 2 processes"
+                in (logs / f"process{i}.log").read_text()), processes.tails(logs, 2)
 
 
 def test_a_job_that_cannot_form_is_a_clear_error(tmp_path):
