@@ -33,6 +33,8 @@ COMBOS = {
     "armorm+bt": ["head.kind=armorm", "loss.kind=bt", "train.trainable=head", "head.gate_hidden=16",
                   "head.gate_layers=1"],
     "judge+ce": ["head.kind=judge", "loss.kind=ce", "train.trainable=lora", "loss.label_smoothing=0.1"],
+    "judge+ce/vocab": ["head.kind=judge", "loss.kind=ce", "train.trainable=lora", "loss.label_smoothing=0.1",
+                       "loss.judge_normalize=vocab"],
     "lm+dpo": ["head.kind=lm", "loss.kind=dpo", "train.trainable=lora", "loss.beta=0.5"],
     "lm+nll": ["head.kind=lm", "loss.kind=nll", "train.trainable=lora"],
 }
@@ -109,7 +111,10 @@ def naive(name, tiny, ex, full, run, statics):
     logits = np.asarray(unembed(p, c, jnp.asarray(h)))
     lp = jax.nn.log_softmax(logits, axis=-1)
     ids = list(statics["label_ids"])
-    return {"log_probs": np.asarray(lp[:, ids]), "logits": logits[:, ids]}
+    out = {"logits": logits[:, ids]}
+    if run.loss.judge_normalize == "vocab":
+        out["log_probs"] = np.asarray(lp[:, ids])
+    return out
 
 
 def naive_loss(name, per_example, exs, run):
@@ -117,8 +122,11 @@ def naive_loss(name, per_example, exs, run):
         pred = np.concatenate([o["rewards"] for o in per_example])
         target = np.array([[np.nan if v is None else v for v in e.targets] for e in exs])
         return losses.masked_mse(pred, target)
-    if name == "judge+ce":  # GRAM: softmax over the two verdict tokens, torch-style smoothing (1 - eps/2, eps/2)
+    if name.startswith("judge+ce"):  # GRAM: softmax over the two verdict tokens (or over the vocabulary),
+        # torch-style smoothing (1 - eps/2, eps/2)
         lp = np.asarray(jax.nn.log_softmax(np.concatenate([o["logits"] for o in per_example]), axis=-1))
+        if run.loss.judge_normalize == "vocab":
+            lp = np.concatenate([o["log_probs"] for o in per_example])
         label = np.array([lab for e in exs for lab in e.labels])
         right, wrong = lp[np.arange(len(label)), label], lp[np.arange(len(label)), 1 - label]
         eps = run.loss.label_smoothing

@@ -138,16 +138,17 @@ def init_none(rng, hidden_size: int, run, extra: dict) -> dict:
 
 
 def judge_outputs(head: dict, hidden, batch: dict, ctx: Context) -> dict:
-    """At each slot's last token: the verdict tokens' logits [R, S, 2] and their log-probs over the
-    whole vocabulary [R, S, 2] (either gives the same log-odds)."""
+    """At each slot's last token: the verdict tokens' logits [R, S, 2] (either order gives the same
+    log-odds); with ``loss.judge_normalize: vocab`` also their log-probs over the whole vocabulary."""
     pooled = _pooled(hidden, batch)
     from rmjax.models.transformer import unembedding_matrix
     emb = unembedding_matrix(ctx.backbone, ctx.config)
     cap = ctx.config.final_logit_softcap
-    out = [token_logprobs(pooled, emb, jnp.full(pooled.shape[:2], label, jnp.int32), logit_softcap=cap)
-           for label in ctx.statics["label_ids"]]
-    return {"logits": verdict_logits(pooled, emb, ctx.statics["label_ids"], cap),
-            "log_probs": jnp.stack(out, axis=-1)}
+    out = {"logits": verdict_logits(pooled, emb, ctx.statics["label_ids"], cap)}
+    if ctx.run.loss.judge_normalize == "vocab":  # the softmax over every token: one pass over the vocabulary
+        out["log_probs"] = jnp.stack([token_logprobs(pooled, emb, jnp.full(pooled.shape[:2], label, jnp.int32),
+                                                     logit_softcap=cap) for label in ctx.statics["label_ids"]], axis=-1)
+    return out
 
 
 def _sequence_logp(hidden, backbone, config, batch: dict) -> dict:
