@@ -157,3 +157,29 @@ def dpo(policy_logp_chosen: ArrayLike, policy_logp_rejected: ArrayLike, ref_logp
     aux = {"chosen_rewards": chosen, "rejected_rewards": rejected, "accuracy": metrics["accuracy"],
            "margin": metrics["mean_margin"]}
     return loss, aux
+
+
+def rloo_advantages(rewards: ArrayLike) -> Array:
+    """REINFORCE leave-one-out advantages for rewards [B, K] (K samples of each prompt, K >= 2):
+    A_i = r_i - mean_{j != i} r_j (Ahmadian et al. 2024), i.e. K / (K - 1) * (r_i - mean_j r_j)."""
+    r = _as_float(rewards)
+    k = r.shape[-1]
+    if k < 2:
+        raise ConfigError(f"RLOO needs at least 2 samples per prompt for its leave-one-out baseline, got {k}")
+    return (r - jnp.mean(r, axis=-1, keepdims=True)) * (k / (k - 1))
+
+
+def kl_penalised_rewards(rewards: ArrayLike, policy_logp: ArrayLike, reference_logp: ArrayLike,
+                         valid: ArrayLike, beta: float) -> tuple[Array, Array]:
+    """(r - beta * KL, KL) per sample: KL = sum over the sample's tokens of log pi - log pi_ref (the
+    single-sample estimate of KL(pi || pi_ref) along the sampled path), without gradient."""
+    diff = (_as_float(policy_logp) - _as_float(reference_logp)) * _as_float(valid)
+    kl = jax.lax.stop_gradient(jnp.sum(diff, axis=-1))
+    return _as_float(rewards) - beta * kl, kl
+
+
+def policy_gradient(policy_logp: ArrayLike, valid: ArrayLike, advantages: ArrayLike) -> Array:
+    """REINFORCE loss -mean_i A_i * log pi(y_i | x_i) over samples, log pi the sum of the sample's
+    token log-probs [N, T] under ``valid``; the advantages carry no gradient."""
+    seq = jnp.sum(_as_float(policy_logp) * _as_float(valid), axis=-1)
+    return -jnp.mean(jax.lax.stop_gradient(_as_float(advantages)) * seq)

@@ -1,0 +1,224 @@
+"""RLOO (REINFORCE leave-one-out, Ahmadian et al. 2024) against any reward, with a KL penalty to
+the frozen starting model, LoRA or full fine-tuning; resumable.
+
+Each step: a batch of prompts (a seeded order over the prompt set), K samples of each from the
+current policy (``rmjax.rl.sampling``, KV cache), a reward per sample from ``reward_fn`` (host
+side: a known reward such as ``rewards.token_utility``, or any rmjax RM through the scoring
+path), then one jitted update:
+
+    KL_i   = sum_t log pi(y_it) - log pi_ref(y_it)        (the sampled path; no gradient)
+    R_i    = r_i - beta * KL_i
+    A_i    = R_i - mean_{j != i} R_j                     (leave-one-out over the K samples of a prompt)
+    loss   = -mean_i A_i * sum_t log pi(y_it)
+
+pi_ref is the starting model (the backbone without adapters, or a frozen copy for full training).
+Logged per step (``metrics.jsonl``): reward, KL, R, entropy (the per-token estimate
+-mean log pi(y_t) over sampled tokens), sample length, the fraction of samples that stopped, loss.
+The state (trainable params + optimizer) is saved with orbax every ``save_every`` steps; the
+sample keys are ``fold_in(seed, step)``, so a killed run resumed from its last checkpoint repeats
+exactly what the uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmjax import losses
+from rmjax.errors import ConfigError
+from rmjax.models.config import ModelConfig
+from rmjax.models.transformer import forward, unembedding_matrix
+from rmjax.rl.sampling import SampleConfig, Samples, generate, left_pad
+from rmjax.scoring.logprobs import token_logprobs
+from rmjax.train import params as tparams
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOConfig:
+    run_dir: str = "runs/rloo"
+    steps: int = 50
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4  # K >= 2
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.05  # KL penalty
+    trainable: str = "lora"  # lora | full
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lr: float = 1e-4
+    clip_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 10
+
+    def __post_init__(self):
+        if self.trainable not in ("lora", "full"):
+            raise ConfigError(f"trainable={self.trainable!r}: RLOO trains 'lora' adapters or the 'full' model")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"samples_per_prompt={self.samples_per_prompt}: the leave-one-out baseline needs >= 2")
+        if self.beta < 0:
+            raise ConfigError(f"beta={self.beta}: the KL penalty coefficient must be >= 0")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RLState:
+    step: jax.Array
+    params: dict  # {"lora": ...} or {"backbone": ...}
+    opt_state: optax.OptState
+
+
+def policy_params(params: dict, frozen: dict, rc: RLOOConfig) -> dict:
+    """The policy's decoder params: the backbone with the adapters merged, or the trained backbone."""
+    if "lora" in params:
+        return tparams.apply_lora(frozen["backbone"], params["lora"], rc.lora_alpha / rc.lora_rank)
+    return params["backbone"]
+
+
+def completion_logprobs(backbone: dict, config: ModelConfig, prompt_ids, prompt_mask, tokens, valid) -> jax.Array:
+    """log pi(y_t | x, y_<t) [B, N] of the completion tokens after left-padded prompts (0 where not
+    ``valid``): the prompt and completion in one teacher-forced forward."""
+    p = prompt_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, valid.astype(prompt_mask.dtype)], axis=1)
+    hidden = forward(backbone, config, ids, mask).hidden[:, p - 1:-1]
+    lp = token_logprobs(hidden, unembedding_matrix(backbone, config), tokens,
+                        logit_softcap=config.final_logit_softcap)
+    return jnp.where(valid, lp, 0.0)
+
+
+def rloo_loss(params: dict, frozen: dict, batch: dict, *, config: ModelConfig, rc: RLOOConfig):
+    """The RLOO loss and its metrics for one batch of K samples per prompt (see the module docstring)."""
+    valid = batch["valid"]
+    lp = completion_logprobs(policy_params(params, frozen, rc), config, batch["prompt_ids"], batch["prompt_mask"],
+                             batch["tokens"], valid)
+    ref = jax.lax.stop_gradient(completion_logprobs(frozen["reference"] if "reference" in frozen else frozen["backbone"],
+                                                    config, batch["prompt_ids"], batch["prompt_mask"],
+                                                    batch["tokens"], valid))
+    total, kl = losses.kl_penalised_rewards(batch["rewards"], lp, ref, valid, rc.beta)
+    adv = losses.rloo_advantages(total.reshape(-1, rc.samples_per_prompt)).reshape(-1)
+    loss = losses.policy_gradient(lp, valid, adv)
+    n_tokens = jnp.maximum(jnp.sum(valid), 1)
+    metrics = {"loss": loss, "reward": jnp.mean(batch["rewards"]), "kl": jnp.mean(kl), "total_reward": jnp.mean(total),
+               "entropy": -jnp.sum(jax.lax.stop_gradient(lp)) / n_tokens,
+               "length": jnp.mean(jnp.sum(valid, axis=1).astype(jnp.float32))}
+    return loss, metrics
+
+
+def make_optimizer(rc: RLOOConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(rc.clip_norm), optax.adam(rc.lr))
+
+
+def make_step(config: ModelConfig, rc: RLOOConfig, optimizer) -> Callable:
+    def step(state: RLState, frozen: dict, batch: dict):
+        (_, metrics), grads = jax.value_and_grad(rloo_loss, has_aux=True)(state.params, frozen, batch, config=config,
+                                                                          rc=rc)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return RLState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def initial_params(backbone: dict, rc: RLOOConfig) -> tuple[dict, dict]:
+    """(trainable, frozen): LoRA adapters over a frozen backbone (the reference), or the whole
+    backbone with a frozen copy as the reference."""
+    if rc.trainable == "lora":
+        lora = tparams.init_lora(backbone, rc.lora_rank, jax.random.key(rc.seed + 1))
+        return {"lora": lora}, {"backbone": backbone}
+    # the trained copy is donated to each step; the caller's arrays stay the reference
+    return {"backbone": jax.tree.map(jnp.copy, backbone)}, {"reference": backbone, "backbone": {}}
+
+
+def prompt_order(n_prompts: int, steps: int, per_step: int, seed: int) -> np.ndarray:
+    """[steps, per_step] prompt indices: seeded epochs over the prompt set, each prompt once per epoch."""
+    rng = np.random.default_rng(seed)
+    need = steps * per_step
+    order = np.concatenate([rng.permutation(n_prompts) for _ in range(-(-need // n_prompts))])
+    return order[:need].reshape(steps, per_step)
+
+
+def train_rloo(backbone: dict, config: ModelConfig, prompts: list[np.ndarray], reward_fn: Callable, rc: RLOOConfig, *,
+               stop_ids: tuple[int, ...] = (), pad_id: int = 0, log: Callable = print,
+               stop_after: int | None = None) -> dict:
+    """Run (or resume) RLOO; returns the final trainable params and the metric history.
+
+    ``reward_fn(prompt_indices [B*K], samples: Samples) -> rewards [B*K]`` (numpy, host side)."""
+    import orbax.checkpoint as ocp
+
+    from rmjax.train.loop import MetricsLog
+
+    if len(prompts) < 1:
+        raise ConfigError("RLOO needs at least one prompt")
+    run_dir = Path(rc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = dataclasses.asdict(rc) | {"stop_ids": list(stop_ids), "n_prompts": len(prompts)}
+    saved = run_dir / "rloo.json"
+    if saved.exists() and json.loads(saved.read_text()) != settings:
+        raise ConfigError(f"{run_dir} holds an RLOO run with other settings ({saved}); use another run_dir")
+    saved.write_text(json.dumps(settings, indent=1))
+
+    optimizer = make_optimizer(rc)
+    trainable, frozen = initial_params(backbone, rc)
+    state = RLState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        state = manager.restore(start, args=ocp.args.StandardRestore(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)))
+        log(f"resumed from step {start}")
+    metrics_log = MetricsLog(run_dir, start)
+    step_fn = make_step(config, rc, optimizer)
+    merge = jax.jit(lambda params, frozen: policy_params(params, frozen, rc))
+    sc = SampleConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
+                      stop_ids=tuple(stop_ids), pad_id=pad_id)
+    plan = prompt_order(len(prompts), rc.steps, rc.prompts_per_step, rc.seed)
+    width = max(len(p) for p in prompts)
+    k = rc.samples_per_prompt
+    history, t0 = [], time.perf_counter()
+    for s in range(start, rc.steps if stop_after is None else min(rc.steps, stop_after)):
+        chosen = np.repeat(plan[s], k)
+        ids, mask = left_pad([prompts[i] for i in chosen], pad_id, length=width)
+        samples = generate(merge(state.params, frozen), config, ids, mask, jax.random.fold_in(jax.random.key(rc.seed), s),
+                           sc)
+        rewards = np.asarray(reward_fn(chosen, jax.device_get(samples)), np.float32)
+        if rewards.shape != (len(chosen),) or not np.all(np.isfinite(rewards)):
+            raise ConfigError(f"step {s + 1}: the reward function returned {rewards.shape} values (finite: "
+                              f"{bool(np.all(np.isfinite(rewards)))}); it must give one finite reward per sample")
+        batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": samples.tokens, "valid": samples.valid,
+                 "rewards": rewards}
+        state, metrics = step_fn(state, frozen, batch)
+        values = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        values["stopped"] = float(np.mean(np.asarray(samples.stopped)))
+        history.append({"step": s + 1, **values})
+        metrics_log.write(s + 1, "train", values)
+        done = s + 1 - start
+        rate = done * len(chosen) * rc.max_new_tokens / (time.perf_counter() - t0)
+        log(f"step {s + 1}/{rc.steps}: reward {values['reward']:.3f}, KL {values['kl']:.3f}, entropy "
+            f"{values['entropy']:.2f}, length {values['length']:.1f}; {rate:.0f} sampled tok/s, ETA "
+            f"{(rc.steps - s - 1) * (time.perf_counter() - t0) / done / 60:.1f} min")
+        if (s + 1) % rc.save_every == 0 or s + 1 == rc.steps:
+            manager.save(s + 1, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    return {"params": state.params, "frozen": frozen, "history": history}
+
+
+def samples_text(tokenizer, samples: Samples) -> list[str]:
+    """Each sample's generated text (up to and excluding its stop token)."""
+    tokens, valid = np.asarray(samples.tokens), np.asarray(samples.valid)
+    stopped = np.asarray(samples.stopped)
+    out = []
+    for row, ok, stop in zip(tokens, valid, stopped):
+        ids = row[ok]
+        out.append(tokenizer.decode(ids[:-1] if stop else ids, skip_special_tokens=True))
+    return out
