@@ -67,6 +67,93 @@ def stage_rl(args, loaded, utility) -> dict:
     return {"params": out["params"], "frozen": out["frozen"], "rc": rc, "history": history}
 
 
+def tuned_model(loaded, rl: dict):
+    """The tuned policy as a loaded model (the adapters merged into the starting weights)."""
+    merged = jax.jit(lambda p, f: rloo.policy_params(p, f, rl["rc"]))(rl["params"], rl["frozen"])
+    return dataclasses.replace(loaded, params=merged, source=f"{loaded.source}+rloo")
+
+
+def stage_values(args, loaded, tuned, big2) -> dict:
+    """Implicit reward of every Big Two noun as the one-word reply to the 54 value prompts."""
+    import pandas as pd
+    import yaml
+    from importlib import resources
+
+    from scipy.stats import wilcoxon
+
+    from rmjax.scoring.vocab_scan import word_scores
+
+    prompts = yaml.safe_load((resources.files("rmjax.data") / "bundled" / "prompts" / "value_prompts.yaml").read_text())
+    words = big2.words
+    path = Path(args.out) / "value_implicit_reward.parquet"
+    if path.exists():
+        table = pd.read_parquet(path)
+    else:
+        a = word_scores(tuned, prompts, words, template="model")
+        b = word_scores(loaded, prompts, words, template="model")
+        table = a.set_index("response") - b.set_index("response")
+        table = table.reset_index()
+        table.to_parquet(path)
+    agency = table["response"].isin(big2.words_in("Agency")).to_numpy()
+    aucs = []
+    for key in prompts:
+        x = table[key].to_numpy()
+        diff = x[agency][:, None] - x[~agency][None, :]
+        aucs.append(float(np.mean((diff > 0) + 0.5 * (diff == 0))))
+    aucs = np.array(aucs)
+    return {"prompts": len(aucs), "agency_words": int(agency.sum()), "communion_words": int((~agency).sum()),
+            "auc_mean": float(aucs.mean()), "auc_min": float(aucs.min()), "auc_max": float(aucs.max()),
+            "prompts_auc_above_half": int((aucs > 0.5).sum()),
+            "wilcoxon_p": float(wilcoxon(aucs - 0.5).pvalue),
+            "mean_implicit_reward_agency": float(table.loc[agency, list(prompts)].to_numpy().mean()),
+            "mean_implicit_reward_communion": float(table.loc[~agency, list(prompts)].to_numpy().mean())}
+
+
+def stage_samples(args, loaded, tuned, utility) -> dict:
+    """K replies of the tuned model to each held-out prompt: true reward, implicit reward, and the
+    layer-``args.layer`` residual activations of both models at every real token."""
+    path = Path(args.out) / "samples.npz"
+    if path.exists():
+        return dict(np.load(path))
+    import jax.numpy as jnp
+
+    from rmjax.models.transformer import forward
+
+    tok, config = loaded.tokenizer, loaded.config
+    prompts, _ = prompts_of(tok, args.eval_prompts, skip=args.train_prompts)
+    width = max(len(p) for p in prompts)
+    sc = SampleConfig(max_new_tokens=args.new_tokens, stop_ids=tuple(tok.end_of_turn_ids), pad_id=tok.pad_id)
+    layer = jax.jit(lambda params, ids, mask: forward(params, config, ids, mask, return_all_hidden=True)
+                    .all_hidden[args.layer])
+    logp = jax.jit(lambda params, ids, mask, t, v: rloo.completion_logprobs(params, config, ids, mask, t, v).sum(1))
+    parts: dict[str, list] = {k: [] for k in ("prompt", "tokens", "valid", "implicit", "act_base", "act_tuned",
+                                              "row_sample", "row_is_reply", "row_token")}
+    chunk = 8  # prompts per generation batch
+    for start in range(0, len(prompts), chunk):
+        chosen = np.repeat(np.arange(start, min(start + chunk, len(prompts))), args.k)
+        ids, mask = left_pad([prompts[i] for i in chosen], tok.pad_id, length=width)
+        smp = generate(tuned.params, config, ids, mask, jax.random.fold_in(jax.random.key(123), start), sc)
+        t, v = np.asarray(smp.tokens), np.asarray(smp.valid)
+        parts["implicit"].append(np.asarray(logp(tuned.params, ids, mask, t, v) - logp(loaded.params, ids, mask, t, v)))
+        full_ids, full_mask = np.concatenate([ids, t], 1), np.concatenate([mask, v.astype(np.int32)], 1)
+        real = full_mask > 0
+        for name, model in (("act_base", loaded), ("act_tuned", tuned)):
+            parts[name].append(np.asarray(layer(model.params, jnp.asarray(full_ids), jnp.asarray(full_mask)))[real])
+        n_before = sum(len(x) for x in parts["prompt"])
+        parts["row_sample"].append((np.arange(len(chosen))[:, None] + n_before + 0 * full_ids)[real])
+        parts["row_is_reply"].append((np.arange(full_ids.shape[1])[None] >= width) & real)
+        parts["row_is_reply"][-1] = parts["row_is_reply"][-1][real]
+        parts["row_token"].append(full_ids[real])
+        parts["prompt"].append(chosen)
+        parts["tokens"].append(t)
+        parts["valid"].append(v)
+        log(f"samples: {start + len(chosen) // args.k}/{len(prompts)} prompts")
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["reward"] = rewards.token_utility(utility)(None, rloo.Samples(out["tokens"], None, out["valid"], None, None))
+    np.savez(path, **out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/irm_rlhf")
@@ -77,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=float, default=0.02)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-prompts", type=int, default=240)
+    p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts for the IRM samples")
+    p.add_argument("--layer", type=int, default=15, help="residual stream after this layer (0 = embeddings)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +176,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rl = stage_rl(args, loaded, utility)
     log(f"rl: {args.steps} steps in {(time.perf_counter() - t0) / 60:.1f} min")
-    results = {"rl": {"first": rl["history"][0], "last": rl["history"][-1]}}
+    hist = rl["history"]
+    window = max(1, len(hist) // 5)
+    mean = lambda rows, k: float(np.mean([h[k] for h in rows]))  # noqa: E731
+    results = {"rl": {"steps": len(hist), "first_reward": mean(hist[:window], "reward"),
+                      "last_reward": mean(hist[-window:], "reward"), "last_kl": mean(hist[-window:], "kl"),
+                      "max_kl": max(h["kl"] for h in hist), "window": window}}
+    log(f"rl: {results['rl']}")
+    tuned = tuned_model(loaded, rl)
+    t0 = time.perf_counter()
+    results["values"] = stage_values(args, loaded, tuned, big2)
+    log(f"values ({(time.perf_counter() - t0) / 60:.1f} min): {results['values']}")
+    t0 = time.perf_counter()
+    samples = stage_samples(args, loaded, tuned, utility)
+    log(f"samples ({(time.perf_counter() - t0) / 60:.1f} min): {len(samples['reward'])} replies, "
+        f"{len(samples['row_token'])} token rows, mean reward {samples['reward'].mean():.3f}")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 
