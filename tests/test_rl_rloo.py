@@ -50,22 +50,26 @@ def test_rloo_loss_and_kl_equal_a_hand_computation_on_a_tiny_model(tiny):
     ids, mask = sampling.left_pad([p for p in prompt_set(2) for _ in range(2)], 0)
     policy = rloo.policy_params(trainable, frozen, rc)
     s = sampling.generate(policy, config, ids, mask, jax.random.key(1), SampleConfig(max_new_tokens=5, stop_ids=(3,)))
-    lp = rloo.completion_logprobs(policy, config, ids, mask, s.tokens, s.valid)
+    lp = jax.jit(lambda p, *a: rloo.completion_logprobs(p, config, *a))(policy, ids, mask, s.tokens, s.valid)
     np.testing.assert_allclose(np.asarray(lp), np.asarray(s.logprobs), atol=1e-5)  # sampler = teacher forcing
     rew = np.array([1.0, 0.0, 2.0, 5.0], np.float32)
     batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": s.tokens, "valid": s.valid, "rewards": rew}
-    loss, metrics = rloo.rloo_loss(trainable, frozen, batch, config=config, rc=rc)
+    loss, metrics = jax.jit(lambda t, f, b: rloo.rloo_loss(t, f, b, config=config, rc=rc))(trainable, frozen, batch)
 
-    def seq_logprobs(params):  # one full forward per sample, log-softmax by hand
+    def seq_logprobs(params):  # one full forward over [prompt | reply] per sample, log-softmax by hand
+        seqs = [np.concatenate([ids[r][mask[r] > 0], np.asarray(s.tokens[r][:int(s.lengths[r])])])
+                for r in range(ids.shape[0])]
+        width = max(map(len, seqs))
+        padded = np.array([np.pad(q, (0, width - len(q))) for q in seqs], np.int32)
+        valid = (np.arange(width)[None] < np.array([[len(q)] for q in seqs])).astype(np.int32)
+        logits = np.asarray(jax.jit(lambda p, i, m: unembed(p, config, forward(p, config, i, m).hidden))(
+            params, padded, valid), np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         out = []
-        for r in range(ids.shape[0]):
+        for r, q in enumerate(seqs):
             n = int(s.lengths[r])
-            seq = np.concatenate([ids[r][mask[r] > 0], np.asarray(s.tokens[r][:n])])
-            logits = np.asarray(unembed(params, config, forward(params, config, jnp.asarray([seq])).hidden))[0]
-            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-                - logits.max(-1, keepdims=True)
-            p = len(seq) - n
-            out.append(sum(logp[p - 1 + t, seq[p + t]] for t in range(n)))
+            out.append(sum(logp[r, len(q) - n - 1 + t, q[len(q) - n + t]] for t in range(n)))
         return np.array(out)
 
     pol, ref = seq_logprobs(policy), seq_logprobs(base)

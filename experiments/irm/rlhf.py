@@ -2,13 +2,14 @@
 
     python experiments/irm/rlhf.py --out runs/irm_rlhf            # all stages; resumable stage by stage
 
-1. rl        SmolLM2-135M-Instruct tuned by RLOO (LoRA) against a *known* reward: the number of Big Two
-             agency tokens in the reply (``rmjax.rl.rewards.token_utility``), KL penalty to the start.
+1. rl        SmolLM2-135M-Instruct tuned by RLOO (LoRA) against a *known* reward: the number of agency
+             tokens (the expanded Big Two dictionary's agency words that are single tokens) in the reply (``rmjax.rl.rewards.token_utility``), KL penalty to the start,
+             on one-word questions about people and groups (18 questions; 6 more held out).
 2. values    the implicit reward log pi_tuned(w|x) - log pi_start(w|x) of every Big Two noun as the
              one-word reply to the 54 value prompts (the seed-0 implicit RM on a same-family pair):
              do the agency words rank above the communion words? (AUC per prompt, its mean and a
              Wilcoxon signed-rank test over prompts against 0.5.)
-3. samples   K replies of the tuned model to held-out prompts, their true reward, their implicit
+3. samples   K replies of the tuned model to the held-out questions, their true reward, their implicit
              reward, and layer-L activations of the tuned and the starting model on them.
 4. sae       a sparse autoencoder on each model's activations; dictionaries matched by decoder
              cosine; the linear IRM (SAE features -> true reward, fitted on half the prompts) and
@@ -40,26 +41,27 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def prompts_of(tokenizer, n: int, skip: int = 0, max_tokens: int = 64) -> tuple[list[np.ndarray], list[str]]:
-    """First-turn prompts of bundled HH-RLHF helpful pairs, rendered with the chat template (and the
-    assistant turn opened), at most ``max_tokens`` long: ``n`` of them after the first ``skip``."""
-    ids, texts = [], []
-    for rec in read_records("hh-rlhf:helpful-base", on_error="skip"):
-        first = [rec.prompt_messages[0]]
-        p, _ = render(tokenizer, first, "", "model")
-        if len(p) <= max_tokens:
-            ids.append(np.asarray(p, np.int32))
-            texts.append(first[0]["content"])
-    if len(ids) < skip + n:
-        raise SystemExit(f"only {len(ids)} short prompts, need {skip + n}")
-    return ids[skip:skip + n], texts[skip:skip + n]
+# One-word questions for training and for the held-out IRM samples: a design of their own, disjoint
+# from the paper's 54 value prompts (which stage 2 scores).
+TEMPLATES = ("What, in one word, matters most in {s}?",
+             "Name the one quality you admire most in {s}. Answer in one word.",
+             "In one word, what does {s} need most?")
+SUBJECTS = ("a person", "a leader", "a friend", "a student", "a team", "a family", "a community", "a career")
+HELD_OUT = ("a friend", "a career")  # subjects only the IRM samples see
+
+
+def question_prompts(tokenizer, held_out: bool) -> tuple[list[np.ndarray], list[str]]:
+    """The training (or held-out) questions rendered with the chat template, the assistant turn open."""
+    texts = [t.format(s=s) for s in SUBJECTS for t in TEMPLATES if (s in HELD_OUT) == held_out]
+    return [np.asarray(render(tokenizer, [{"role": "user", "content": q}], "", "model")[0], np.int32)
+            for q in texts], texts
 
 
 def stage_rl(args, loaded, utility) -> dict:
     rc = rloo.RLOOConfig(run_dir=str(Path(args.out) / "rl"), steps=args.steps, prompts_per_step=args.prompts_per_step,
                          samples_per_prompt=args.k, max_new_tokens=args.new_tokens, temperature=1.0, beta=args.beta,
                          trainable="lora", lora_rank=8, lora_alpha=16.0, lr=args.lr, seed=0, save_every=5)
-    prompts, _ = prompts_of(loaded.tokenizer, args.train_prompts)
+    prompts, _ = question_prompts(loaded.tokenizer, held_out=False)
     tok = loaded.tokenizer
     out = rloo.train_rloo(loaded.params, loaded.config, prompts, rewards.token_utility(utility), rc,
                           stop_ids=tuple(tok.end_of_turn_ids), pad_id=tok.pad_id, log=log)
@@ -120,7 +122,7 @@ def stage_samples(args, loaded, tuned, utility) -> dict:
     from rmjax.models.transformer import forward
 
     tok, config = loaded.tokenizer, loaded.config
-    prompts, _ = prompts_of(tok, args.eval_prompts, skip=args.train_prompts)
+    prompts, _ = question_prompts(tok, held_out=True)
     width = max(len(p) for p in prompts)
     sc = SampleConfig(max_new_tokens=args.new_tokens, stop_ids=tuple(tok.end_of_turn_ids), pad_id=tok.pad_id)
     layer = jax.jit(lambda params, ids, mask: forward(params, config, ids, mask, return_all_hidden=True)
@@ -128,9 +130,9 @@ def stage_samples(args, loaded, tuned, utility) -> dict:
     logp = jax.jit(lambda params, ids, mask, t, v: rloo.completion_logprobs(params, config, ids, mask, t, v).sum(1))
     parts: dict[str, list] = {k: [] for k in ("prompt", "tokens", "valid", "implicit", "act_base", "act_tuned",
                                               "row_sample", "row_is_reply", "row_token")}
-    chunk = 8  # prompts per generation batch
+    chunk = 2  # prompts per generation batch
     for start in range(0, len(prompts), chunk):
-        chosen = np.repeat(np.arange(start, min(start + chunk, len(prompts))), args.k)
+        chosen = np.repeat(np.arange(start, min(start + chunk, len(prompts))), args.eval_k)
         ids, mask = left_pad([prompts[i] for i in chosen], tok.pad_id, length=width)
         smp = generate(tuned.params, config, ids, mask, jax.random.fold_in(jax.random.key(123), start), sc)
         t, v = np.asarray(smp.tokens), np.asarray(smp.valid)
@@ -147,31 +149,85 @@ def stage_samples(args, loaded, tuned, utility) -> dict:
         parts["prompt"].append(chosen)
         parts["tokens"].append(t)
         parts["valid"].append(v)
-        log(f"samples: {start + len(chosen) // args.k}/{len(prompts)} prompts")
+        log(f"samples: {start + len(chosen) // args.eval_k}/{len(prompts)} prompts")
     out = {k: np.concatenate(v) for k, v in parts.items()}
     out["reward"] = rewards.token_utility(utility)(None, rloo.Samples(out["tokens"], None, out["valid"], None, None))
     np.savez(path, **out)
     return out
 
 
+def stage_sae(args, loaded, samples: dict) -> dict:
+    """SAEs on both models' activations, the dictionaries matched, and the two IRMs."""
+    import pandas as pd
+
+    from rmjax.sae import SAEConfig, fit_irm, kendall_tau, match_dictionaries, pairwise_agreement, top_activations
+    from rmjax.sae import model as sae_model
+    from rmjax.sae.train import activation_scale, train_sae
+
+    out = Path(args.out)
+    cfg = SAEConfig(d=samples["act_tuned"].shape[1], num_features=args.sae_features, kind="relu", l1_coef=5.0,
+                    steps=args.sae_steps, batch_size=256, resample_every=args.sae_steps // 4, log_every=250, seed=0)
+    saes, metrics = {}, {}
+    for name in ("base", "tuned"):
+        x = samples[f"act_{name}"]
+        scale = activation_scale(x)
+        params, history = train_sae(x * scale, cfg)
+        last = history["metrics"][-1]
+        codes = np.asarray(sae_model.jitted("encode", cfg.kind, cfg.k)(params, x * scale))
+        saes[name] = (params, scale, codes)
+        metrics[name] = {"fvu": last["fvu"], "l0": last["l0"], "dead_fraction": last["dead_fraction"],
+                         "features_that_fire": int((codes > 0).any(axis=0).sum()),
+                         "resampled": sum(r["features"] for r in history["resampled"])}
+        log(f"sae {name}: {metrics[name]}")
+    match = match_dictionaries(saes["base"][0], saes["tuned"][0], shared=0.9, lo=0.5)
+    match.to_parquet(out / "dictionary_match.parquet")
+    status = match.groupby(["dictionary", "status"]).size().unstack(fill_value=0).to_dict(orient="index")
+
+    # the linear IRM over the tuned SAE's features, mean-pooled over each reply's tokens
+    reply = samples["row_is_reply"].astype(bool)
+    n = len(samples["reward"])
+    codes = saes["tuned"][2]
+    pooled = np.zeros((n, codes.shape[1]))
+    np.add.at(pooled, samples["row_sample"][reply], codes[reply])
+    counts = np.bincount(samples["row_sample"][reply], minlength=n)
+    pooled /= np.maximum(counts, 1)[:, None]
+    fit = fit_irm(pooled, samples["reward"], test_fraction=0.5, seed=0, top=10)
+    held = fit.test_index
+    implicit = {"kendall_tau": kendall_tau(samples["implicit"][held], samples["reward"][held]),
+                "pairwise_agreement": pairwise_agreement(samples["implicit"][held], samples["reward"][held])}
+    decode = lambda t: loaded.tokenizer.decode([int(t)])  # noqa: E731
+    tops = []
+    for f in fit.top["feature"][:5]:
+        t = top_activations(codes, samples["row_token"], samples["row_sample"], int(f), k=8, decode=decode)
+        tops.append({"feature": int(f), "status": match.query("dictionary == 'tuned' and feature == @f")["status"].iloc[0],
+                     "top_tokens": t["text"].tolist()})
+    fit.top.to_csv(out / "irm_top_features.csv", index=False)
+    pd.DataFrame(tops).to_json(out / "irm_top_feature_tokens.json", orient="records", indent=1)
+    return {"sae": metrics, "match": status, "irm_sae": fit.summary(), "irm_implicit": implicit,
+            "reward_held_out": {"mean": float(samples["reward"][held].mean()),
+                                "nonzero_fraction": float((samples["reward"][held] > 0).mean())},
+            "irm_top_features": tops}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/irm_rlhf")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--k", type=int, default=4, help="samples per prompt")
-    p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--beta", type=float, default=0.02)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-prompts", type=int, default=240)
-    p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts for the IRM samples")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--prompts-per-step", type=int, default=6)
+    p.add_argument("--k", type=int, default=8, help="samples per prompt")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--beta", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eval-k", type=int, default=32, help="samples per held-out question (IRM)")
+    p.add_argument("--sae-features", type=int, default=1024)
+    p.add_argument("--sae-steps", type=int, default=2000)
     p.add_argument("--layer", type=int, default=15, help="residual stream after this layer (0 = embeddings)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model("smollm2-135m-instruct")
-    big2 = load_dictionary("big2_nouns")
-    utility = rewards.utility_token_ids(loaded.tokenizer, big2.words_in("Agency"))
+    big2 = load_dictionary("big2_nouns")  # the paper's value words (stage 2)
+    utility = rewards.utility_token_ids(loaded.tokenizer, load_dictionary("big2_expanded").words_in("Agency"))
     log(f"utility: {len(utility)} agency tokens of {loaded.tokenizer.source}")
     t0 = time.perf_counter()
     rl = stage_rl(args, loaded, utility)
@@ -186,12 +242,17 @@ def main(argv=None) -> int:
     tuned = tuned_model(loaded, rl)
     t0 = time.perf_counter()
     results["values"] = stage_values(args, loaded, tuned, big2)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     log(f"values ({(time.perf_counter() - t0) / 60:.1f} min): {results['values']}")
     t0 = time.perf_counter()
     samples = stage_samples(args, loaded, tuned, utility)
     log(f"samples ({(time.perf_counter() - t0) / 60:.1f} min): {len(samples['reward'])} replies, "
         f"{len(samples['row_token'])} token rows, mean reward {samples['reward'].mean():.3f}")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    t0 = time.perf_counter()
+    results.update(stage_sae(args, loaded, samples))
+    log(f"sae + irm ({(time.perf_counter() - t0) / 60:.1f} min): irm {results['irm_sae']}, implicit "
+        f"{results['irm_implicit']}")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 
