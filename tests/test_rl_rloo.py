@@ -89,6 +89,28 @@ def test_a_tiny_model_learns_a_known_reward(tiny, tmp_path):
     assert np.mean(r[-3:]) > np.mean(r[:3]) + 2.0, r  # from ~0.25 utility tokens per 8 to several
 
 
+def test_a_nan_reward_skips_the_step_and_is_reported(tiny, tmp_path):
+    config, base = tiny
+    rc = rloo.RLOOConfig(run_dir=str(tmp_path / "nan"), steps=2, prompts_per_step=2, samples_per_prompt=2,
+                         max_new_tokens=4, lora_rank=4, save_every=10)
+    calls = []
+
+    def reward(idx, samples):
+        calls.append(1)
+        r = np.zeros(len(idx), np.float32)
+        r[0] = np.nan if len(calls) == 1 else 1.0
+        return r
+
+    logs = []
+    out = rloo.train_rloo(base, config, prompt_set(2), reward, rc, log=logs.append)
+    assert any("1 of 4 rewards are not finite; step skipped" in m for m in logs)
+    assert [h["skipped"] for h in out["history"]] == [1.0, 0.0]
+    assert "loss" not in out["history"][0] and np.isfinite(out["history"][1]["loss"])
+    with pytest.raises(ConfigError, match="one reward per sample"):
+        rloo.train_rloo(base, config, prompt_set(2), lambda i, s: np.zeros(3),
+                        dataclasses.replace(rc, run_dir=str(tmp_path / "bad")), log=lambda m: None)
+
+
 def test_a_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path):
     config, base = tiny
     rc = rloo.RLOOConfig(run_dir=str(tmp_path / "straight"), steps=4, prompts_per_step=2, samples_per_prompt=2,
@@ -110,3 +132,23 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path):
     with pytest.raises(ConfigError, match="other settings"):
         rloo.train_rloo(base, config, prompt_set(4), reward, dataclasses.replace(rc2, beta=0.5), log=lambda m: None)
 
+
+
+def test_a_reward_model_scores_the_decoded_text_with_its_own_rendering(tmp_path):
+    """rm_reward re-renders each decoded reply with the RM's tokenizer and chat template: equal to a
+    full forward of the RM over its own rendering of (prompt, text), at the last token."""
+    from hf_models import save_tiny_checkpoint
+
+    from rmjax.data.chat import render
+    from rmjax.models.loading import load_model
+
+    save_tiny_checkpoint(tmp_path / "rm", "llama_gqa_tied", head="seqcls", seed=2)
+    rm = load_model(str(tmp_path / "rm"))
+    prompts = [[{"role": "user", "content": "How do I bake bread?"}], [{"role": "user", "content": "Hi there"}]]
+    texts = ["Use flour and water.", "Hello! How can I help?", "", "No."]
+    reward = rewards.rm_reward(rm, prompts, decode=lambda samples: texts)
+    got = reward(np.array([0, 0, 1, 1]), None)
+    for i, (p, t) in enumerate(zip([0, 0, 1, 1], texts)):
+        ids = sum(render(rm.tokenizer, prompts[p], t or " ", "model"), [])
+        h = forward(rm.params, rm.config, jnp.asarray([ids], jnp.int32)).hidden[0, -1]
+        np.testing.assert_allclose(got[i], float(h @ np.asarray(rm.score_head)[:, 0]), atol=1e-4)

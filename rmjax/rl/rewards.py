@@ -42,3 +42,38 @@ def text_reward(score_texts: Callable, decode: Callable) -> Callable:
         return np.asarray(score_texts(prompt_indices, decode(samples)), np.float32)
 
     return reward
+
+
+def rm_reward(rm_loaded, prompts, decode: Callable, settings=None) -> Callable:
+    """reward(sample) = an rmjax reward model's score of the decoded reply to its prompt: the RM
+    renders (prompt messages, reply text) with its own tokenizer and chat template and runs the one
+    scoring path (``rmjax.scoring.bulk``: the K replies of a prompt as one packed prompt tree), so
+    the RM's tokenizer may differ from the policy's. ``prompts[i]``: prompt i's messages
+    [{"role", "content"}]; ``decode(samples)`` -> reply texts (``rloo.samples_text``). A sample the
+    RM cannot score (too long with ``over_length='drop'``) gets NaN, so its batch is skipped."""
+    from rmjax.data.records import Record
+    from rmjax.scoring import bulk
+
+    scorer = bulk.Scorer([bulk.ModelSlot("rm", rm_loaded)], settings or bulk.ScoreSettings())
+
+    def reward(prompt_indices, samples) -> np.ndarray:
+        texts = decode(samples)
+        groups: dict[int, list[int]] = {}
+        for pos, i in enumerate(np.asarray(prompt_indices).tolist()):
+            groups.setdefault(int(i), []).append(pos)
+        records = []
+        for j, (i, positions) in enumerate(groups.items()):
+            kind = {1: "single", 2: "pair"}.get(len(positions), "best_of_n")
+            turns = tuple((m["role"], m["content"]) for m in prompts[i])
+            records.append(Record(f"prompt{i}", turns, tuple(texts[p] or " " for p in positions), kind, j))
+        rows, _, _ = scorer.score_shard(records)
+        out = np.full(len(texts), np.nan, np.float32)
+        by_index = {row["index"]: row for row in rows}
+        for rec, positions in zip(records, groups.values()):
+            row = by_index.get(rec.index)
+            if row is not None:
+                for name, p in zip(rec.response_names, positions):
+                    out[p] = row[f"rm_{name}"]
+        return out
+
+    return reward

@@ -13,7 +13,9 @@ path), then one jitted update:
 
 pi_ref is the starting model (the backbone without adapters, or a frozen copy for full training).
 Logged per step (``metrics.jsonl``): reward, KL, R, entropy (the per-token estimate
--mean log pi(y_t) over sampled tokens), sample length, the fraction of samples that stopped, loss.
+-mean log pi(y_t) over sampled tokens), sample length, the fraction of samples that stopped (the
+rest ran to ``max_new_tokens``), loss. A batch with a non-finite reward is skipped (no update,
+``skipped`` = 1 and the count reported), not trained on.
 The state (trainable params + optimizer) is saved with orbax every ``save_every`` steps; the
 sample keys are ``fold_in(seed, step)``, so a killed run resumed from its last checkpoint repeats
 exactly what the uninterrupted run would have done.
@@ -192,21 +194,28 @@ def train_rloo(backbone: dict, config: ModelConfig, prompts: list[np.ndarray], r
         samples = generate(merge(state.params, frozen), config, ids, mask, jax.random.fold_in(jax.random.key(rc.seed), s),
                            sc)
         rewards = np.asarray(reward_fn(chosen, jax.device_get(samples)), np.float32)
-        if rewards.shape != (len(chosen),) or not np.all(np.isfinite(rewards)):
-            raise ConfigError(f"step {s + 1}: the reward function returned {rewards.shape} values (finite: "
-                              f"{bool(np.all(np.isfinite(rewards)))}); it must give one finite reward per sample")
-        batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": samples.tokens, "valid": samples.valid,
-                 "rewards": rewards}
-        state, metrics = step_fn(state, frozen, batch)
-        values = {name: float(v) for name, v in jax.device_get(metrics).items()}
+        if rewards.shape != (len(chosen),):
+            raise ConfigError(f"step {s + 1}: the reward function returned shape {rewards.shape}; it must give "
+                              f"one reward per sample ({len(chosen)})")
+        bad = int(np.sum(~np.isfinite(rewards)))
+        if bad:  # no update from a batch with undefined rewards; the run goes on
+            log(f"step {s + 1}: {bad} of {len(rewards)} rewards are not finite; step skipped (no update)")
+            values = {"skipped": 1.0, "nonfinite_rewards": float(bad)}
+        else:
+            batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": samples.tokens, "valid": samples.valid,
+                     "rewards": rewards}
+            state, metrics = step_fn(state, frozen, batch)
+            values = {name: float(v) for name, v in jax.device_get(metrics).items()}
+            values["skipped"] = 0.0
         values["stopped"] = float(np.mean(np.asarray(samples.stopped)))
         history.append({"step": s + 1, **values})
         metrics_log.write(s + 1, "train", values)
         done = s + 1 - start
         rate = done * len(chosen) * rc.max_new_tokens / (time.perf_counter() - t0)
-        log(f"step {s + 1}/{rc.steps}: reward {values['reward']:.3f}, KL {values['kl']:.3f}, entropy "
-            f"{values['entropy']:.2f}, length {values['length']:.1f}; {rate:.0f} sampled tok/s, ETA "
-            f"{(rc.steps - s - 1) * (time.perf_counter() - t0) / done / 60:.1f} min")
+        if not bad:
+            log(f"step {s + 1}/{rc.steps}: reward {values['reward']:.3f}, KL {values['kl']:.3f}, entropy "
+                f"{values['entropy']:.2f}, length {values['length']:.1f}, stopped {values['stopped']:.2f}; "
+                f"{rate:.0f} sampled tok/s, ETA {(rc.steps - s - 1) * (time.perf_counter() - t0) / done / 60:.1f} min")
         if (s + 1) % rc.save_every == 0 or s + 1 == rc.steps:
             manager.save(s + 1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
