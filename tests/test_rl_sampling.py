@@ -15,8 +15,9 @@ from rmjax.rl.sampling import SampleConfig
 @pytest.fixture(scope="module", params=["llama_gqa_tied", "gemma2_softcap_window"])
 def tiny(request):
     model = build(request.param, vocab_size=64)
-    config, params, _ = load_params(StateDictCheckpoint(model.config.to_dict(), model.state_dict()), source="tiny")
-    return config, params
+    ckpt = StateDictCheckpoint(model.config.to_dict(), model.state_dict())
+    config, params, _ = load_params(ckpt, source="tiny")
+    return config, params, ckpt
 
 
 def prompts(vocab, lengths, seed=0):
@@ -25,7 +26,7 @@ def prompts(vocab, lengths, seed=0):
 
 
 def test_greedy_equals_step_by_step_full_forwards(tiny):
-    config, params = tiny
+    config, params, _ = tiny
     ids, mask = prompts(config.vocab_size, [5, 9, 1])
     n = 7
     out = sampling.generate(params, config, ids, mask, jax.random.key(0), SampleConfig(max_new_tokens=n, temperature=0))
@@ -53,7 +54,7 @@ def test_greedy_equals_step_by_step_full_forwards(tiny):
 
 
 def test_sampling_is_reproducible_per_seed_and_stops_on_end_of_turn(tiny):
-    config, params = tiny
+    config, params, _ = tiny
     ids, mask = prompts(config.vocab_size, [4, 6, 3, 8])
     sc = SampleConfig(max_new_tokens=12, temperature=1.0, top_p=0.9)
     a = sampling.generate(params, config, ids, mask, jax.random.key(3), sc)
@@ -71,6 +72,26 @@ def test_sampling_is_reproducible_per_seed_and_stops_on_end_of_turn(tiny):
     assert valid[0, :first + 1].all() and not valid[0, first + 1:].any() and (toks[0, first + 1:] == 0).all()
     np.testing.assert_array_equal(toks[0, :first + 1], np.asarray(a.tokens)[0, :first + 1])  # same draws until then
     assert (np.asarray(s.logprobs)[~valid] == 0).all()
+
+
+def test_generation_sharded_like_scoring_equals_one_device(tiny):
+    """Rows split over the data-parallel devices and params over fsdp (8 fake devices): the same
+    samples and log-probs as one device."""
+    from rmjax import sharding as shd
+
+    config, params, ckpt = tiny
+    ids, mask = prompts(config.vocab_size, [3, 7, 5, 2, 6, 4, 7, 1])
+    sc = SampleConfig(max_new_tokens=6, temperature=1.0, top_p=0.95)
+    ref = sampling.generate(params, config, ids, mask, jax.random.key(5), sc)
+    mesh = shd.make_mesh("fsdp")
+    _, sharded, _ = load_params(ckpt, mesh=mesh, strategy="fsdp")
+    rows = shd.batch_sharding(mesh, ids.shape)
+    with shd.activate(mesh, "fsdp"):
+        out = sampling.generate(sharded, config, jax.device_put(ids, rows), jax.device_put(mask, rows),
+                                jax.random.key(5), sc)
+    assert out.tokens.sharding.spec[0] is not None  # the rows really are split
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():

@@ -12,6 +12,10 @@ token's forward plus attention over the cache (never a re-run of the prompt). Sa
 emits ``pad_id`` and is masked out. ``logprobs`` are the model's own log-probabilities of the chosen
 tokens (temperature 1, no top-p: the policy that RL optimises), not of the tempered sampler.
 Rows that reach ``max_new_tokens`` without a stop token are counted in ``stopped == False``.
+
+On a mesh it shards like scoring: params loaded with a strategy, prompt rows placed with
+``rmjax.sharding.batch_sharding`` and the call made under ``rmjax.sharding.activate`` (the rows split
+over the data-parallel devices, the params as the strategy says; the same samples as one device).
 """
 from __future__ import annotations
 
