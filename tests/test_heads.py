@@ -548,6 +548,6 @@ def test_sharded_heads_equal_unsharded(head_inputs, strategy):
     for k in ref:
         np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=0, atol=1e-6, err_msg=k)
     # the embed axis of the head kernels really is split where the strategy says so
-    fsdp = {"fsdp": 8, "fsdp_tp": 4}.get(strategy, 1)
+    fsdp = mesh.shape["fsdp"] if dict(shd.RULES[strategy]).get("embed") == "fsdp" else 1
     assert shd.shard_fraction(sharded_params["armo"]["regression_layer"]["kernel"]) == pytest.approx(1 / fsdp)
     assert shd.shard_fraction(sharded_params["scalar"]["score"]["kernel"]) == pytest.approx(1 / fsdp)
