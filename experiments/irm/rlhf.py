@@ -165,6 +165,10 @@ def stage_sae(args, loaded, samples: dict) -> dict:
     from rmjax.sae.train import activation_scale, train_sae
 
     out = Path(args.out)
+    # each sequence's first token (<|im_start|>) is an attention sink whose residual norm is ~150x the
+    # others' (23,666 vs 153 at layer 15): it would dominate the SAE's loss, so it is left out
+    first = np.r_[True, samples["row_sample"][1:] != samples["row_sample"][:-1]]
+    samples = {k: (v[~first] if k.startswith(("act_", "row_")) else v) for k, v in samples.items()}
     cfg = SAEConfig(d=samples["act_tuned"].shape[1], num_features=args.sae_features, kind="relu", l1_coef=5.0,
                     steps=args.sae_steps, batch_size=256, resample_every=args.sae_steps // 4, log_every=250, seed=0)
     saes, metrics = {}, {}
@@ -191,14 +195,15 @@ def stage_sae(args, loaded, samples: dict) -> dict:
     np.add.at(pooled, samples["row_sample"][reply], codes[reply])
     counts = np.bincount(samples["row_sample"][reply], minlength=n)
     pooled /= np.maximum(counts, 1)[:, None]
-    fit = fit_irm(pooled, samples["reward"], test_fraction=0.5, seed=0, top=10)
+    fit = fit_irm(pooled, samples["reward"], test_fraction=0.5, seed=0, top=10, min_active=5)
     held = fit.test_index
     implicit = {"kendall_tau": kendall_tau(samples["implicit"][held], samples["reward"][held]),
                 "pairwise_agreement": pairwise_agreement(samples["implicit"][held], samples["reward"][held])}
     decode = lambda t: loaded.tokenizer.decode([int(t)])  # noqa: E731
     tops = []
     for f in fit.top["feature"][:5]:
-        t = top_activations(codes, samples["row_token"], samples["row_sample"], int(f), k=8, decode=decode)
+        t = top_activations(codes[reply], samples["row_token"][reply], samples["row_sample"][reply], int(f), k=8,
+                            decode=decode)  # in the replies, where the features were pooled
         tops.append({"feature": int(f), "status": match.query("dictionary == 'tuned' and feature == @f")["status"].iloc[0],
                      "top_tokens": t["text"].tolist()})
     fit.top.to_csv(out / "irm_top_features.csv", index=False)
