@@ -104,7 +104,7 @@ def stage_values(args, loaded, tuned, big2) -> dict:
         aucs.append(float(np.mean((diff > 0) + 0.5 * (diff == 0))))
     aucs = np.array(aucs)
     return {"prompts": len(aucs), "agency_words": int(agency.sum()), "communion_words": int((~agency).sum()),
-            "auc_mean": float(aucs.mean()), "auc_min": float(aucs.min()), "auc_max": float(aucs.max()),
+            "auc_mean": float(aucs.mean()), "auc_mean_ci95": mean_ci(aucs), "auc_min": float(aucs.min()), "auc_max": float(aucs.max()),
             "prompts_auc_above_half": int((aucs > 0.5).sum()),
             "wilcoxon_p": float(wilcoxon(aucs - 0.5).pvalue),
             "mean_implicit_reward_agency": float(table.loc[agency, list(prompts)].to_numpy().mean()),
@@ -156,6 +156,21 @@ def stage_samples(args, loaded, tuned, utility) -> dict:
     return out
 
 
+def bootstrap_tau(prediction, truth, n: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of Kendall tau over the held-out replies."""
+    from rmjax.sae import kendall_tau
+
+    rng = np.random.default_rng(seed)
+    taus = [kendall_tau(prediction[i], truth[i]) for i in (rng.integers(0, len(truth), len(truth)) for _ in range(n))]
+    return [float(np.nanpercentile(taus, 2.5)), float(np.nanpercentile(taus, 97.5))]
+
+
+def mean_ci(values) -> list[float]:
+    v = np.asarray(values, np.float64)
+    half = 1.959964 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return [float(v.mean() - half), float(v.mean() + half)]
+
+
 def stage_sae(args, loaded, samples: dict) -> dict:
     """SAEs on both models' activations, the dictionaries matched, and the two IRMs."""
     import pandas as pd
@@ -197,8 +212,10 @@ def stage_sae(args, loaded, samples: dict) -> dict:
     pooled /= np.maximum(counts, 1)[:, None]
     fit = fit_irm(pooled, samples["reward"], test_fraction=0.5, seed=0, top=10, min_active=5)
     held = fit.test_index
-    implicit = {"kendall_tau": kendall_tau(samples["implicit"][held], samples["reward"][held]),
-                "pairwise_agreement": pairwise_agreement(samples["implicit"][held], samples["reward"][held])}
+    truth = samples["reward"][held]
+    implicit = {"kendall_tau": kendall_tau(samples["implicit"][held], truth),
+                "kendall_tau_ci95": bootstrap_tau(samples["implicit"][held], truth),
+                "pairwise_agreement": pairwise_agreement(samples["implicit"][held], truth)}
     decode = lambda t: loaded.tokenizer.decode([int(t)])  # noqa: E731
     tops = []
     for f in fit.top["feature"][:5]:
@@ -208,7 +225,9 @@ def stage_sae(args, loaded, samples: dict) -> dict:
                      "top_tokens": t["text"].tolist()})
     fit.top.to_csv(out / "irm_top_features.csv", index=False)
     pd.DataFrame(tops).to_json(out / "irm_top_feature_tokens.json", orient="records", indent=1)
-    return {"sae": metrics, "match": status, "irm_sae": fit.summary(), "irm_implicit": implicit,
+    return {"sae": metrics, "match": status,
+            "irm_sae": fit.summary() | {"kendall_tau_ci95": bootstrap_tau(fit.test_prediction, truth)},
+            "irm_implicit": implicit,
             "reward_held_out": {"mean": float(samples["reward"][held].mean()),
                                 "nonzero_fraction": float((samples["reward"][held] > 0).mean())},
             "irm_top_features": tops}
@@ -241,7 +260,10 @@ def main(argv=None) -> int:
     window = max(1, len(hist) // 5)
     mean = lambda rows, k: float(np.mean([h[k] for h in rows]))  # noqa: E731
     results = {"rl": {"steps": len(hist), "first_reward": mean(hist[:window], "reward"),
-                      "last_reward": mean(hist[-window:], "reward"), "last_kl": mean(hist[-window:], "kl"),
+                      "last_reward": mean(hist[-window:], "reward"),
+                      "first_reward_ci95": mean_ci([h["reward"] for h in hist[:window]]),
+                      "last_reward_ci95": mean_ci([h["reward"] for h in hist[-window:]]),
+                      "last_kl": mean(hist[-window:], "kl"), "last_kl_ci95": mean_ci([h["kl"] for h in hist[-window:]]),
                       "max_kl": max(h["kl"] for h in hist), "window": window}}
     log(f"rl: {results['rl']}")
     tuned = tuned_model(loaded, rl)
