@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -51,11 +50,10 @@ from rmjax.data.chat import template_name
 from rmjax.data.records import Record
 from rmjax.errors import ConfigError, DataError
 from rmjax.models.transformer import forward
-from rmjax.scoring.output import ScoreWriter, _fsync_path, _write_json
+from rmjax.scoring.output import ScoreWriter, ShardArrays
 
 TOKENS = ("all", "response")
 POSITION_COLUMNS = ("example", "response", "position", "token")
-_SHARD = re.compile(r"shard-(\d{5,})")
 
 
 @dataclasses.dataclass
@@ -103,56 +101,26 @@ def text_records(pairs: Sequence[tuple[str, str]]) -> list[Record]:
 
 # ---------------------------------------------------------------- writing
 
-class _ShardArrays:
-    """A zarr v2 group of one 2-D array per shard (``shard-XXXXX``)."""
+class _ShardArrays(ShardArrays):
+    """One 2-D array [n_k, width] per shard."""
+
+    MISSING = ("{path}: shard {shard} is missing or unreadable ({error}); re-run the same cache_activations call "
+               "after deleting its part file to rewrite it")
 
     def __init__(self, root: Path, dtype: str):
-        self.root, self.dtype = root, dtype
-
-    def path(self, shard: int) -> Path:
-        return self.root / f"shard-{shard:05d}"
-
-    def shards(self) -> set[int]:
-        if not self.root.is_dir():
-            return set()
-        return {int(m.group(1)) for p in self.root.iterdir() if (m := _SHARD.fullmatch(p.name))}
-
-    def remove(self, shard: int) -> None:
-        shutil.rmtree(self.path(shard), ignore_errors=True)
-
-    def _spec(self, shard: int) -> dict:
-        return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.path(shard))}}
+        super().__init__(root)
+        self.dtype = dtype
 
     def write(self, shard: int, value: np.ndarray) -> None:
-        import tensorstore as ts
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not (self.root / ".zgroup").exists():
-            _write_json(self.root / ".zgroup", {"zarr_format": 2})
         n, width = value.shape
-        meta = {"shape": [n, width], "chunks": [max(1, min(n, 1 << 14)), width], "dtype": self.dtype,
-                "compressor": None}
-        store = ts.open({**self._spec(shard), "metadata": meta}, create=True, delete_existing=True).result()
-        store.write(value).result()
-        for path in sorted(self.path(shard).rglob("*")):  # durable before the part names the shard done
-            if path.is_file():
-                _fsync_path(path)
-        _fsync_path(self.path(shard))
-
-    def _open(self, shard: int):
-        import tensorstore as ts
-
-        try:
-            return ts.open(self._spec(shard), open=True).result()
-        except ValueError as e:
-            raise DataError(f"{self.path(shard)}: shard {shard} is missing or unreadable ({e}); re-run the same "
-                            "cache_activations call after deleting its part file to rewrite it") from e
+        self.write_array(shard, value, {"shape": [n, width], "chunks": [max(1, min(n, 1 << 14)), width],
+                                        "dtype": self.dtype, "compressor": None})
 
     def read(self, shard: int) -> np.ndarray:
-        return np.asarray(self._open(shard).read().result())
+        return np.asarray(self.open_array(shard).read().result())
 
     def rows(self, shard: int) -> int:
-        return int(self._open(shard).shape[0])
+        return int(self.open_array(shard).shape[0])
 
 
 class ActivationWriter(ScoreWriter):
@@ -182,7 +150,7 @@ class ActivationWriter(ScoreWriter):
         super()._remove_leftovers()
         for arrays in self._arrays():  # arrays of a shard whose part never appeared may be partial
             for shard in arrays.shards() - self.completed_shards():
-                arrays.remove(shard)
+                arrays.remove_shard(shard)
 
     def write_shard(self, shard: int, rows, *, skipped=None, arrays: dict[str, np.ndarray] | None = None,
                     token_logprobs=None) -> Path:

@@ -104,14 +104,13 @@ def _now() -> str:
 
 # ---------------------------------------------------------------- per-token log-probs
 
-class TokenLogprobWriter:
-    """``tokens.zarr``: a zarr v2 group holding one flat float32 array per shard (``shard-XXXXX``).
+class ShardArrays:
+    """A zarr v2 group holding one array per shard (``shard-XXXXX``), each written whole and made
+    durable before the part file that names its shard done (so a shard without a part may be
+    partial and is removed). ``MISSING``: the error for a shard that cannot be opened."""
 
-    Each example's token log-probs are a slice (offset, count) of its shard's array; the offsets
-    live in the rows of the part file, which is renamed into place only after the array is written.
-    """
-
-    CHUNK = 1 << 16
+    MISSING = ("{path}: shard {shard} is missing or unreadable ({error}); re-run the shard (delete its part "
+               "file) to rewrite it")
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -130,10 +129,42 @@ class TokenLogprobWriter:
     def _spec(self, shard: int) -> dict:
         return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.shard_path(shard))}}
 
-    def write_shard(self, shard: int, arrays: Sequence[np.ndarray]) -> list[tuple[int, int]]:
-        """Write the arrays back to back as shard ``shard``; returns each one's (offset, count)."""
+    def write_array(self, shard: int, data: np.ndarray, metadata: dict) -> None:
+        """Write ``data`` as shard ``shard`` (zarr ``metadata``: shape, chunks, dtype, ...) and fsync it."""
         import tensorstore as ts
 
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / ".zgroup").exists():
+            _write_json(self.root / ".zgroup", {"zarr_format": 2})
+        store = ts.open({**self._spec(shard), "metadata": metadata}, create=True, delete_existing=True).result()
+        store.write(data).result()
+        for path in sorted(self.shard_path(shard).rglob("*")):  # durable before the part names it
+            if path.is_file():
+                _fsync_path(path)
+        _fsync_path(self.shard_path(shard))
+
+    def open_array(self, shard: int):
+        import tensorstore as ts
+
+        try:
+            return ts.open(self._spec(shard), open=True).result()
+        except ValueError as e:
+            raise DataError(self.MISSING.format(path=self.shard_path(shard), shard=shard, error=e)) from e
+
+
+class TokenLogprobWriter(ShardArrays):
+    """``tokens.zarr``: one flat float32 array per shard.
+
+    Each example's token log-probs are a slice (offset, count) of its shard's array; the offsets
+    live in the rows of the part file, which is renamed into place only after the array is written.
+    """
+
+    CHUNK = 1 << 16
+    MISSING = ("{path}: token log-probs of shard {shard} are missing or unreadable ({error}); re-run the shard "
+               "(delete its part file) to rewrite them")
+
+    def write_shard(self, shard: int, arrays: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+        """Write the arrays back to back as shard ``shard``; returns each one's (offset, count)."""
         flat = [np.asarray(a, dtype=np.float32) for a in arrays]
         for i, a in enumerate(flat):
             if a.ndim != 1:
@@ -141,27 +172,11 @@ class TokenLogprobWriter:
         counts = [len(a) for a in flat]
         offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         data = np.concatenate(flat) if flat else np.zeros(0, np.float32)
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not (self.root / ".zgroup").exists():
-            _write_json(self.root / ".zgroup", {"zarr_format": 2})
-        spec = {**self._spec(shard), "metadata": {"shape": [len(data)], "chunks": [self.CHUNK], "dtype": "<f4"}}
-        store = ts.open(spec, create=True, delete_existing=True).result()
-        store.write(data).result()
-        for path in sorted(self.shard_path(shard).rglob("*")):  # durable before the part names it
-            if path.is_file():
-                _fsync_path(path)
-        _fsync_path(self.shard_path(shard))
+        self.write_array(shard, data, {"shape": [len(data)], "chunks": [self.CHUNK], "dtype": "<f4"})
         return [(int(o), c) for o, c in zip(offsets[:-1], counts)]
 
     def read(self, shard: int, offset: int, count: int) -> np.ndarray:
-        import tensorstore as ts
-
-        try:
-            store = ts.open(self._spec(shard), open=True).result()
-        except ValueError as e:
-            raise DataError(f"{self.shard_path(shard)}: token log-probs of shard {shard} are missing or "
-                            f"unreadable ({e}); re-run the shard (delete its part file) to rewrite them") from e
-        return store[offset:offset + count].read().result()
+        return self.open_array(shard)[offset:offset + count].read().result()
 
 
 def _token_columns(stream: str | None) -> tuple[str, str]:
