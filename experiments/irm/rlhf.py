@@ -117,16 +117,13 @@ def stage_samples(args, loaded, tuned, utility) -> dict:
     path = Path(args.out) / "samples.npz"
     if path.exists():
         return dict(np.load(path))
-    import jax.numpy as jnp
-
-    from rmjax.models.transformer import forward
+    from rmjax.sae.activations import residual_fn
 
     tok, config = loaded.tokenizer, loaded.config
     prompts, _ = question_prompts(tok, held_out=True)
     width = max(len(p) for p in prompts)
     sc = SampleConfig(max_new_tokens=args.new_tokens, stop_ids=tuple(tok.end_of_turn_ids), pad_id=tok.pad_id)
-    layer = jax.jit(lambda params, ids, mask: forward(params, config, ids, mask, return_all_hidden=True)
-                    .all_hidden[args.layer])
+    layer = residual_fn(config, args.layer)  # runs only the first args.layer layers
     logp = jax.jit(lambda params, ids, mask, t, v: rloo.completion_logprobs(params, config, ids, mask, t, v).sum(1))
     parts: dict[str, list] = {k: [] for k in ("prompt", "tokens", "valid", "implicit", "act_base", "act_tuned",
                                               "row_sample", "row_is_reply", "row_token")}
@@ -139,12 +136,14 @@ def stage_samples(args, loaded, tuned, utility) -> dict:
         parts["implicit"].append(np.asarray(logp(tuned.params, ids, mask, t, v) - logp(loaded.params, ids, mask, t, v)))
         full_ids, full_mask = np.concatenate([ids, t], 1), np.concatenate([mask, v.astype(np.int32)], 1)
         real = full_mask > 0
+        rows = {"input_ids": full_ids, "segment_ids": full_mask, "branch_ids": np.zeros_like(full_mask),
+                "positions": np.maximum(np.cumsum(full_mask, 1) - 1, 0).astype(np.int32)}
         for name, model in (("act_base", loaded), ("act_tuned", tuned)):
-            parts[name].append(np.asarray(layer(model.params, jnp.asarray(full_ids), jnp.asarray(full_mask)))[real])
+            parts[name].append(np.asarray(layer(model.params, rows))[real])
         n_before = sum(len(x) for x in parts["prompt"])
-        parts["row_sample"].append((np.arange(len(chosen))[:, None] + n_before + 0 * full_ids)[real])
-        parts["row_is_reply"].append((np.arange(full_ids.shape[1])[None] >= width) & real)
-        parts["row_is_reply"][-1] = parts["row_is_reply"][-1][real]
+        sample, column = np.nonzero(real)  # row-major, as [real] orders the rows
+        parts["row_sample"].append(sample + n_before)
+        parts["row_is_reply"].append(column >= width)
         parts["row_token"].append(full_ids[real])
         parts["prompt"].append(chosen)
         parts["tokens"].append(t)
