@@ -31,7 +31,6 @@ import numpy as np
 
 from rmjax.analysis.dictionary import load_dictionary
 from rmjax.data.chat import render
-from rmjax.data.records import read_records
 from rmjax.models.loading import load_model
 from rmjax.rl import rewards, rloo
 from rmjax.rl.sampling import SampleConfig, generate, left_pad
