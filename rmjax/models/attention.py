@@ -534,9 +534,8 @@ def ring_attention(q, k, v, tokens: Tokens, spec: AttentionSpec, window, split: 
                           f"{2 * n} (two pieces per device), got {t}: pad rows to a multiple (max_length, "
                           "pack_length or the batch buckets) or use fewer sequence devices")
     q_spec = split.spec(("batch", "length", "kv_heads", None, None), q.shape)
-    kv_spec = split.spec(("batch", "length", "kv_heads", None), k.shape)
-    kv_spec = shd.P(q_spec[0], kv_spec[1], q_spec[2], None)  # rows and heads split as the queries'
-    tok_spec = shd.P(q_spec[0], kv_spec[1])
+    kv_spec = shd.P(*q_spec[:3], None)  # k/v [B, T, Hkv, D]: rows, length and heads split as the queries'
+    tok_spec = shd.P(*q_spec[:2])
     branch = tokens.branch
     fields = (tokens.segment, tokens.position) + (() if branch is None else (branch,))
 

@@ -138,6 +138,10 @@ class Scorer:
     def __init__(self, slots: list[ModelSlot], settings: ScoreSettings, mesh=None, strategy: str = "dp"):
         self.slots, self.s = slots, settings
         self.mesh, self.strategy = mesh, strategy
+        # one mesh over several processes' devices: every process runs each batch, each feeding its
+        # own devices' rows, and every process receives the whole result
+        self.spans_processes = mesh is not None and any(d.process_index != jax.process_index()
+                                                        for d in mesh.devices.flat)
         roles = {sl.role: sl for sl in slots}
         self.policy, self.reference, self.rm = roles.get("policy"), roles.get("reference"), roles.get("rm")
         if self.policy is None and self.rm is None and "judge" not in roles:
@@ -163,11 +167,6 @@ class Scorer:
         self.padded_tokens = 0
         self.naive_tokens = 0
 
-    @property
-    def spans_processes(self) -> bool:
-        """One mesh over several processes' devices: every process runs each batch, each feeding its
-        own devices' rows, and every process receives the whole result."""
-        return self.mesh is not None and any(d.process_index != jax.process_index() for d in self.mesh.devices.flat)
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict:
         """Rows split over the mesh's data-parallel axes where they divide (else replicated)."""
