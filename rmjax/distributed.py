@@ -126,6 +126,33 @@ def on_every_process(what: str, fn):
     return out
 
 
+def exchange(what: str, fn) -> list:
+    """``fn()`` on every process and every process's result, in process order, on each of them (the
+    results travel pickled: keep them small). Errors as in ``on_every_process``."""
+    out = on_every_process(what, fn)
+    if jax.process_count() == 1:
+        return [out]
+    import pickle
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(out), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(buf))
+    return [pickle.loads(rows[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
+def read_share(path, **kwargs):
+    """This process's share of the records of ``path`` (``rmjax.data.records.read_share``): it parses
+    only its part of the input; the processes exchange what makes the result equal one process's."""
+    from rmjax.data.records import read_share as read
+
+    return read(path, process=(jax.process_index(), jax.process_count()), exchange=exchange, **kwargs)
+
+
 def own_devices() -> list | None:
     """The devices a process scores on: with several processes each one its own (it scores its own
     shards with replicated models); on one machine None (all devices)."""

@@ -114,7 +114,8 @@ def test_two_processes_score_and_cache_features_as_one(model_dir, tmp_path):
     data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Question {i}: {'why ' * i}?",
                                         "chosen": f"Because {i}.", "rejected": "No" + "!" * i}) + "\n"
                             for i in range(9)))
-    common = ["--data", str(data), "--shard-size", "2", "--strategy", "fsdp", "--no-progress"]
+    # shards of 3: process 0 parses rows 0-3 and owns shards 0 and 1 (rows 3-5: it is handed rows 4-5)
+    common = ["--data", str(data), "--shard-size", "3", "--strategy", "fsdp", "--no-progress"]
     jobs = {"score": ["score", "--policy", str(model_dir), "--reference", "", "--sample", "0", *common],
             "features": ["features", "--model", str(model_dir), "--max-length", "128", *common]}
     tables, caches = {}, {}
@@ -127,6 +128,9 @@ def test_two_processes_score_and_cache_features_as_one(model_dir, tmp_path):
             assert json.loads((out / "metadata.json").read_text())["status"] == "complete"
         tables[n] = pd.read_parquet(tmp_path / f"score{n}" / "scores.parquet")
         caches[n] = FeatureCache(tmp_path / f"features{n}")
+    for i, rows in enumerate(("0..3", "4..8")):  # each process parsed only its part of the file
+        assert f"this process parsed rows {rows}, holds {4 + i}" in (tmp_path / "score2_logs" / f"process{i}.log"
+                                                                    ).read_text()
     assert tables[2]["id"].tolist() == [f"p{i}" for i in range(9)]  # each row once, in record order
     numeric = [c for c in tables[1].columns if tables[1][c].dtype.kind == "f"]
     # fsdp over 4 devices instead of 8 sums in another order: log-prob sums of ~60 agree to ~2e-6 relative

@@ -43,22 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_features(args) -> int:
     from rmjax import distributed
-    from rmjax.data.records import (
-        RecordReport,
-        input_fingerprint,
-        read_records,
-        sample_records,
-    )
+    from rmjax.data.records import RecordReport, input_fingerprint
     from rmjax.io import registry
     from rmjax.models.loading import load_model
     from rmjax.scoring import features
 
     distributed.maybe_initialize()
     report = RecordReport()
-    records = distributed.on_every_process(f"reading {args.data}", lambda: sample_records(
-        read_records(args.data, on_error=args.on_error, report=report, split=args.split), args.sample, args.seed))
-    print(f"data: {report.summary()}; caching {len(records)} examples", file=sys.stderr)
-    if not records:
+    # each process parses only its part of the input (and owns the shards that start there)
+    records = distributed.read_share(args.data, on_error=args.on_error, report=report, split=args.split,
+                                     sample=args.sample, seed=args.seed, shard_size=args.shard_size)
+    print(f"data: {report.summary()}; caching {records.total} examples", file=sys.stderr)
+    if not records.total:
         raise RmjaxError(f"{args.data}: no records to cache")
     mesh = None
     if args.strategy != "none":  # several processes: each caches its own shards on its own devices

@@ -109,16 +109,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run_vocab_scan)
 
 
-def _sample(records, n: int, seed: int):
-    import numpy as np
-
-    if not n or n >= len(records):
-        return records
-    keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
-    from dataclasses import replace
-    return [replace(records[i], index=j) for j, i in enumerate(keep)]
-
-
 def resolve_score_inputs(args) -> None:
     """--cross-family, the default policy / reference (none when only --judge or --rm is given),
     --data heldout (the policy adapter's held-out pairs) and the --sample default."""
@@ -157,12 +147,7 @@ def run_score(args) -> int:
     from tqdm import tqdm
 
     from rmjax import distributed
-    from rmjax.data.records import (
-        RecordReport,
-        input_fingerprint,
-        read_records,
-        sample_records,
-    )
+    from rmjax.data.records import RecordReport, Share, input_fingerprint
     from rmjax.models.loading import load_model
     from rmjax.scoring import bulk
     from rmjax.scoring.output import ScoreWriter
@@ -170,10 +155,13 @@ def run_score(args) -> int:
     distributed.maybe_initialize()
     resolve_score_inputs(args)
     report = RecordReport()
-    records = distributed.on_every_process(f"reading {args.data}", lambda: sample_records(
-        read_records(args.data, on_error=args.on_error, report=report, split=args.split), args.sample, args.seed))
-    bulk.log(f"data: {report.summary()}; scoring {len(records)} examples")
-    if not records:
+    # each process parses only its part of the input (and owns the shards that start there)
+    share = distributed.read_share(args.data, on_error=args.on_error, report=report, split=args.split,
+                                   sample=args.sample, seed=args.seed, shard_size=args.shard_size)
+    bulk.log(f"data: {report.summary()}; scoring {share.total} examples"
+             + (f" (this process parsed rows {share.units[0]}..{share.units[1] - 1}, holds "
+                f"{len(share.records)})" if jax.process_count() > 1 else ""))
+    if not share.total:
         raise RmjaxError(f"{args.data}: no records to score")
     s = bulk.ScoreSettings(beta=args.beta, reduction=args.reduction, template=args.template,
                            reference_template=args.reference_template,
@@ -193,7 +181,7 @@ def run_score(args) -> int:
     if args.judge:
         settings.update(judge_labels=args.judge_labels, judge_template=args.judge_template)
     def open_writer(overwrite: bool):  # process 0 opens (or resumes) the run before the others
-        return ScoreWriter(args.out, settings, num_examples=len(records), shard_size=args.shard_size,
+        return ScoreWriter(args.out, settings, num_examples=share.total, shard_size=args.shard_size,
                            token_logprobs=args.token_logprobs, overwrite=overwrite)
 
     writer = distributed.main_first(lambda first: open_writer(args.overwrite and first))
@@ -206,6 +194,10 @@ def run_score(args) -> int:
     if together and args.strategy == "none":
         raise RmjaxError("--mesh-scope global shards the models over every process's devices: give a --strategy "
                          "(e.g. fsdp)")
+    if together:  # every process builds every global batch: each needs all records
+        everything = [r for theirs in distributed.exchange("gathering the records", lambda: share.records)
+                      for r in theirs]
+        share = Share(everything, share.total, 0, share.units, args.shard_size)
     if args.strategy != "none":
         # several processes: each one scores its own shards with the models on its own devices, or
         # (--mesh-scope global) all score every shard on one mesh over all of them
@@ -225,12 +217,12 @@ def run_score(args) -> int:
     bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in slots)}; "
              f"{'one fused jit for policy+reference' if scorer.fused else 'per-model passes'}")
     pending = writer.pending_shards()
-    mine = pending if together else [k for k in pending if k % jax.process_count() == jax.process_index()]
-    done = len(records) - sum(len(writer.shard_range(k)) for k in pending)
-    bar = tqdm(total=len(records), initial=done, unit="ex", desc="score", file=sys.stderr,
+    mine = [k for k in pending if share.owned(k)]
+    done = share.total - sum(len(writer.shard_range(k)) for k in pending)
+    bar = tqdm(total=share.total, initial=done, unit="ex", desc="score", file=sys.stderr,
                disable=args.no_progress or not distributed.is_main_process())
     t0, tokens = time.perf_counter(), 0
-    for k, (rows, dropped, token_streams) in zip(mine, _prefetched_shards(scorer, records, writer, mine)):
+    for k, (rows, dropped, token_streams) in zip(mine, _prefetched_shards(scorer, share, mine)):
         if not together or distributed.is_main_process():  # one global mesh: every process has all rows
             writer.write_shard(k, rows, skipped=dropped, token_logprobs=token_streams if s.token_logprobs else None)
         bar.update(len(writer.shard_range(k)))
@@ -267,11 +259,11 @@ def run_score(args) -> int:
     return 0
 
 
-def _prefetched_shards(scorer, records, writer, shards):
+def _prefetched_shards(scorer, share, shards):
     """Score shards in order; grain prefetches the next shard's records while one is scored."""
     import grain
 
-    ds = grain.MapDataset.source(shards).map(lambda k: [records[i] for i in writer.shard_range(k)])
+    ds = grain.MapDataset.source(shards).map(share.shard_records)
     for recs in ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)):
         yield scorer.score_shard(recs)
 

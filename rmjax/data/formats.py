@@ -29,11 +29,23 @@ LLMBAR_ALIAS = "llmbar"
 Row = tuple[str, str, "dict | DataError"]  # (place, default id, record or the error for that place)
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
-    """(line number, record or the error for that line); gzip by suffix; non-UTF-8 is an error."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+Part = tuple[int, int]  # units [lo, hi) of an input (see ``row_count``)
+
+
+def _opener(path: Path):
+    return gzip.open if path.suffix == ".gz" else open
+
+
+def read_jsonl(path: Path, part: Part | None = None) -> Iterator[tuple[int, dict | DataError]]:
+    """(line number, record or the error for that line); gzip by suffix; non-UTF-8 is an error.
+    ``part=(lo, hi)``: only lines lo+1..hi (1-based); the lines before are skipped unparsed."""
+    lo, hi = part if part is not None else (0, None)
+    with _opener(path)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno <= lo:
+                continue
+            if hi is not None and lineno > hi:
+                break
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -60,10 +72,23 @@ def _stem(path: Path) -> str:
     return name
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def _jsonl_lines(path: Path) -> int:
+    """Lines of a jsonl file as ``read_jsonl`` numbers them, counted without decoding any."""
+    lines, last = 0, b"\n"
+    try:
+        with _opener(path)(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read ({e}); check that the file is complete") from e
+    return lines + (last != b"\n")
+
+
+def _jsonl_rows(path: Path, part: Part | None = None) -> Iterator[Row]:
     stem = _stem(path)
     try:
-        for lineno, rec in read_jsonl(path):
+        for lineno, rec in read_jsonl(path, part):
             if isinstance(rec, DataError):
                 rec = DataError(f"{rec}; fix or delete that line")
             yield f"{path}:{lineno}", f"{stem}:{lineno}", rec
@@ -71,23 +96,39 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
         raise DataError(f"{path}: cannot be read ({e}); check that the file is complete") from e
 
 
-def _parquet_rows(path: Path) -> Iterator[Row]:
+def _parquet_file(path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    stem = _stem(path)
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-        row = 0
-        for batch in batches:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e}); rewrite it, e.g. with pandas.to_parquet") from e
+
+
+def _parquet_rows(path: Path, part: Part | None = None) -> Iterator[Row]:
+    """Rows of a Parquet file; ``part`` reads only the row groups that hold rows lo..hi-1."""
+    import pyarrow as pa
+
+    stem = _stem(path)
+    file = _parquet_file(path)
+    sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
+    lo, hi = part if part is not None else (0, sum(sizes))
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    groups = [g for g in range(len(sizes)) if starts[g] < hi and starts[g] + sizes[g] > lo]
+    try:
+        row = starts[groups[0]] if groups else 0
+        for batch in file.iter_batches(batch_size=1024, row_groups=groups) if groups else ():
             for rec in batch.to_pylist():
-                yield f"{path} row {row}", f"{stem}:{row}", rec
+                if lo <= row < hi:
+                    yield f"{path} row {row}", f"{stem}:{row}", rec
                 row += 1
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({e}); rewrite it, e.g. with pandas.to_parquet") from e
 
 
-def _datasets_rows(path: Path, split: str | None) -> Iterator[Row]:
+def _load_dataset(path: Path, split: str | None):
+    """(the Dataset, its place name)."""
     import datasets
 
     try:
@@ -102,7 +143,14 @@ def _datasets_rows(path: Path, split: str | None) -> Iterator[Row]:
         ds, place = ds[split], f"{path}[{split}]"
     elif split is not None:
         raise DataError(f"{path}: a single Dataset has no splits, but split {split!r} was given; drop --split")
+    return ds, place
+
+
+def _datasets_rows(path: Path, split: str | None, part: Part | None = None) -> Iterator[Row]:
+    ds, place = _load_dataset(path, split)
     row = 0
+    if part is not None:
+        ds, row = ds.select(range(part[0], min(part[1], len(ds)))), part[0]
     for batch in ds.iter(batch_size=1024):
         columns = list(batch)
         for values in zip(*(batch[c] for c in columns)):
@@ -163,29 +211,56 @@ def _bundled_rows(spec: str) -> Iterator[Row]:
             yield where, f"{subset}:{default_id.rpartition(':')[2]}", rec
 
 
-def rows(path: str | Path, split: str | None) -> Iterator[Row]:
-    """(place, default id, record or error) of every row of ``path``, in input order."""
+def _source(path: str | Path, split: str | None) -> tuple[str, Any]:
+    """(kind, path): "bundled", "datasets", "jsonl" or "parquet"; errors for anything else."""
     if is_bundled(path):
         if split is not None:
             raise DataError(f"{path}: the bundled data has one split; drop --split")
-        yield from _bundled_rows(str(path))
-        return
+        return "bundled", str(path)
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory; give a .jsonl, .jsonl.gz or .parquet file, "
                         f"a datasets directory, {HH_ALIAS}[:SUBSET] or {LLMBAR_ALIAS}[:SUBSET]")
     if path.is_dir():
-        yield from _datasets_rows(path, split)
-        return
+        return "datasets", path
     if split is not None:
         raise DataError(f"{path}: --split applies only to a datasets directory; drop it")
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _jsonl_rows(path)
-    elif path.suffix == ".parquet":
-        yield from _parquet_rows(path)
+        return "jsonl", path
+    if path.suffix == ".parquet":
+        return "parquet", path
+    raise DataError(f"{path}: unknown input format; use .jsonl, .jsonl.gz, .parquet, a datasets directory "
+                    f"(save_to_disk), {HH_ALIAS}[:SUBSET] or {LLMBAR_ALIAS}[:SUBSET]")
+
+
+def row_count(path: str | Path, split: str | None = None) -> int:
+    """How many units ``rows(path, split, part)`` splits: the lines of a jsonl file (blank ones too;
+    counted, not parsed), the rows of a Parquet file (its metadata) or a dataset, the rows of a
+    bundled set (small; read whole)."""
+    kind, src = _source(path, split)
+    if kind == "jsonl":
+        return _jsonl_lines(src)
+    if kind == "parquet":
+        return _parquet_file(src).metadata.num_rows
+    if kind == "datasets":
+        return len(_load_dataset(src, split)[0])
+    return sum(1 for _ in _bundled_rows(src))
+
+
+def rows(path: str | Path, split: str | None, part: Part | None = None) -> Iterator[Row]:
+    """(place, default id, record or error) of every row of ``path``, in input order; ``part=(lo, hi)``
+    only those of units lo..hi-1 (``row_count``), reading no more of the input than it must."""
+    kind, src = _source(path, split)
+    if kind == "jsonl":
+        yield from _jsonl_rows(src, part)
+    elif kind == "parquet":
+        yield from _parquet_rows(src, part)
+    elif kind == "datasets":
+        yield from _datasets_rows(src, split, part)
     else:
-        raise DataError(f"{path}: unknown input format; use .jsonl, .jsonl.gz, .parquet, a datasets directory "
-                        f"(save_to_disk), {HH_ALIAS}[:SUBSET] or {LLMBAR_ALIAS}[:SUBSET]")
+        for i, row in enumerate(_bundled_rows(src)):
+            if part is None or part[0] <= i < part[1]:
+                yield row
 
 
 # ---------------------------------------------------------------- fingerprint

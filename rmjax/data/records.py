@@ -29,17 +29,18 @@ left out.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import re
 from pathlib import Path
 from typing import Any
 
-from rmjax.data.formats import input_fingerprint, rows
+from rmjax.data.formats import input_fingerprint, row_count, rows
 from rmjax.errors import ConfigError, DataError
 
-__all__ = ["Record", "RecordReport", "input_fingerprint", "parse_hh_transcript", "parse_record",
-           "rating_matrix", "read_records", "sample_records"]
+__all__ = ["Record", "RecordReport", "Share", "input_fingerprint", "parse_hh_transcript", "parse_record",
+           "rating_matrix", "read_records", "read_share", "sample_positions", "sample_records"]
 
 ROLES = ("system", "user", "assistant")
 KINDS = ("single", "pair", "best_of_n")
@@ -307,35 +308,193 @@ def _record_id(record: dict, id_field: str, default: str, where: str) -> str:
 
 
 
-def _consistent(records: list[Record], on_error: str, report: RecordReport) -> list[Record]:
-    """Checks across records: one set of objectives, and a subset on every record or on none."""
+Exchange = Any  # (what, fn) -> [fn() of every process, in process order]; see ``read_share``
+
+
+def _alone(what: str, fn):
+    return [fn()]
+
+
+@dataclasses.dataclass
+class Share:
+    """One process's share of an input (``read_share``): its records, with their global indices
+    (contiguous), the size of the whole, and the records of later processes its shards need."""
+
+    records: list[Record]
+    total: int  # records of the whole input (after skipping and sampling)
+    start: int  # global index of records[0] (where records would start when empty)
+    units: tuple[int, int]  # the rows / lines lo..hi-1 it parsed (``formats.row_count``; one process: rows read)
+    shard_size: int = 0
+    overhang: list[Record] = dataclasses.field(default_factory=list)  # the rest of its last shard
+
+    def owned(self, shard: int) -> bool:
+        """Shard k (records k*S .. k*S+S-1) belongs to the process that holds its first record."""
+        return self.start <= shard * self.shard_size < self.start + len(self.records)
+
+    def shard_records(self, shard: int) -> list[Record]:
+        lo = shard * self.shard_size
+        hi = min(lo + self.shard_size, self.total)
+        have = self.records + self.overhang
+        return have[lo - self.start:hi - self.start]
+
+
+def _parse_rows(path, split, part, id_field: str, limit: int | None) -> list[tuple[str, str | None, Any]]:
+    """(place, id or None, (prompt, responses, kind, extras) or the row's DataError) per row of ``part``."""
+    out, seen, valid = [], set(), 0
+    for where, default_id, rec in rows(path, split, part):
+        if limit is not None and valid >= limit:
+            break
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            record_id = _record_id(rec, id_field, default_id, where)
+        except DataError as e:
+            out.append((where, None, e))
+            continue
+        try:
+            prompt, responses, kind = parse_record(rec, where)
+            out.append((where, record_id, (prompt, responses, kind, _extras(rec, kind, where))))
+            valid += record_id not in seen
+            seen.add(record_id)
+        except DataError as e:
+            out.append((where, record_id, e))
+    return out
+
+
+def _first_problem(exchange: Exchange, what: str, problems: list[str]) -> None:
+    """Raise the input's first problem (the lowest process's first) on every process, if any."""
+    firsts = exchange(what, lambda: problems[0] if problems else None)
+    first = next((p for p in firsts if p is not None), None)
+    if first is not None:
+        raise DataError(first)
+
+
+def _consistency_problems(records: list[Record], exchange: Exchange) -> dict[int, str]:
+    """Checks across records (of every process): one set of objectives, and a subset on every record or none."""
+    def summary():
+        rated = next((r for r in records if r.ratings is not None), None)
+        with_subset = [r for r in records if r.subset]
+        return ((tuple(n for n, _ in rated.ratings), rated.place) if rated else None,
+                len(with_subset), with_subset[0].place if with_subset else "", len(records))
+    summaries = exchange("checking the records against each other", summary)
+    rated = next((s[0] for s in summaries if s[0] is not None), None)
+    n_subset, n_all = sum(s[1] for s in summaries), sum(s[3] for s in summaries)
+    first_subset = next((s[2] for s in summaries if s[1]), "")
     problems: dict[int, str] = {}
-    rated = [r for r in records if r.ratings is not None]
     if rated:
-        first = rated[0]
-        names = [n for n, _ in first.ratings]
-        for r in rated[1:]:
+        names, first_place = rated
+        for r in records:
+            if r.ratings is None or r.place == first_place:
+                continue
             other = [n for n, _ in r.ratings]
             if set(other) != set(names):
                 missing, extra = sorted(set(names) - set(other)), sorted(set(other) - set(names))
                 problems[r.index] = (f"{r.place}: field 'ratings' names other objectives than the first rated "
-                                     f"record ({first.place}): missing {missing}, extra {extra}; give every "
+                                     f"record ({first_place}): missing {missing}, extra {extra}; give every "
                                      "record the same objectives (null where a response is not rated)")
-    with_subset = [r for r in records if r.subset]
-    if with_subset and len(with_subset) < len(records):
+    if n_subset and n_subset < n_all:
         for r in records:
             if not r.subset:
-                problems.setdefault(r.index, f"{r.place}: field 'subset' is missing, but {len(with_subset)} "
-                                             f"other records (first: {with_subset[0].place}) have one; give every "
+                problems.setdefault(r.index, f"{r.place}: field 'subset' is missing, but {n_subset} "
+                                             f"other records (first: {first_subset}) have one; give every "
                                              "record a subset, or none")
-    if not problems:
-        return records
+    return problems
+
+
+def sample_positions(total: int, n: int, seed: int = 0) -> list[int]:
+    """The positions ``sample_records`` keeps of ``total`` records, in order."""
+    import numpy as np
+
+    if not n or n >= total:
+        return list(range(total))
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False)).tolist()
+
+
+def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange: Exchange = _alone,
+               shard_size: int = 0, on_error: str = "fail", report: RecordReport | None = None,
+               limit: int | None = None, id_field: str = "id", split: str | None = None,
+               sample: int = 0, seed: int = 0) -> Share:
+    """Process ``process[0]`` of ``process[1]``'s share of ``path``: it parses only its contiguous
+    range of the input's rows (``formats.row_count``), and a few small exchanges (``exchange``: run a
+    function on every process, gather the results) make the result the same as one process reading
+    everything: the same records in the same order with the same global indices, the same first
+    error (``on_error="fail"``) or the same skipped rows, ids unique across processes, one set of
+    objectives, ``sample`` records drawn the same way. With ``shard_size`` S, the process owns the
+    shards whose first record it holds (``Share.owned``) and receives the records of later processes
+    its last shard needs (``Share.shard_records``).
+    """
+    if on_error not in ("fail", "skip"):
+        raise ConfigError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if limit is not None and limit < 0:
+        raise ConfigError(f"limit must be >= 0, got {limit}")
+    me, n = process
+    if limit is not None and n > 1:
+        raise ConfigError("limit reads the first records of one process; drop it when reading in parts")
+    report = report if report is not None else RecordReport()
+    counts = exchange(f"counting the rows of {path}", lambda: row_count(path, split)) if n > 1 else [None]
+    if len(set(counts)) > 1:
+        raise DataError(f"{path}: the input differs between processes ("
+                        + ", ".join(f"{c} rows on process {i}" for i, c in enumerate(counts))
+                        + "); give every host the same file")
+    part = (counts[0] * me // n, counts[0] * (me + 1) // n) if n > 1 else None
+    local: dict[str, Any] = {}
+
+    def parse():  # only the ids travel; the rows stay with the process that parsed them
+        local["parsed"] = _parse_rows(path, split, part, id_field, limit)
+        return [(rid, not isinstance(body, DataError)) for _, rid, body in local["parsed"]]
+
+    # ids: the first record with an id that parses owns it; every later row with that id is a duplicate
+    ids = exchange(f"reading {path}", parse)
+    parsed = local["parsed"]
+    owner: dict[str, tuple[int, int]] = {}
+    for p, their in enumerate(ids):
+        for j, (rid, ok) in enumerate(their):
+            if ok and rid is not None and rid not in owner:
+                owner[rid] = (p, j)
+    duplicated = {rid for p, their in enumerate(ids) for j, (rid, _) in enumerate(their)
+                  if rid in owner and owner[rid] < (p, j)}
+    places = {}
+    if duplicated:
+        mine = {rid: parsed[j][0] for rid, (p, j) in owner.items() if p == me and rid in duplicated}
+        for theirs in exchange("naming duplicate ids", lambda: mine):
+            places.update(theirs)
+    kept: list[tuple[str, str, Any]] = []
+    problems: list[str] = []
+    for j, (where, rid, body) in enumerate(parsed):
+        if rid in duplicated and owner[rid] < (me, j):
+            body = DataError(f"{where}: duplicate id {rid!r} (first at {places[rid]}); "
+                             f"ids in field {id_field!r} must be unique, so fix one of them")
+        if isinstance(body, DataError):
+            problems.append(str(body))
+        else:
+            kept.append((where, rid, body))
     if on_error == "fail":
-        raise DataError(problems[min(problems)])
-    report.skipped.extend(problems[i] for i in sorted(problems))
-    report.read -= len(problems)
-    kept = [r for r in records if r.index not in problems]
-    return [dataclasses.replace(r, index=i) for i, r in enumerate(kept)]
+        _first_problem(exchange, f"reading {path}", problems)
+    counts = exchange("counting the records", lambda: len(kept))
+    offset = sum(counts[:me])
+    records = [Record(rid, prompt, responses, kind, offset + j, place=where, **extras)
+               for j, (where, rid, (prompt, responses, kind, extras)) in enumerate(kept)]
+    bad = _consistency_problems(records, exchange)
+    if on_error == "fail":
+        _first_problem(exchange, f"reading {path}", [bad[i] for i in sorted(bad)])
+    records = [r for r in records if r.index not in bad]
+    every = exchange("counting the records", lambda: (len(records), problems, [bad[i] for i in sorted(bad)]))
+    report.read += sum(e[0] for e in every)
+    report.skipped.extend([p for e in every for p in e[1]] + [p for e in every for p in e[2]])
+    total, offset = sum(e[0] for e in every), sum(e[0] for e in every[:me])
+    keep = sample_positions(total, sample, seed)
+    start = bisect.bisect_left(keep, offset)
+    mine_pos = keep[start:bisect.bisect_left(keep, offset + len(records))]
+    records = [dataclasses.replace(records[g - offset], index=start + j) for j, g in enumerate(mine_pos)]
+    share = Share(records, len(keep), start, part if part is not None else (0, len(parsed)), shard_size)
+    if shard_size and n > 1:
+        first_boundary = -(-start // shard_size) * shard_size
+        heads = exchange("handing shards over", lambda: [r for r in records if r.index < first_boundary])
+        end = start + len(records)
+        if records:
+            last = (records[-1].index // shard_size + 1) * shard_size
+            share.overhang = [r for their in heads[me + 1:] for r in their if end <= r.index < last]
+    return share
 
 
 def read_records(path: str | Path, *, on_error: str = "fail", report: RecordReport | None = None,
@@ -345,35 +504,10 @@ def read_records(path: str | Path, *, on_error: str = "fail", report: RecordRepo
     ``on_error="fail"`` raises the first bad record's DataError; ``"skip"`` leaves it out and adds the
     error to ``report.skipped``. ``limit`` stops after that many records were read. Errors about the
     input as a whole (missing file, unreadable Parquet, a DatasetDict without ``split``) always raise.
+    Several processes each reading their part: ``read_share``.
     """
-    if on_error not in ("fail", "skip"):
-        raise ConfigError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    if limit is not None and limit < 0:
-        raise ConfigError(f"limit must be >= 0, got {limit}")
-    report = report if report is not None else RecordReport()
-    records: list[Record] = []
-    first_seen: dict[str, str] = {}  # id -> place of the record that has it
-    for where, default_id, rec in rows(path, split):
-        if limit is not None and len(records) >= limit:
-            break
-        try:
-            if isinstance(rec, DataError):
-                raise rec
-            record_id = _record_id(rec, id_field, default_id, where)
-            if record_id in first_seen:
-                raise DataError(f"{where}: duplicate id {record_id!r} (first at {first_seen[record_id]}); "
-                                f"ids in field {id_field!r} must be unique, so fix one of them")
-            prompt, responses, kind = parse_record(rec, where)
-            extras = _extras(rec, kind, where)
-        except DataError as e:
-            if on_error == "fail":
-                raise
-            report.skipped.append(str(e))
-            continue
-        first_seen[record_id] = where
-        records.append(Record(record_id, prompt, responses, kind, len(records), place=where, **extras))
-        report.read += 1
-    return _consistent(records, on_error, report)
+    return read_share(path, on_error=on_error, report=report, limit=limit, id_field=id_field,
+                      split=split).records
 
 
 def rating_matrix(records: list[Record], objectives: tuple[str, ...] = ()) -> tuple[tuple[str, ...], list]:
@@ -405,9 +539,6 @@ def rating_matrix(records: list[Record], objectives: tuple[str, ...] = ()) -> tu
 
 def sample_records(records: list[Record], n: int, seed: int = 0) -> list[Record]:
     """A fixed, seeded sample of ``n`` records in input order, re-indexed 0..n-1 (all for n = 0 or n >= len)."""
-    import numpy as np
-
     if not n or n >= len(records):
         return records
-    keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
-    return [dataclasses.replace(records[i], index=j) for j, i in enumerate(keep)]
+    return [dataclasses.replace(records[i], index=j) for j, i in enumerate(sample_positions(len(records), n, seed))]

@@ -43,7 +43,7 @@ import numpy as np
 
 from rmjax.data import batching
 from rmjax.data.chat import template_name
-from rmjax.data.records import Record, rating_matrix
+from rmjax.data.records import Record, Share, rating_matrix
 from rmjax.errors import DataError, RmjaxError
 from rmjax.scoring import compute
 from rmjax.scoring.output import ScoreWriter, _fsync_path, _write_json
@@ -240,41 +240,64 @@ def objectives_of(records: list[Record]) -> tuple[str, ...]:
     return () if first is None else tuple(n for n, _ in first.ratings)
 
 
-def cache_features(records: list[Record], loaded, out_dir: Path | str, *, settings: FeatureSettings,
+def cache_features(records: list[Record] | Share, loaded, out_dir: Path | str, *, settings: FeatureSettings,
                    provenance: dict, dtype: str = "float32", mesh=None, strategy: str = "dp",
                    overwrite: bool = False, progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Cache the features of ``records`` in ``out_dir`` (module docstring); returns the metadata.
 
-    ``provenance`` (JSON: model name and source, data, data_hash, sample, ...) joins the settings
-    that identify the run; re-running with the same ones resumes, other ones are refused.
+    ``records``: all of them (several processes then split the shards k % processes), or this
+    process's ``Share`` (``distributed.read_share`` with ``shard_size=settings.shard_size``: each
+    process caches the shards that start in its part). ``provenance`` (JSON: model name and
+    source, data, data_hash, sample, ...) joins the settings that identify the run; re-running with
+    the same ones resumes, other ones are refused.
     """
-    if not records:
+    from rmjax.distributed import exchange, main_first
+
+    if isinstance(records, Share):
+        if records.shard_size != settings.shard_size:
+            raise ValueError(f"the share was read for shards of {records.shard_size}, the cache has "
+                             f"{settings.shard_size}: read it with shard_size=settings.shard_size")
+        share = records
+    else:
+        share = Share(list(records), len(records), 0, (0, len(records)), settings.shard_size)
+    if not share.total:
         raise DataError("no records to cache")
-    objectives = objectives_of(records)
+    stats = exchange("comparing the records", lambda: (objectives_of(share.records),
+                                                       max((len(r.responses) for r in share.records), default=0)))
+    objectives = next((o for o, _ in stats if o), ())
     width = loaded.config.hidden_size
-    responses = max(len(r.responses) for r in records)
+    responses = max(r for _, r in stats)
     ident = {**provenance, "template": template_name(loaded.tokenizer, settings.template), "dtype": dtype,
              "max_length": settings.max_length, "over_length": settings.over_length,
              "pack_length": settings.pack_length, "batch_tokens": settings.batch_tokens,
              "width": width, "responses": responses, "objectives": list(objectives), "gating_token": GATING_RULE,
              "features": "final-normed hidden state (after the model's final norm)"}
-    from rmjax.distributed import main_first
-    writer = main_first(lambda first: FeatureWriter(out_dir, ident, num_examples=len(records),
-                                                    shard_size=settings.shard_size, overwrite=overwrite and first))
+    def open_writer(first: bool) -> FeatureWriter:
+        w = FeatureWriter(out_dir, ident, num_examples=share.total, shard_size=settings.shard_size,
+                          overwrite=overwrite and first)
+        if first and not w.is_complete():  # the arrays exist before any process writes its shards
+            for name in ARRAYS:
+                w.store(name)
+        return w
+
+    writer = main_first(open_writer)
     if writer.is_complete():
         return writer.metadata
     ex = FeatureExtractor(loaded, settings, objectives, mesh=mesh, strategy=strategy)
     pending = writer.pending_shards()
-    mine = [k for k in pending if k % jax.process_count() == jax.process_index()]  # pods: shards by process
-    done = len(records) - sum(len(writer.shard_range(k)) for k in pending)
+    if records is share:  # pods: the shards that start in this process's part
+        mine = [k for k in pending if share.owned(k)]
+    else:  # every process has every record: shards by process
+        mine = [k for k in pending if k % jax.process_count() == jax.process_index()]
+    done = share.total - sum(len(writer.shard_range(k)) for k in pending)
     t0 = time.perf_counter()
     for k in mine:
-        recs = [records[i] for i in writer.shard_range(k)]
+        recs = share.shard_records(k)
         rows, dropped, arrays = ex.shard(recs, width, responses)
         writer.write_shard(k, rows, skipped=dropped, arrays=arrays)
         done += len(recs)
         if progress is not None:
-            progress(done, len(records), ex.real_tokens / max(time.perf_counter() - t0, 1e-9))
+            progress(done, share.total, ex.real_tokens / max(time.perf_counter() - t0, 1e-9))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("rmjax-features-shards")
