@@ -1,6 +1,8 @@
 """Tiny random Hugging Face models (torch, CPU) used as golden references."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import transformers
@@ -96,3 +98,23 @@ def save_tiny_checkpoint(directory, case: str = "llama_gqa_tied", head: str = "c
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return model, tok
+
+
+def jit_forward(params, config, *args, **kwargs):
+    """``rmjax.models.forward`` jitted (one compile per config, shape and flag set): tests that run
+    whole decoders compare outputs, and an un-jitted decoder runs op by op, many times slower."""
+    flags = tuple(sorted((k, v) for k, v in kwargs.items() if v is None or isinstance(v, (bool, int, str))))
+    arrays = {k: v for k, v in kwargs.items() if k not in dict(flags)}
+    return _jitted_forward()(params, config, args, arrays, flags)
+
+
+@functools.cache
+def _jitted_forward():
+    import jax
+
+    from rmjax.models import forward
+
+    return jax.jit(lambda params, config, args, arrays, flags: forward(params, config, *args, **arrays, **dict(flags)),
+                   static_argnums=(1, 4))
+
+

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import save_tiny_checkpoint
+from hf_models import jit_forward, save_tiny_checkpoint
 from rmjax.cli import main
-from rmjax.models import forward
 from rmjax.models.loading import load_model
 from rmjax.train import heads as theads
 from rmjax.train import loop as tloop
@@ -64,7 +63,7 @@ def trained(base, tmp_path, *overrides, objectives=()):
     statics = {"objectives": tuple(objectives)}
     out = export_run(full, loaded, run, tmp_path / "final", statics)
     backbone = tparams.apply_lora(full["backbone"], full["lora"], 16 / 4) if "lora" in full else full["backbone"]
-    hidden = np.asarray(forward(backbone, loaded.config, IDS).hidden)[0, -1]
+    hidden = np.asarray(jit_forward(backbone, loaded.config, IDS).hidden)[0, -1]
     return out, full, hidden, loaded
 
 
@@ -91,7 +90,7 @@ def test_lora_scalar_rm_in_peft_layout_loads_everywhere(base, tmp_path):
 
     def rmjax_reward(name):
         m = load_model(name)
-        return float(np.asarray(forward(m.params, m.config, IDS).hidden)[0, -1] @ m.score_head[:, 0])
+        return float(np.asarray(jit_forward(m.params, m.config, IDS).hidden)[0, -1] @ m.score_head[:, 0])
 
     assert rmjax_reward(f"{base}+{final / 'adapter'}") == pytest.approx(want, abs=1e-4)
     assert rmjax_reward(str(final / "adapter")) == pytest.approx(want, abs=1e-4)  # the adapter names its base

@@ -14,7 +14,8 @@ from rmjax.cli import main
 from rmjax.data import judge
 from rmjax.data.records import Record, read_records
 from rmjax.errors import ConfigError
-from rmjax.models import forward, unembed
+from rmjax.models import unembed
+from rmjax.scoring.engine import reference_hidden
 from rmjax.models.loading import load_model
 from rmjax.train import examples as texamples
 from rmjax.train.config import load_config
@@ -92,8 +93,8 @@ def naive_judge(loaded, rec, labels=("A", "B"), template="gram"):
     ids = judge.label_ids(loaded.tokenizer, labels)
     out = []
     for seq in judge.judge_sequences(loaded.tokenizer, rec, labels, "model", judge.TEMPLATES[template]):
-        h = forward(loaded.params, loaded.config, np.asarray([seq], np.int32)).hidden
-        out.append(np.asarray(unembed(loaded.params, loaded.config, h))[0, -1, list(ids)])
+        h = reference_hidden(loaded.params, loaded.config, seq)[-1]
+        out.append(np.asarray(unembed(loaded.params, loaded.config, h))[list(ids)])
     return np.stack(out)
 
 

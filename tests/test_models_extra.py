@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import build, padded_batch
+from hf_models import build, jit_forward, padded_batch
 from rmjax.errors import CheckpointError, ConfigError
-from rmjax.models import config_from_hf, forward, unembed
+from rmjax.models import config_from_hf, unembed
 from rmjax.models.loading import StateDictCheckpoint, load_params
 
 
@@ -21,7 +21,7 @@ def test_sequence_classification_rewards_match_hf(case, side):
     config, params, score = _load(model)
     assert score is not None and score.shape == (config.hidden_size, 1)
     ids, mask = padded_batch(config.vocab_size, [10, 6, 2], 10, side)
-    hidden = np.asarray(forward(params, config, ids, mask).hidden)
+    hidden = np.asarray(jit_forward(params, config, ids, mask).hidden)
     last = np.array([np.nonzero(m)[0].max() for m in mask])  # last real token, from the mask
     ours = hidden[np.arange(len(ids)), last] @ score
     with torch.no_grad():
@@ -37,13 +37,13 @@ def test_prefix_kv_cache_extension_equals_full_forward(case):
     # prefixes of different lengths (right padded), suffixes of different lengths (right padded)
     p_ids, p_mask = padded_batch(config.vocab_size, [6, 3], 6, "right", seed=1)
     s_ids, s_mask = padded_batch(config.vocab_size, [4, 2], 4, "right", seed=2)
-    prefix = forward(params, config, p_ids, p_mask, return_kv=True)
-    ext = forward(params, config, s_ids, s_mask, kv_cache=prefix.kv, return_kv=True)
+    prefix = jit_forward(params, config, p_ids, p_mask, return_kv=True)
+    ext = jit_forward(params, config, s_ids, s_mask, kv_cache=prefix.kv, return_kv=True)
     assert ext.kv.k.shape[2] == 10
     for b in range(2):
         pl, sl = p_mask[b].sum(), s_mask[b].sum()
         full_ids = np.concatenate([p_ids[b, :pl], s_ids[b, :sl]])[None]
-        full = np.asarray(forward(params, config, full_ids).hidden)[0]
+        full = np.asarray(jit_forward(params, config, full_ids).hidden)[0]
         np.testing.assert_allclose(np.asarray(ext.hidden)[b, :sl], full[pl:], atol=2e-5)
         np.testing.assert_allclose(np.asarray(prefix.hidden)[b, :pl], full[:pl], atol=2e-5)
 
@@ -55,9 +55,9 @@ def test_packed_segments_equal_separate_rows():
     a, b = rng.integers(1, config.vocab_size, 7), rng.integers(1, config.vocab_size, 5)
     packed = np.concatenate([a, b, [0, 0]])[None]
     seg = np.array([[1] * 7 + [2] * 5 + [0, 0]])
-    out = np.asarray(forward(params, config, packed, (seg > 0).astype(np.int32), segment_ids=seg).hidden)[0]
-    ha = np.asarray(forward(params, config, a[None]).hidden)[0]
-    hb = np.asarray(forward(params, config, b[None]).hidden)[0]
+    out = np.asarray(jit_forward(params, config, packed, (seg > 0).astype(np.int32), segment_ids=seg).hidden)[0]
+    ha = np.asarray(jit_forward(params, config, a[None]).hidden)[0]
+    hb = np.asarray(jit_forward(params, config, b[None]).hidden)[0]
     np.testing.assert_allclose(out[:7], ha, atol=2e-5)
     np.testing.assert_allclose(out[7:12], hb, atol=2e-5)
 
@@ -66,7 +66,7 @@ def test_all_hidden_states_match_hf():
     model = build("llama_gqa_tied")
     config, params, _ = _load(model)
     ids, mask = padded_batch(config.vocab_size, [8, 8], 8, "right")
-    ours = np.asarray(forward(params, config, ids, mask, return_all_hidden=True).all_hidden)
+    ours = np.asarray(jit_forward(params, config, ids, mask, return_all_hidden=True).all_hidden)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), output_hidden_states=True).hidden_states
     assert ours.shape[0] == len(ref) == config.num_layers + 1
@@ -78,9 +78,9 @@ def test_bf16_compute_close_to_fp32():
     model = build("llama_gqa_tied")
     config, params, _ = _load(model)
     ids, mask = padded_batch(config.vocab_size, [8, 5], 8, "left")
-    ref = np.asarray(unembed(params, config, forward(params, config, ids, mask).hidden))
+    ref = np.asarray(unembed(params, config, jit_forward(params, config, ids, mask).hidden))
     c16 = config.replace(dtype="bfloat16", remat_policy="full")
-    out = np.asarray(unembed(params, c16, forward(params, c16, ids, mask).hidden))
+    out = np.asarray(unembed(params, c16, jit_forward(params, c16, ids, mask).hidden))
     m = mask.astype(bool)
     assert np.linalg.norm(out[m] - ref[m]) / np.linalg.norm(ref[m]) < 3e-2
 
@@ -117,10 +117,10 @@ def test_batch1_cache_broadcasts_over_many_responses():
     config, params, _ = _load(model)
     p_ids, p_mask = padded_batch(config.vocab_size, [5], 6, "right", seed=4)
     s_ids, s_mask = padded_batch(config.vocab_size, [3, 1, 2], 3, "right", seed=5)
-    prefix = forward(params, config, p_ids, p_mask, return_kv=True)
-    shared = forward(params, config, s_ids, s_mask, kv_cache=prefix.kv, return_kv=True)
+    prefix = jit_forward(params, config, p_ids, p_mask, return_kv=True)
+    shared = jit_forward(params, config, s_ids, s_mask, kv_cache=prefix.kv, return_kv=True)
     tiled = jax.tree.map(lambda x: np.repeat(x, 3, axis=1 if x.ndim == 5 else 0), prefix.kv)
-    copied = forward(params, config, s_ids, s_mask, kv_cache=type(prefix.kv)(*tiled))
+    copied = jit_forward(params, config, s_ids, s_mask, kv_cache=type(prefix.kv)(*tiled))
     m = s_mask.astype(bool)
     np.testing.assert_allclose(np.asarray(shared.hidden)[m], np.asarray(copied.hidden)[m], atol=1e-5)
     assert shared.kv.k.shape[1] == 3 and shared.kv.k.shape[2] == 9

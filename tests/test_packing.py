@@ -9,7 +9,7 @@ from rmjax.models import forward
 from rmjax.models.loading import StateDictCheckpoint, load_params
 from rmjax.data.batching import BUCKETS, Encoded
 from rmjax.scoring import packing
-from rmjax.scoring.engine import naive_response_logprobs
+from rmjax.scoring.engine import naive_response_logprobs, reference_hidden
 
 
 @pytest.fixture(scope="module", params=["llama_gqa_tied", "gemma2_softcap_window", "gemma3_window"])
@@ -73,8 +73,7 @@ def test_packed_scores_equal_naive(tiny):
             np.testing.assert_allclose(got[k]["sum"][j], ref.sum(), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(got[k]["mean"][j], ref.mean(), rtol=1e-5, atol=1e-5)
             assert got[k]["count"][j] == len(resp)
-            full = np.concatenate([e.prompt, resp])[None].astype(np.int32)
-            h = np.asarray(forward(params, config, full).hidden)[0, -1]
+            h = reference_hidden(params, config, np.concatenate([e.prompt, resp]))[-1]
             np.testing.assert_allclose(got[k]["rm"][j], h @ head, rtol=1e-4, atol=1e-4)
 
 

@@ -3,7 +3,6 @@ reward in a few steps, and a resumed run equal to an uninterrupted one."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +10,7 @@ from hf_models import build
 from rmjax import losses
 from rmjax.errors import ConfigError
 from rmjax.models import forward, unembed
+from rmjax.scoring.engine import reference_hidden
 from rmjax.models.loading import StateDictCheckpoint, load_params
 from rmjax.rl import rewards, rloo, sampling
 from rmjax.rl.sampling import SampleConfig
@@ -150,5 +150,5 @@ def test_a_reward_model_scores_the_decoded_text_with_its_own_rendering(tmp_path)
     got = reward(np.array([0, 0, 1, 1]), None)
     for i, (p, t) in enumerate(zip([0, 0, 1, 1], texts)):
         ids = sum(render(rm.tokenizer, prompts[p], t or " ", "model"), [])
-        h = forward(rm.params, rm.config, jnp.asarray([ids], jnp.int32)).hidden[0, -1]
+        h = reference_hidden(rm.params, rm.config, ids)[-1]
         np.testing.assert_allclose(got[i], float(h @ np.asarray(rm.score_head)[:, 0]), atol=1e-4)

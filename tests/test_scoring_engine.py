@@ -5,7 +5,14 @@ import pytest
 
 from hf_models import build
 from rmjax.models.loading import StateDictCheckpoint, load_params
-from rmjax.scoring.engine import Encoded, naive_response_logprobs, pad_batch, paired_score_fn, score_fn
+from rmjax.scoring.engine import (
+    Encoded,
+    naive_response_logprobs,
+    pad_batch,
+    paired_score_fn,
+    reference_hidden,
+    score_fn,
+)
 
 
 @pytest.fixture(scope="module", params=["llama_gqa_tied", "gemma2_softcap_window"])
@@ -39,9 +46,7 @@ def test_prefix_cache_scoring_equals_naive(tiny):
             np.testing.assert_allclose(float(out["sum"][row]), ref.sum(), rtol=1e-5, atol=1e-5)
             assert float(out["count"][row]) == len(resp)
             np.testing.assert_allclose(float(out["mean"][row]), ref.mean(), rtol=1e-5, atol=1e-5)
-            from rmjax.models import forward
-            full = np.concatenate([e.prompt, resp])[None].astype(np.int32)
-            h = np.asarray(forward(params, config, full).hidden)[0, -1]
+            h = reference_hidden(params, config, np.concatenate([e.prompt, resp]))[-1]
             np.testing.assert_allclose(float(out["rm"][row]), h @ head, rtol=1e-4, atol=1e-4)
     assert float(np.asarray(out["count"])[6:].sum()) == 0  # the padded group scores nothing
 

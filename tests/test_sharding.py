@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-from hf_models import build, padded_batch
+from hf_models import build, jit_forward, padded_batch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -18,7 +18,7 @@ def tiny():
     ckpt = StateDictCheckpoint(model.config.to_dict(), model.state_dict())
     config, params, _ = load_params(ckpt)
     ids, mask = padded_batch(config.vocab_size, [12, 9, 5, 12, 3, 7, 12, 1], 12, "left")
-    logits = unembed(params, config, forward(params, config, ids, mask).hidden)
+    logits = unembed(params, config, jit_forward(params, config, ids, mask).hidden)
     return ckpt, config, ids, mask, np.asarray(logits)
 
 

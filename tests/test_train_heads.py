@@ -16,8 +16,8 @@ from rmjax.data.records import Record
 from rmjax.errors import DataError
 from rmjax.heads.armorm import ArmoRMGatingHead
 from rmjax.models.loading import load_model
-from rmjax.models.transformer import forward, unembed
-from rmjax.scoring.engine import naive_response_logprobs
+from rmjax.models.transformer import unembed
+from rmjax.scoring.engine import naive_response_logprobs, reference_hidden
 from rmjax.train import batches as tbatches
 from rmjax.train import examples as texamples
 from rmjax.train import heads as theads
@@ -80,7 +80,7 @@ def setup(tiny, name):
 
 
 def last_hidden(params, config, ids):
-    return np.asarray(forward(params, config, np.asarray(ids, np.int32)[None]).hidden)[0, -1]
+    return reference_hidden(params, config, ids)[-1]
 
 
 def naive(name, tiny, ex, full, run, statics):

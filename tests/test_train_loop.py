@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import save_tiny_checkpoint
+from hf_models import jit_forward, save_tiny_checkpoint
 from rmjax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,6 @@ def test_kill_and_resume_is_bit_identical(model_dir, tmp_path):
     # the export is a real HF reward model: transformers loads it and gives rmjax's rewards
     from transformers import AutoModelForSequenceClassification
 
-    from rmjax.models import forward
     from rmjax.models.loading import load_model
     from rmjax.pooling import last_token_index
     from rmjax.scoring.compute import rm_score
@@ -91,7 +90,7 @@ def test_kill_and_resume_is_bit_identical(model_dir, tmp_path):
     loaded = load_model(str(straight / "final"), with_tokenizer=False)
     ids = np.array([[5, 17, 99, 230, 7, 42]], np.int32)
     mask = np.ones_like(ids)
-    hidden = forward(loaded.params, loaded.config, ids, mask).hidden
+    hidden = jit_forward(loaded.params, loaded.config, ids, mask).hidden
     ours = np.asarray(rm_score(hidden, last_token_index(mask), loaded.score_head[:, 0]))
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long)).logits[:, 0].numpy()

@@ -13,6 +13,8 @@ sums/means/counts, optional per-token log-probs, optional RM score at the last r
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -114,12 +116,30 @@ def paired_score_fn(config_a: ModelConfig, config_b: ModelConfig, *, with_tokens
     return compute.pair_fn(kv_stats, config_a, config_b, with_tokens=with_tokens, token_chunk=token_chunk)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _reference_hidden(params, config: ModelConfig, ids):
+    return forward(params, config, ids).hidden
+
+
+def reference_hidden(params, config: ModelConfig, ids) -> np.ndarray:
+    """Reference: the final hidden states [T, D] of one whole sequence ``ids`` [T], from the plain
+    forward with naive attention (no cache, packing, padding mask or blockwise kernel; tests only).
+    Jitted once per config and length bucket: the sequence is right-padded to a multiple of 32,
+    which leaves a causal model's states at positions < T as they are."""
+    ids = np.asarray(ids, np.int32).reshape(-1)
+    padded = np.zeros((1, -(-len(ids) // 32) * 32), np.int32)
+    padded[0, :len(ids)] = ids
+    hidden = _reference_hidden(params, dataclasses.replace(config, attention="naive"), padded)
+    return np.asarray(hidden)[0, :len(ids)]
+
+
 def naive_response_logprobs(params, config: ModelConfig, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
-    """Reference: one full forward over prompt+response and a full log_softmax (tests only)."""
+    """Reference: one full forward over prompt+response (``reference_hidden``) and a full
+    log_softmax (tests only)."""
     from rmjax.models.transformer import unembed
 
-    ids = np.concatenate([prompt, response])[None].astype(np.int32)
-    logits = unembed(params, config, forward(params, config, ids).hidden)[0]
+    ids = np.concatenate([prompt, response]).astype(np.int32)[None]
+    logits = unembed(params, config, jnp.asarray(reference_hidden(params, config, ids[0])))
     lp = jax.nn.log_softmax(logits, axis=-1)
     pos = np.arange(len(prompt) - 1, len(ids[0]) - 1)
     return np.asarray(lp[pos, response])
