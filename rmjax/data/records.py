@@ -332,10 +332,10 @@ class Share:
         return self.start <= shard * self.shard_size < self.start + len(self.records)
 
     def shard_records(self, shard: int) -> list[Record]:
-        lo = shard * self.shard_size
-        hi = min(lo + self.shard_size, self.total)
-        have = self.records + self.overhang
-        return have[lo - self.start:hi - self.start]
+        lo = shard * self.shard_size - self.start
+        hi = min(shard * self.shard_size + self.shard_size, self.total) - self.start
+        n = len(self.records)
+        return self.records[lo:min(hi, n)] + self.overhang[max(lo - n, 0):max(hi - n, 0)]
 
 
 def _parse_rows(path, split, part, id_field: str, limit: int | None) -> list[tuple[str, str | None, Any]]:
