@@ -4,6 +4,8 @@ The torch model's weights come from transformers' own GGUF reader (its own dequa
 Q/K un-permutation), so this also checks rmjax's GGUF loading independently.
 """
 import os
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 import transformers
 
 from rmjax.io import registry
+from rmjax.io.gguf import GGUFCheckpoint
 from rmjax.models import forward, unembed
 from rmjax.models.loading import load_model
 
@@ -48,6 +51,72 @@ def test_real_logits_match_hf(pair):
     real = mask.astype(bool)
     rel = np.abs(ours[real] - theirs[real]).max() / np.abs(theirs[real]).max()
     assert rel <= 1e-4, (name, rel)
+
+
+# Values of the published Hugging Face config.json files of the two models.
+PUBLISHED = {
+    "smollm2": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "rope_scaling": None, "max_position_embeddings": 8192,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu",
+    },
+    "gemma3": {
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": 262144,
+        "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-6,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None, "max_position_embeddings": 32768,
+        "hidden_activation": "gelu_pytorch_tanh", "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+        "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    },
+}
+
+
+def _compare_with_transformers_config(mine: dict, theirs: dict) -> None:
+    """Every field both have must agree; transformers 5 folds RoPE settings into rope_parameters."""
+    rope = theirs.get("rope_parameters") or {}
+    if "full_attention" in rope:
+        assert mine["rope_theta"] == rope["full_attention"]["rope_theta"]
+        assert mine["rope_local_base_freq"] == rope["sliding_attention"]["rope_theta"]
+    elif rope:
+        assert mine["rope_theta"] == rope["rope_theta"]
+    assert theirs.get("_sliding_window_pattern", mine.get("sliding_window_pattern")) == mine.get("sliding_window_pattern")
+    shared = (set(mine) & set(theirs)) - {"architectures"}  # transformers leaves architectures unset
+    assert {"vocab_size", "hidden_size", "num_key_value_heads", "head_dim", "tie_word_embeddings"} <= shared
+    for key in shared:
+        if isinstance(mine[key], float):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key  # float32 metadata
+        else:
+            assert mine[key] == theirs[key], key
+
+
+def test_real_tensors_and_config_match_transformers_gguf_loader(pair):
+    """rmjax's GGUF reader against transformers' (its own dequantisation and Q/K un-permutation):
+    every tensor to 1e-6, the config against the published one and transformers' GGUF config."""
+    name, _, reference = pair
+    model = "smollm2" if name.startswith("smollm2") else "gemma3"
+    path = Path(registry.resolve_model(name).path)
+    ckpt = GGUFCheckpoint(path)
+    for key, value in PUBLISHED[model].items():
+        assert ckpt.config[key] == value, key
+    # what from_pretrained builds from the file when given no config of its own
+    _compare_with_transformers_config(ckpt.config, transformers.AutoConfig.from_pretrained(
+        path.parent, gguf_file=path.name).to_dict())
+    state = reference.state_dict()
+    assert set(ckpt.tensor_names()) == set(state) - {"lm_head.weight"}  # both models tie lm_head
+    start = time.perf_counter()
+    for name, tensor in ckpt.iter_tensors():
+        expected = state[name].numpy()
+        assert tensor.shape == expected.shape, name
+        assert np.abs(tensor - expected).max() <= 1e-6, name
+    print(f"{model}: {len(state) - 1} tensors read and compared in {time.perf_counter() - start:.1f} s")
+
+    q = "model.layers.3.self_attn.q_proj.weight"
+    permuted = not np.allclose(ckpt.read_stored(q), state[q].numpy())
+    assert permuted == (model == "smollm2")  # only llama files carry llama.cpp's Q/K row order
+    norm = "model.layers.3.input_layernorm.weight"
+    assert np.allclose(ckpt.read_stored(norm) - 1, state[norm].numpy()) == (model == "gemma3")
 
 
 def test_smollm2_says_paris():

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -50,7 +49,7 @@ from rmjax.data.chat import template_name
 from rmjax.data.records import Record
 from rmjax.errors import ConfigError, DataError
 from rmjax.models.transformer import forward
-from rmjax.scoring.output import ScoreWriter, ShardArrays
+from rmjax.scoring.output import ScoreWriter, ShardArrays, finished_metadata
 
 TOKENS = ("all", "response")
 POSITION_COLUMNS = ("example", "response", "position", "token")
@@ -277,16 +276,9 @@ class ActivationCache:
         import pandas as pd
 
         self.path = Path(path)
-        meta_path = self.path / "metadata.json"
-        if not meta_path.exists():
-            raise DataError(f"{meta_path}: missing; {self.path} is no activation cache (make one with "
-                            "rmjax.sae.activations.cache_activations)")
-        self.metadata = json.loads(meta_path.read_text("utf-8"))
-        if self.metadata.get("format") != ActivationWriter.FORMAT:
-            raise DataError(f"{meta_path}: not an activation cache (format {self.metadata.get('format')!r})")
-        if self.metadata.get("status") != "complete":
-            raise DataError(f"{self.path}: the activation cache is not complete; re-run the same "
-                            "cache_activations call to finish it")
+        self.metadata = finished_metadata(self.path, ActivationWriter.FORMAT, "an activation cache",
+                                          "rmjax.sae.activations.cache_activations",
+                                          "the same cache_activations call")
         self.settings = self.metadata["settings"]
         self.layer, self.width = int(self.settings["layer"]), int(self.settings["width"])
         self.shard_rows = np.asarray(self.metadata["shard_rows"], np.int64)

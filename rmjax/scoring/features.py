@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import shutil
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from rmjax.data.chat import template_name
 from rmjax.data.records import Record, Share, rating_matrix
 from rmjax.errors import DataError, RmjaxError
 from rmjax.scoring import compute
-from rmjax.scoring.output import ScoreWriter, _fsync_path, _write_json
+from rmjax.scoring.output import ScoreWriter, _fsync_path, _write_json, finished_metadata
 
 ARRAYS = ("response", "gate")
 GATING_RULE = "the token that closes the last user turn (rmjax.data.chat.gate_offset)"
@@ -320,16 +319,9 @@ class FeatureCache:
         import pandas as pd
 
         self.path = Path(path)
-        meta_path = self.path / "metadata.json"
-        if not meta_path.exists():
-            raise DataError(f"{meta_path}: missing; {self.path} is no rmjax feature cache (make one with "
-                            "`rmjax features --model M --data D --out DIR`)")
-        self.metadata = json.loads(meta_path.read_text("utf-8"))
-        if self.metadata.get("format") != FeatureWriter.FORMAT:
-            raise DataError(f"{meta_path}: not a feature cache (format {self.metadata.get('format')!r})")
-        if self.metadata.get("status") != "complete":
-            raise DataError(f"{self.path}: the feature cache is not complete; re-run the same `rmjax features` "
-                            "command to finish it")
+        self.metadata = finished_metadata(self.path, FeatureWriter.FORMAT, "a feature cache",
+                                          "`rmjax features --model M --data D --out DIR`",
+                                          "the same `rmjax features` command")
         self.settings = self.metadata["settings"]
         self.objectives = tuple(self.settings.get("objectives", ()))
         table = pd.read_parquet(self.path / FeatureWriter.TABLE)

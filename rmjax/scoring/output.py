@@ -104,6 +104,21 @@ def _now() -> str:
 
 # ---------------------------------------------------------------- per-token log-probs
 
+def finished_metadata(path: Path, fmt: str, what: str, make: str, finish: str) -> dict:
+    """``path``/metadata.json of a finished run of format ``fmt``, or a DataError that says what
+    is wrong: no metadata (``make``: how to make one), another format, not complete (``finish``:
+    how to finish it). ``what``: "a feature cache", "an activation cache", ..."""
+    meta_path = Path(path) / "metadata.json"
+    if not meta_path.exists():
+        raise DataError(f"{meta_path}: missing; {path} is not {what} (make one with {make})")
+    metadata = json.loads(meta_path.read_text("utf-8"))
+    if metadata.get("format") != fmt:
+        raise DataError(f"{meta_path}: not {what} (format {metadata.get('format')!r})")
+    if metadata.get("status") != "complete":
+        raise DataError(f"{path}: {what} that is not complete; re-run {finish} to finish it")
+    return metadata
+
+
 class ShardArrays:
     """A zarr v2 group holding one array per shard (``shard-XXXXX``), each written whole and made
     durable before the part file that names its shard done (so a shard without a part may be
