@@ -260,3 +260,30 @@ def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
     resumed = run("killed", 2)
     assert resumed["id"].tolist() == [f"p{i}" for i in range(40)]  # nothing lost, nothing twice
     np.testing.assert_allclose(resumed[numeric].to_numpy(), ref[numeric].to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [  # fsdp: both modes above
+    "fsdp_tp", pytest.param("dp", marks=pytest.mark.skipif(
+        not os.environ.get("RMJAX_TEST_MULTIPROCESS_TRAIN"),
+        reason="about 30 s on 2 cores; set RMJAX_TEST_MULTIPROCESS_TRAIN=1 to run it"))])
+def test_two_processes_score_as_one_under_each_strategy(model_dir, tmp_path, strategy):
+    """Both scoring modes under dp and fsdp_tp: 2 processes = 1 process, each row once, in order."""
+    import pandas as pd
+
+    data = _pairs(tmp_path / "pairs.jsonl", 11)
+    argv = ["score", "--policy", str(model_dir), "--reference", "", "--sample", "0", "--data", str(data),
+            "--shard-size", "3", "--strategy", strategy, "--no-progress"]
+    tables = {}
+    for name, n, extra in (("one", 1, []), ("process", 2, []), ("global", 2, ["--mesh-scope", "global"])):
+        logs = tmp_path / f"{name}_logs"
+        logs.mkdir()
+        codes = processes.run([*argv, "--out", str(tmp_path / name), *extra], n=n, devices=8 // n, timeout=300,
+                              logs=logs)
+        assert codes == [0] * n, processes.tails(logs, n)
+        tables[name] = pd.read_parquet(tmp_path / name / "scores.parquet")
+    numeric = [c for c in tables["one"].columns if tables["one"][c].dtype.kind == "f"]
+    for name in ("process", "global"):
+        assert tables[name]["id"].tolist() == [f"p{i}" for i in range(11)], name
+        np.testing.assert_allclose(tables[name][numeric].to_numpy(), tables["one"][numeric].to_numpy(),
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
