@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,7 +115,7 @@ def _parquet_rows(path: Path, part: Part | None = None) -> Iterator[Row]:
     file = _parquet_file(path)
     sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
     lo, hi = part if part is not None else (0, sum(sizes))
-    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
     groups = [g for g in range(len(sizes)) if starts[g] < hi and starts[g] + sizes[g] > lo]
     try:
         row = starts[groups[0]] if groups else 0

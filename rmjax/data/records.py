@@ -470,9 +470,8 @@ def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange:
             kept.append((where, rid, body))
     if on_error == "fail":
         _first_problem(exchange, f"reading {path}", problems)
-    counts = exchange("counting the records", lambda: len(kept))
-    offset = sum(counts[:me])
-    records = [Record(rid, prompt, responses, kind, offset + j, place=where, **extras)
+    # indices are local until the records that pass every check are counted on every process
+    records = [Record(rid, prompt, responses, kind, j, place=where, **extras)
                for j, (where, rid, (prompt, responses, kind, extras)) in enumerate(kept)]
     bad = _consistency_problems(records, exchange)
     if on_error == "fail":
@@ -482,7 +481,7 @@ def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange:
     report.read += sum(e[0] for e in every)
     report.skipped.extend([p for e in every for p in e[1]] + [p for e in every for p in e[2]])
     total, offset = sum(e[0] for e in every), sum(e[0] for e in every[:me])
-    keep = sample_positions(total, sample, seed)
+    keep = sample_positions(total, sample, seed)  # global positions of the records kept
     start = bisect.bisect_left(keep, offset)
     mine_pos = keep[start:bisect.bisect_left(keep, offset + len(records))]
     records = [dataclasses.replace(records[g - offset], index=start + j) for j, g in enumerate(mine_pos)]

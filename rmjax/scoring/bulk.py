@@ -167,7 +167,6 @@ class Scorer:
         self.padded_tokens = 0
         self.naive_tokens = 0
 
-
     def _place(self, batch: dict[str, np.ndarray]) -> dict:
         """Rows split over the mesh's data-parallel axes where they divide (else replicated)."""
         if self.mesh is None:
