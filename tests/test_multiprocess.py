@@ -213,6 +213,18 @@ def _pairs(path, n):
     return path
 
 
+def _score(tmp_path, argv, name, n, *extra):
+    """``rmjax score`` (argv without --out) on n processes into tmp_path/name; its scores table."""
+    import pandas as pd
+
+    logs = tmp_path / f"{name}_logs"
+    logs.mkdir(exist_ok=True)
+    codes = processes.run([*argv, "--out", str(tmp_path / name), *extra], n=n, devices=8 // n, timeout=300,
+                          logs=logs)
+    assert codes == [0] * n, processes.tails(logs, n)
+    return pd.read_parquet(tmp_path / name / "scores.parquet")
+
+
 @pytest.mark.slow
 def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
     """(1) --mesh-scope global: one 8-device mesh over both processes, every shard scored by both
@@ -222,19 +234,12 @@ def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
     import signal
     import time
 
-    import pandas as pd
-
     data = _pairs(tmp_path / "pairs.jsonl", 40)
     argv = ["score", "--policy", str(model_dir), "--reference", "", "--sample", "0", "--data", str(data),
             "--shard-size", "2", "--strategy", "fsdp", "--no-progress"]
 
     def run(name, n, *extra):
-        logs = tmp_path / f"{name}_logs"
-        logs.mkdir(exist_ok=True)
-        codes = processes.run([*argv, "--out", str(tmp_path / name), *extra], n=n, devices=8 // n, timeout=300,
-                              logs=logs)
-        assert codes == [0] * n, processes.tails(logs, n)
-        return pd.read_parquet(tmp_path / name / "scores.parquet")
+        return _score(tmp_path, argv, name, n, *extra)
 
     ref = run("one", 1)
     numeric = [c for c in ref.columns if ref[c].dtype.kind == "f"]
@@ -269,19 +274,11 @@ def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
         reason="about 30 s on 2 cores; set RMJAX_TEST_MULTIPROCESS_TRAIN=1 to run it"))])
 def test_two_processes_score_as_one_under_each_strategy(model_dir, tmp_path, strategy):
     """Both scoring modes under dp and fsdp_tp: 2 processes = 1 process, each row once, in order."""
-    import pandas as pd
-
     data = _pairs(tmp_path / "pairs.jsonl", 11)
     argv = ["score", "--policy", str(model_dir), "--reference", "", "--sample", "0", "--data", str(data),
             "--shard-size", "3", "--strategy", strategy, "--no-progress"]
-    tables = {}
-    for name, n, extra in (("one", 1, []), ("process", 2, []), ("global", 2, ["--mesh-scope", "global"])):
-        logs = tmp_path / f"{name}_logs"
-        logs.mkdir()
-        codes = processes.run([*argv, "--out", str(tmp_path / name), *extra], n=n, devices=8 // n, timeout=300,
-                              logs=logs)
-        assert codes == [0] * n, processes.tails(logs, n)
-        tables[name] = pd.read_parquet(tmp_path / name / "scores.parquet")
+    tables = {name: _score(tmp_path, argv, name, n, *extra)
+              for name, n, extra in (("one", 1, []), ("process", 2, []), ("global", 2, ["--mesh-scope", "global"]))}
     numeric = [c for c in tables["one"].columns if tables["one"][c].dtype.kind == "f"]
     for name in ("process", "global"):
         assert tables[name]["id"].tolist() == [f"p{i}" for i in range(11)], name
