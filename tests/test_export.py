@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 
 from hf_models import jit_forward, save_tiny_checkpoint
@@ -72,10 +73,12 @@ def hf(path, cls="AutoModelForSequenceClassification", **kw):
     return getattr(transformers, cls).from_pretrained(path, dtype=torch.float32, **kw).eval()
 
 
-def test_lora_scalar_rm_in_peft_layout_loads_everywhere(base, tmp_path):
+@pytest.mark.parametrize("layers", [0, 2])
+def test_lora_scalar_rm_in_peft_layout_loads_everywhere(base, tmp_path, layers):
+    """LoRA on every layer, and on the last 2 of 3 only (PEFT's layers_to_transform)."""
     from peft import PeftModel
 
-    final, full, hidden, _ = trained(base, tmp_path, "train.trainable=lora")
+    final, full, hidden, _ = trained(base, tmp_path, "train.trainable=lora", f"train.lora_layers={layers}")
     want = float(hidden @ np.asarray(full["head"]["score"]["kernel"])[:, 0])
     ids = torch.tensor(IDS, dtype=torch.long)
     with torch.no_grad():
@@ -87,6 +90,10 @@ def test_lora_scalar_rm_in_peft_layout_loads_everywhere(base, tmp_path):
     assert peft_reward == pytest.approx(want, abs=1e-4)
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == str(base)
+    assert config.get("layers_to_transform") == ([1, 2] if layers else None)
+    if layers:  # only the adapted layers are in the file, and the layer below them is the base's
+        names = list(safetensors.numpy.load_file(str(final / "adapter" / "adapter_model.safetensors")))
+        assert not any(".layers.0." in n for n in names) and any(".layers.1." in n for n in names)
 
     def rmjax_reward(name):
         m = load_model(name)

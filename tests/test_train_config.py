@@ -38,6 +38,7 @@ def test_unknown_key_names_closest(tmp_path):
     ("data.holdout=2.5", "data.holdout is a count"),
     ("model.attention=flash", "model.attention='flash' is not one of"),
     ("model.attention_block_q=0", "attention_block_k must be positive"),
+    ("train.lora_layers=-1", r"train.lora_layers must be 0 \(every layer\) or positive"),
 ])
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):

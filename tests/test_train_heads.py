@@ -13,7 +13,7 @@ from rmjax import losses
 from rmjax import sharding as shd
 from rmjax.data import judge
 from rmjax.data.records import Record
-from rmjax.errors import DataError
+from rmjax.errors import ConfigError, DataError
 from rmjax.heads.armorm import ArmoRMGatingHead
 from rmjax.models.loading import load_model
 from rmjax.models.transformer import unembed
@@ -36,6 +36,10 @@ COMBOS = {
     "judge+ce/vocab": ["head.kind=judge", "loss.kind=ce", "train.trainable=lora", "loss.label_smoothing=0.1",
                        "loss.judge_normalize=vocab"],
     "lm+dpo": ["head.kind=lm", "loss.kind=dpo", "train.trainable=lora", "loss.beta=0.5"],
+    # the frozen lower layers run once for policy and reference (their output is shared)
+    "lm+dpo/last_k": ["head.kind=lm", "loss.kind=dpo", "train.trainable=last_k", "train.last_k=1", "loss.beta=0.5"],
+    "lm+dpo/lora_layers": ["head.kind=lm", "loss.kind=dpo", "train.trainable=lora", "train.lora_layers=2",
+                           "loss.beta=0.5"],
     "lm+nll": ["head.kind=lm", "loss.kind=nll", "train.trainable=lora"],
 }
 
@@ -73,6 +77,9 @@ def setup(tiny, name):
     full = tloop.model_params(run, tiny, entry, mesh, extra)
     if "lora" in full:  # adapters away from zero: the policy differs from its reference
         full["lora"] = jax.tree.map(lambda x: x + 0.02, full["lora"])
+    elif "reference" in full:  # last_k: the trained top layer away from the reference's copy
+        full["backbone"] = {**full["backbone"], "layers": jax.tree.map(lambda x: x.at[-1].add(0.02),
+                                                                       full["backbone"]["layers"])}
     statics = tloop.statics_for(run, tiny.tokenizer, exs.objectives)
     layout = tbatches.Layout(packed=True, trees=entry.trees, targets=entry.targets, pad_id=tiny.tokenizer.pad_id,
                              pack_length=192, num_objectives=len(exs.objectives))
@@ -91,9 +98,10 @@ def naive(name, tiny, ex, full, run, statics):
     if name == "lm+nll":
         return {"logp": np.array([naive_response_logprobs(p, c, ex.tree.prompt, r).sum() for r in ex.tree.responses]),
                 "count": np.array([len(r) for r in ex.tree.responses], np.float32)}
-    if name == "lm+dpo":
+    if name.startswith("lm+dpo"):
+        ref_params = full.get("reference", full["backbone"])
         pol = [naive_response_logprobs(p, c, ex.tree.prompt, r).sum() for r in ex.tree.responses]
-        ref = [naive_response_logprobs(full["backbone"], c, ex.tree.prompt, r).sum() for r in ex.tree.responses]
+        ref = [naive_response_logprobs(ref_params, c, ex.tree.prompt, r).sum() for r in ex.tree.responses]
         return {"policy": np.array(pol), "reference": np.array(ref)}
     h = np.stack([last_hidden(p, c, s) for s in seqs])
     head = full["head"]
@@ -135,7 +143,7 @@ def naive_loss(name, per_example, exs, run):
         return -sum(o["logp"].sum() for o in per_example) / sum(o["count"].sum() for o in per_example)
     pairs = [(o, e, a, b) for o, e in zip(per_example, exs) for a, b in e.pairs]
     w = np.array([e.weight for _, e, _, _ in pairs])
-    if name == "lm+dpo":
+    if name.startswith("lm+dpo"):
         get = lambda key, i: np.array([o[key][ab[i]] for o, _, *ab in pairs])  # noqa: E731
         return losses.dpo(get("policy", 0), get("policy", 1), get("reference", 0), get("reference", 1),
                           run.loss.beta, weights=w)[0]
@@ -198,3 +206,34 @@ def test_an_objective_without_ratings_is_an_error(tiny):
                                         r"it \(field 'ratings.brief' is null everywhere\); rate some responses"):
         texamples.check_objectives(exs, "here")
     texamples.check_objectives(texamples.build(records("ratings"), tiny.tokenizer, run, "ratings"), "here")
+
+
+@pytest.mark.parametrize("name", ["lm+dpo/last_k", "lm+dpo/lora_layers", "lm+dpo"])
+def test_dpo_runs_frozen_lower_layers_once_for_policy_and_reference(tiny, name, monkeypatch):
+    """The decoder passes one DPO step traces, by layer count: a frozen trunk is shared by the
+    policy and the reference (the model as loaded); LoRA on every layer leaves nothing to share."""
+    run, entry, exs, full, statics, layout, _ = setup(tiny, name)
+    trainable, frozen = tparams.split(full, run.train.trainable, run.train.last_k, entry.frozen)
+    group = exs.examples[:2]
+    arrays, _ = tbatches.arrays(group, layout, tbatches.shapes([group], layout))
+    calls, real = [], tstep.forward
+
+    def counted(params, cfg, *args, **kwargs):
+        calls.append(cfg.num_layers)
+        return real(params, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tstep, "forward", counted)
+    kw = dict(config=tiny.config, run=run, entry=entry, statics=statics)
+    jax.eval_shape(lambda t, f, b: tstep.outputs(t, f, b, **kw), trainable, frozen, arrays)
+    layers = tiny.config.num_layers
+    assert calls == {"lm+dpo/last_k": [layers - 1, 1, 1], "lm+dpo/lora_layers": [layers - 2, 2, 2],
+                     "lm+dpo": [layers, layers]}[name]
+
+
+@pytest.mark.parametrize("override", ["train.trainable=lora train.lora_layers=4", "train.trainable=last_k train.last_k=4"])
+def test_more_trained_layers_than_the_model_has_is_an_error(tiny, override):
+    run = load_config(None, ["head.kind=lm", "loss.kind=dpo", *override.split()])
+    mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
+    field = override.split()[1].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{field}=4 but .* has 3 layers; use at most 3"):
+        tloop.model_params(run, tiny, theads.entry(run), mesh, {})

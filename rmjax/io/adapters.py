@@ -45,8 +45,9 @@ def read_config(directory: str | Path) -> dict:
 
 
 def write(directory: str | Path, tensors: dict[str, np.ndarray], *, rank: int, alpha: float, targets: list[str],
-          base: str, task_type: str, modules_to_save: list[str] = ()) -> Path:
-    """Write an adapter directory ``peft.PeftModel.from_pretrained`` loads; ``tensors`` by PEFT name."""
+          base: str, task_type: str, modules_to_save: list[str] = (), layers: list[int] | None = None) -> Path:
+    """Write an adapter directory ``peft.PeftModel.from_pretrained`` loads; ``tensors`` by PEFT name;
+    ``layers``: the decoder layers adapted when not all of them (``layers_to_transform``)."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
@@ -55,6 +56,8 @@ def write(directory: str | Path, tensors: dict[str, np.ndarray], *, rank: int, a
               "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
               "base_model_name_or_path": base, "modules_to_save": list(modules_to_save) or None,
               "inference_mode": True, "init_lora_weights": True, "use_dora": False, "use_rslora": False}
+    if layers is not None:
+        config.update(layers_to_transform=list(layers), layers_pattern="layers")
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(directory / ADAPTER_WEIGHTS))
     return directory

@@ -98,6 +98,9 @@ class TrainSection:
     last_k: int = 2
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    # LoRA on the last n layers only (0 = every layer; PEFT's layers_to_transform): the layers below
+    # run once without a backward pass, and for DPO against the model as loaded the reference shares them
+    lora_layers: int = 0
     pack: bool = True  # prompt trees packed into rows (the prompt once); false: padded [2b, T] batches
     pack_length: int = 0  # packed row length (0 = data.max_length)
     seed: int = 0
@@ -248,6 +251,8 @@ def validate(config: RunConfig, where: str = "config") -> RunConfig:
         (0 <= config.loss.label_smoothing < 1, "loss.label_smoothing must be in [0, 1)"),
         (d.max_length >= 8, "data.max_length must be at least 8"),
         (t.lora_rank > 0 or t.trainable != "lora", "train.lora_rank must be positive for trainable=lora"),
+        (t.lora_layers >= 0, "train.lora_layers must be 0 (every layer) or positive"),
+        (t.last_k >= 1 or t.trainable != "last_k", "train.last_k must be positive for trainable=last_k"),
     ]
     for ok, message in checks:
         if not ok:

@@ -96,11 +96,13 @@ def _index_maps(tf, hf_shape: tuple[int, int], config, n_in: int) -> tuple[np.nd
 def lora_to_peft(lora: dict, ckpt, config) -> dict[str, np.ndarray]:
     """rmjax LoRA factors -> PEFT tensors (A [r, in], B [out, r] per adapted HF module)."""
     out = {}
+    cut = config.num_layers - tparams.lora_layers(lora)  # adapters on the last layers only
     for canon, target, layer, tf, name in _matches(ckpt):
         short = target.rsplit("/", 1)[-1].removesuffix("_kernel")
-        if not target.startswith("layers/attn/") or not target.endswith("_kernel") or short not in lora:
+        if not target.startswith("layers/attn/") or not target.endswith("_kernel") or short not in lora \
+                or layer < cut:
             continue
-        a, b = (np.asarray(lora[short][k][layer], np.float32) for k in ("a", "b"))
+        a, b = (np.asarray(lora[short][k][layer - cut], np.float32) for k in ("a", "b"))
         rank = a.shape[-1]
         n_in = a.ndim - 1  # q/k/v: a [D, r], b [r, H, hd]; o: a [H, hd, r], b [r, D]
         hf_shape = tuple(ckpt.tensor_shape(name))
@@ -201,8 +203,11 @@ def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | No
     if "lora" in full_params:
         peft_tensors = lora_to_peft(jax.device_get(full_params["lora"]), ckpt, loaded.config)
         peft_tensors.update({adapters.PREFIX + k: v for k, v in head_tensors(kind, head).items()})
+        adapted = tparams.lora_layers(full_params["lora"])
+        layers = loaded.config.num_layers
         adapters.write(out_dir / "adapter", peft_tensors, rank=run.train.lora_rank, alpha=run.train.lora_alpha,
                        targets=[LORA_MODULES[k] for k in full_params["lora"]], base=run.model.name,
+                       layers=list(range(layers - adapted, layers)) if adapted < layers else None,
                        task_type="SEQ_CLS" if kind in SEQ_CLS_HEADS else "CAUSAL_LM",
                        modules_to_save=["score"] if kind in SEQ_CLS_HEADS else [])
     checkpointer.wait_until_finished()

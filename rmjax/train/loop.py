@@ -95,9 +95,14 @@ def model_params(run: RunConfig, loaded, entry, mesh, extra: dict) -> dict:
     replicated = shd.replicated(mesh)
     head = entry.init(jax.random.fold_in(rng, 1), loaded.config.hidden_size, run, extra)
     full = {"backbone": loaded.params, "head": jax.device_put(head, replicated)}
+    layers = loaded.config.num_layers
+    for field, value, used in (("last_k", run.train.last_k, run.train.trainable == "last_k"),
+                               ("lora_layers", run.train.lora_layers, run.train.trainable == "lora")):
+        if used and value > layers:
+            raise ConfigError(f"train.{field}={value} but {run.model.name} has {layers} layers; use at most {layers}")
     if run.train.trainable == "lora":
-        full["lora"] = jax.device_put(tparams.init_lora(loaded.params, run.train.lora_rank,
-                                                        jax.random.fold_in(rng, 2)), replicated)
+        full["lora"] = jax.device_put(tparams.init_lora(loaded.params, run.train.lora_rank, jax.random.fold_in(rng, 2),
+                                                        run.train.lora_layers), replicated)
     if run.loss.kind == "dpo" and (run.loss.reference or run.train.trainable != "lora"):
         # a frozen reference: another model, or a copy of the policy as loaded (LoRA needs none: the
         # base without its adapters is the reference)

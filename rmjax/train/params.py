@@ -7,7 +7,9 @@ scanned layers, "last k layers" is a slice of each stacked [L, ...] array: the f
 ``[:L-k]`` and the trainable part ``[L-k:]``; ``merge`` concatenates them.
 
 LoRA (rank r on the q/k/v/o projections) is merged functionally, W + (alpha/r) * A @ B, so the
-decoder itself needs no LoRA code and gradients reach only A and B.
+decoder itself needs no LoRA code and gradients reach only A and B. Adapters may cover only the
+last n layers (stacked [n, ...] factors for layers L-n..L-1; PEFT's ``layers_to_transform``): the
+layers below them are then frozen as a whole and run without a backward pass.
 """
 from __future__ import annotations
 
@@ -21,22 +23,29 @@ LORA_TARGETS = ("q", "k", "v", "o")
 _HEAD_SEP, _TAIL_SEP = "__frozen_layers", "__trainable_layers"
 
 
-def init_lora(backbone: Any, rank: int, rng: jax.Array) -> dict:
-    """A ~ N(0, 1/r) and B = 0 (so training starts exactly at the base model)."""
+def init_lora(backbone: Any, rank: int, rng: jax.Array, layers: int = 0) -> dict:
+    """A ~ N(0, 1/r) and B = 0 (so training starts exactly at the base model), on the last
+    ``layers`` layers (0 = every layer)."""
     attn = backbone["layers"]["attn"]
     lora = {}
     for i, name in enumerate(LORA_TARGETS):
         w = attn[f"{name}_kernel"]  # q/k/v: [L, D, H, hd]; o: [L, H, hd, D]
-        layers = w.shape[0]
+        total = w.shape[0]
+        cut = total - (layers or total)  # A is drawn for every layer and cut, so the last layers start alike
         key = jax.random.fold_in(rng, i)
         if name == "o":
-            a = jax.random.normal(key, (layers, w.shape[1], w.shape[2], rank), jnp.float32) / rank ** 0.5
-            b = jnp.zeros((layers, rank, w.shape[3]), jnp.float32)
+            a = jax.random.normal(key, (total, w.shape[1], w.shape[2], rank), jnp.float32)[cut:] / rank ** 0.5
+            b = jnp.zeros((total - cut, rank, w.shape[3]), jnp.float32)
         else:
-            a = jax.random.normal(key, (layers, w.shape[1], rank), jnp.float32) / rank ** 0.5
-            b = jnp.zeros((layers, rank, w.shape[2], w.shape[3]), jnp.float32)
+            a = jax.random.normal(key, (total, w.shape[1], rank), jnp.float32)[cut:] / rank ** 0.5
+            b = jnp.zeros((total - cut, rank, w.shape[2], w.shape[3]), jnp.float32)
         lora[name] = {"a": a, "b": b}
     return lora
+
+
+def lora_layers(lora: dict) -> int:
+    """How many (last) layers the adapters cover."""
+    return int(next(iter(lora.values()))["a"].shape[0])
 
 
 def apply_lora(backbone: Any, lora: dict, scale: float) -> Any:
@@ -47,7 +56,9 @@ def apply_lora(backbone: Any, lora: dict, scale: float) -> Any:
             delta = jnp.einsum("lhkr,lrd->lhkd", ab["a"], ab["b"])
         else:
             delta = jnp.einsum("ldr,lrhk->ldhk", ab["a"], ab["b"])
-        attn[f"{name}_kernel"] = w + (scale * delta).astype(w.dtype)
+        cut = w.shape[0] - delta.shape[0]  # adapters on the last layers only: the ones below stay as they are
+        adapted = w[cut:] + (scale * delta).astype(w.dtype)
+        attn[f"{name}_kernel"] = jnp.concatenate([w[:cut], adapted], axis=0) if cut else adapted
     layers = dict(backbone["layers"], attn=attn)
     return dict(backbone, layers=layers)
 

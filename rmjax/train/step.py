@@ -9,8 +9,9 @@ the head table entry (``rmjax.train.heads``) turns its hidden states into per-sl
 loss. Gradients are accumulated over micro-batches with ``lax.scan``; AdamW with warmup + cosine and
 global-norm clipping; compute in the model's dtype with fp32 master weights and an fp32 loss. A
 non-finite loss or gradient skips the update (state unchanged, ``skipped`` = 1) instead of
-poisoning the weights. Training the last k layers runs the frozen lower layers as their own scan
-under ``stop_gradient``, so they get no backward pass.
+poisoning the weights. Training the last k layers (or LoRA on the last layers only) runs the frozen
+lower layers as their own scan under ``stop_gradient``, so they get no backward pass; DPO against the
+policy as loaded runs them once for policy and reference together.
 """
 from __future__ import annotations
 
@@ -48,30 +49,47 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
 
 
 def frozen_layers(config: ModelConfig, run: RunConfig) -> int:
-    return config.num_layers - run.train.last_k if run.train.trainable == "last_k" else 0
+    """The lower layers nothing trains (last_k, or LoRA on the last layers only): run once, no backward."""
+    if run.train.trainable == "last_k":
+        return config.num_layers - run.train.last_k
+    if run.train.trainable == "lora" and run.train.lora_layers:
+        return config.num_layers - run.train.lora_layers
+    return 0
 
 
-def hidden_states(backbone: dict, config: ModelConfig, batch: dict, n_frozen: int = 0) -> jax.Array:
-    """Final hidden states [R, L, D]: packed rows (segments + branches) or padded rows (a mask).
-    The first ``n_frozen`` layers run as their own scan under ``stop_gradient``."""
-    if "segment_ids" in batch:
-        inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"])
-        mask = None
-    else:
-        inputs, mask = {}, batch["attention_mask"]
+def _layers(backbone: dict, config: ModelConfig, lo: int, hi: int) -> tuple[ModelConfig, dict]:
+    cfg = dataclasses.replace(config, num_layers=hi - lo, sliding_layers=tuple(config.layer_is_sliding[lo:hi]))
+    return cfg, {**backbone, "layers": jax.tree.map(lambda x: x[lo:hi], backbone["layers"])}
+
+
+def _inputs(batch: dict) -> tuple[dict, jax.Array | None]:
+    if "segment_ids" in batch:  # packed rows (segments + branches); else padded rows with a mask
+        return dict(positions=batch["positions"], segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"]), None
+    return {}, batch["attention_mask"]
+
+
+def frozen_residual(backbone: dict, config: ModelConfig, batch: dict, n_frozen: int) -> jax.Array | None:
+    """The residual stream after the first ``n_frozen`` layers, under ``stop_gradient`` (None when
+    no lower layer is frozen)."""
+    if not 0 < n_frozen < config.num_layers:
+        return None
+    inputs, mask = _inputs(batch)
+    cfg, params = _layers(backbone, config, 0, n_frozen)
+    residual = forward(params, cfg, batch["input_ids"], mask, final_norm=False, **inputs).hidden
+    return jax.lax.stop_gradient(residual)
+
+
+def hidden_states(backbone: dict, config: ModelConfig, batch: dict, n_frozen: int = 0,
+                  residual: jax.Array | None = None) -> jax.Array:
+    """Final hidden states [R, L, D] of packed or padded rows. The first ``n_frozen`` layers run as
+    their own scan under ``stop_gradient``; ``residual`` is their output when already computed."""
+    inputs, mask = _inputs(batch)
     if not 0 < n_frozen < config.num_layers:
         return forward(backbone, config, batch["input_ids"], mask, **inputs).hidden
-    sliding = config.layer_is_sliding
-
-    def part(lo, hi):
-        cfg = dataclasses.replace(config, num_layers=hi - lo, sliding_layers=tuple(sliding[lo:hi]))
-        return cfg, {**backbone, "layers": jax.tree.map(lambda x: x[lo:hi], backbone["layers"])}
-
-    cfg_a, params_a = part(0, n_frozen)
-    residual = forward(params_a, cfg_a, batch["input_ids"], mask, final_norm=False, **inputs).hidden
-    cfg_b, params_b = part(n_frozen, config.num_layers)
-    return forward(params_b, cfg_b, batch["input_ids"], mask, residual_in=jax.lax.stop_gradient(residual),
-                   **inputs).hidden
+    if residual is None:
+        residual = frozen_residual(backbone, config, batch, n_frozen)
+    cfg, params = _layers(backbone, config, n_frozen, config.num_layers)
+    return forward(params, cfg, batch["input_ids"], mask, residual_in=residual, **inputs).hidden
 
 
 def backbone_of(full: dict, run: RunConfig) -> dict:
@@ -85,10 +103,15 @@ def outputs(trainable: dict, frozen: dict, batch: dict, *, config: ModelConfig, 
     """Per-slot outputs of the head on this batch (see ``rmjax.train.heads``)."""
     full = tparams.merge(trainable, frozen)
     backbone = backbone_of(full, run)
-    hidden = hidden_states(backbone, config, batch, frozen_layers(config, run))
+    n_frozen = frozen_layers(config, run)
+    residual = frozen_residual(backbone, config, batch, n_frozen)
+    hidden = hidden_states(backbone, config, batch, n_frozen, residual)
 
-    def reference_hidden():  # dpo: the frozen reference (a separate model, or the policy without LoRA)
+    def reference_hidden():  # dpo: the frozen reference (a separate model, or the policy as loaded)
         ref = jax.lax.stop_gradient(full.get("reference", full["backbone"]))
+        if residual is not None and not run.loss.reference:
+            # the policy as loaded: its frozen lower layers are the reference's, so their output is shared
+            return ref, jax.lax.stop_gradient(hidden_states(ref, config, batch, n_frozen, residual))
         return ref, jax.lax.stop_gradient(hidden_states(ref, config, batch))
 
     ctx = Context(backbone, config, run, statics, reference_hidden)
