@@ -8,7 +8,7 @@ from hf_models import build
 from rmjax.models import forward
 from rmjax.models.loading import StateDictCheckpoint, load_params
 from rmjax.data.batching import BUCKETS, Encoded
-from rmjax.scoring import packing
+from rmjax.scoring import compute, packing
 from rmjax.scoring.engine import naive_response_logprobs, reference_hidden
 
 
@@ -86,6 +86,36 @@ def test_packed_pair_equals_separate(tiny):
     for tag, p in (("policy", params), ("reference", params_b)):
         alone = packing.packed_score_fn(config)(p, None, b.arrays)
         np.testing.assert_allclose(np.asarray(both[tag]["sum"]), np.asarray(alone["sum"]), rtol=1e-6, atol=1e-6)
+
+
+def test_models_sharing_lower_layers_run_them_once(tiny, monkeypatch):
+    """An adapter-like change of the last layer: the pair shares the rest (run once, by layer count
+    of the traced decoder passes) and scores equal the two models run separately."""
+    config, params, _ = tiny
+    top = jax.tree.map(lambda x: x.at[-1].multiply(1.02), params["layers"])
+    tuned = {**params, "layers": top}
+    layers = config.num_layers
+    assert compute.shared_layers(params, tuned, config, config) == layers - 1
+    assert compute.shared_layers(params, params, config, config) == layers - 1  # capped: one layer of each runs
+    assert compute.shared_layers(params, jax.tree.map(lambda x: x * 1.01, params), config, config) == 0
+    first = {**params, "layers": jax.tree.map(lambda x: x.at[0].multiply(1.02), params["layers"])}
+    assert compute.shared_layers(params, first, config, config) == 0
+    enc = examples(config.vocab_size, 5, np.random.default_rng(3), n_resp=(2,))
+    (b, *_) = packing.packed_batches(enc, 0, row_length=128, batch_tokens=128, buckets=BUCKETS)
+    calls, real = [], packing.forward
+
+    def counted(p, cfg, *args, **kwargs):
+        calls.append(cfg.num_layers)
+        return real(p, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "forward", counted)
+    both = packing.packed_pair_fn(config, config, with_tokens=True, shared_layers=layers - 1)(tuned, params, b.arrays)
+    assert calls == [layers - 1, 1, 1]
+    monkeypatch.setattr(packing, "forward", real)
+    for tag, p in (("policy", tuned), ("reference", params)):
+        alone = packing.packed_score_fn(config, with_tokens=True)(p, None, b.arrays)
+        for key in ("sum", "tokens"):
+            np.testing.assert_allclose(np.asarray(both[tag][key]), np.asarray(alone[key]), rtol=1e-5, atol=1e-5)
 
 
 def test_branch_ids_validated():

@@ -215,7 +215,8 @@ def run_score(args) -> int:
                      f"template {sl.judge.chat}, both candidate orders per pair")
     scorer = bulk.Scorer(slots, s, mesh=mesh, strategy=args.strategy)
     bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in slots)}; "
-             f"{'one fused jit for policy+reference' if scorer.fused else 'per-model passes'}")
+             f"{'one fused jit for policy+reference' if scorer.fused else 'per-model passes'}"
+             + (f", their first {scorer.shared_layers} layers (identical) run once" if scorer.shared_layers else ""))
     pending = writer.pending_shards()
     mine = [k for k in pending if share.owned(k)]
     done = share.total - sum(len(writer.shard_range(k)) for k in pending)

@@ -203,7 +203,7 @@ class Decoder(nn.Module):
                  kv_cache: KVCache | None = None, branch_ids=None, return_all_hidden: bool = False,
                  return_kv: bool = False, residual_in=None, final_norm: bool = True) -> DecoderOutput:
         """``residual_in`` [B, T, D] replaces the embedded ``input_ids`` (the residual stream of a
-        model split by layers, see ``forward_frozen_prefix``); ``final_norm=False`` returns the
+        model split by layers, see ``layer_range``); ``final_norm=False`` returns the
         residual stream after the last layer instead of the normed hidden states."""
         c = self.config
         dt = c.compute_dtype
@@ -325,23 +325,13 @@ def forward(params, config: ModelConfig, input_ids, attention_mask=None, **kwarg
     return Decoder(config).apply({"params": params}, input_ids, attention_mask, **kwargs)
 
 
-def forward_frozen_prefix(params, config: ModelConfig, input_ids, attention_mask, n_frozen: int) -> jax.Array:
-    """Final hidden states [B, T, D] as ``forward``, but the first ``n_frozen`` layers run as their
-    own scan under ``stop_gradient``: training the last k layers then backpropagates through k
-    layers, not through the whole stack (one scan over all layers would differentiate every step)."""
-    if not 0 < n_frozen < config.num_layers:
-        return forward(params, config, input_ids, attention_mask).hidden
-    sliding = config.layer_is_sliding
-
-    def part(lo, hi):
-        cfg = dataclasses.replace(config, num_layers=hi - lo, sliding_layers=tuple(sliding[lo:hi]))
-        return cfg, {**params, "layers": jax.tree.map(lambda x: x[lo:hi], params["layers"])}
-
-    cfg_a, params_a = part(0, n_frozen)
-    residual = Decoder(cfg_a).apply({"params": params_a}, input_ids, attention_mask, final_norm=False).hidden
-    cfg_b, params_b = part(n_frozen, config.num_layers)
-    return Decoder(cfg_b).apply({"params": params_b}, input_ids, attention_mask,
-                                residual_in=jax.lax.stop_gradient(residual)).hidden
+def layer_range(params, config: ModelConfig, lo: int, hi: int) -> tuple[ModelConfig, dict]:
+    """The decoder made of layers ``lo..hi-1`` (its config and params, embedding and final norm kept).
+    A model split by layers runs ``forward(lower, ..., final_norm=False)`` and feeds its hidden states
+    to ``forward(upper, ..., residual_in=...)``: frozen lower layers then get no backward pass, and
+    two models that share their lower layers run them once."""
+    cfg = dataclasses.replace(config, num_layers=hi - lo, sliding_layers=tuple(config.layer_is_sliding[lo:hi]))
+    return cfg, {**params, "layers": jax.tree.map(lambda x: x[lo:hi], params["layers"])}
 
 
 def unembedding_matrix(params, config: ModelConfig) -> jax.Array:

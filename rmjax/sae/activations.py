@@ -48,7 +48,7 @@ from rmjax.data import batching
 from rmjax.data.chat import template_name
 from rmjax.data.records import Record
 from rmjax.errors import ConfigError, DataError
-from rmjax.models.transformer import forward
+from rmjax.models.transformer import forward, layer_range
 from rmjax.scoring.output import ScoreWriter, ShardArrays, finished_metadata
 
 TOKENS = ("all", "response")
@@ -81,11 +81,9 @@ def residual_fn(config, layer: int) -> Callable:
     running only those layers (layer 0: the embeddings, from a one-layer run's ``all_hidden[0]``)."""
     layer = resolve_layer(layer, config.num_layers)
     n = max(layer, 1)
-    cfg = dataclasses.replace(config, num_layers=n,
-                              sliding_layers=tuple(config.sliding_layers[:n]) if config.sliding_layers else ())
 
     def fn(params, batch):
-        prefix = {**params, "layers": jax.tree.map(lambda x: x[:n], params["layers"])}
+        cfg, prefix = layer_range(params, config, 0, n)
         out = forward(prefix, cfg, batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                       branch_ids=batch["branch_ids"], final_norm=False, return_all_hidden=layer == 0)
         return (out.all_hidden[0] if layer == 0 else out.hidden).astype(jnp.float32)

@@ -154,8 +154,14 @@ class Scorer:
         pair_fn = packing.packed_pair_fn if packed else paired_score_fn
         single_fn = packing.packed_score_fn if packed else score_fn
         self.fns = {}
+        self.shared_layers = 0
         if self.fused:
-            self.fns["pair"] = pair_fn(self.policy.loaded.config, self.reference.loaded.config, with_tokens=tok)
+            pa, pb = self.policy.loaded, self.reference.loaded
+            extra = {}
+            if packed:  # an adapter on the last layers vs its base: the layers below run once for both
+                self.shared_layers = extra["shared_layers"] = compute.shared_layers(pa.params, pb.params,
+                                                                                    pa.config, pb.config)
+            self.fns["pair"] = pair_fn(pa.config, pb.config, with_tokens=tok, **extra)
         for sl in slots:
             if sl.role == "judge":
                 self.fns["judge"] = (packing.packed_judge_fn if packed else judge_fn)(sl.loaded.config)

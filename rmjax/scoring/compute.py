@@ -5,6 +5,7 @@ scan, training and evaluation):
     rm_score(hidden, index, head)             a linear reward head at given positions, in fp32
     model_fn(stats, config, ...)              one jitted function per (layout, model, options), cached
     pair_fn(stats, config_a, config_b, ...)   policy and reference in ONE jitted function (the pair combinator)
+    shared_layers(params_a, params_b, ...)    how many lower layers two models share exactly (run once)
     implicit_rewards(policy, reference, ...)  beta * (log pi - log pi_ref) per response
     judge_margin(logits)                      a generative judge's verdict log-odds over both candidate orders
     pairwise_wins / best_of_n_scores          accuracy per example: ties 0.5; RewardBench 2's best-of-N rule
@@ -77,6 +78,42 @@ def pair_fn(stats: Callable, config_a, config_b, *, with_tokens: bool = False, t
                 "reference": stats(params_b, config_b, batch, None, with_tokens, token_chunk)}
 
     return jax.jit(fn)
+
+
+_TRUNK_FREE = ("layers", "final_norm", "lm_head")  # what may differ between models that share lower layers
+
+
+def shared_layers(params_a, params_b, config_a, config_b) -> int:
+    """How many lower layers two decoders share exactly: the same config, the same weights outside
+    the layers (embedding; the final norm and an untied lm_head may differ) and the same weights in
+    layers 0..n-1, capped at num_layers - 1. An adapter on the last layers against its base shares
+    every layer below them; two unrelated models share none. Arrays not all on this process: 0.
+    Compared on the devices, one small result per weight."""
+    if config_a != config_b or jax.tree.structure(params_a) != jax.tree.structure(params_b):
+        return 0
+    pairs = list(zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)))
+    if not all(a.shape == b.shape and a.dtype == b.dtype and getattr(a, "is_fully_addressable", True)
+               and getattr(b, "is_fully_addressable", True) for a, b in pairs):
+        return 0
+    for key in params_a:
+        if key not in _TRUNK_FREE and not all(a is b or bool(_equal(a, b)) for a, b in
+                                              zip(jax.tree.leaves(params_a[key]), jax.tree.leaves(params_b[key]))):
+            return 0
+    same = np.ones(config_a.num_layers, bool)
+    for a, b in zip(jax.tree.leaves(params_a["layers"]), jax.tree.leaves(params_b["layers"])):
+        if a is not b:
+            same &= np.asarray(_equal_per_layer(a, b))
+    return min(int(np.argmin(same)) if not same.all() else len(same), config_a.num_layers - 1)
+
+
+@jax.jit
+def _equal(a, b):
+    return jnp.all(a == b)
+
+
+@jax.jit
+def _equal_per_layer(a, b):  # stacked [L, ...] weights -> [L]
+    return jnp.all((a == b).reshape(a.shape[0], -1), axis=1)
 
 
 def implicit_rewards(policy: dict, reference: dict | None, beta: float, reduction: str = "sum") -> np.ndarray:

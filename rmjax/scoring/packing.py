@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from rmjax.data.batching import pack_rows, packed_batches, unpack
 from rmjax.heads.judge import verdict_logits
 from rmjax.models.config import ModelConfig
-from rmjax.models.transformer import forward, unembedding_matrix
+from rmjax.models.transformer import forward, layer_range, unembedding_matrix
 from rmjax.scoring import compute
 from rmjax.scoring.logprobs import token_logprobs
 
@@ -40,9 +41,11 @@ def target_logprobs(hidden, params, config: ModelConfig, batch: dict, token_chun
     return jnp.where(batch["target_valid"] > 0, lp, 0.0)
 
 
-def packed_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, token_chunk: int) -> dict:
-    """Per slot [R, S]: {'sum', 'mean', 'count'[, 'rm']}; 'tokens' [R, Tt] per target token."""
-    hidden = packed_hidden(params, config, batch)
+def packed_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, token_chunk: int,
+                 hidden=None) -> dict:
+    """Per slot [R, S]: {'sum', 'mean', 'count'[, 'rm']}; 'tokens' [R, Tt] per target token.
+    ``hidden``: the model's final hidden states when already computed."""
+    hidden = packed_hidden(params, config, batch) if hidden is None else hidden
     lp = target_logprobs(hidden, params, config, batch, token_chunk)
     stats = compute.sequence_stats(lp, batch["target_valid"], batch["target_slot"], batch["seq_index"].shape[1])
     if with_tokens:
@@ -72,6 +75,21 @@ def packed_score_fn(config: ModelConfig, *, with_tokens: bool = False, with_rm_h
 
 
 def packed_pair_fn(config_a: ModelConfig, config_b: ModelConfig, *, with_tokens: bool = False,
-                   token_chunk: int = 1024) -> Callable:
-    """Policy and reference (shared tokenizer) in ONE jitted function over the same packed batch."""
-    return compute.pair_fn(packed_stats, config_a, config_b, with_tokens=with_tokens, token_chunk=token_chunk)
+                   token_chunk: int = 1024, shared_layers: int = 0) -> Callable:
+    """Policy and reference (shared tokenizer) in ONE jitted function over the same packed batch.
+    With ``shared_layers`` = n (``compute.shared_layers``: both models have the same embedding and
+    first n layers, as an adapter on the last layers and its base do) those layers run once for both."""
+    if not shared_layers:
+        return compute.pair_fn(packed_stats, config_a, config_b, with_tokens=with_tokens, token_chunk=token_chunk)
+
+    def fn(params_a, params_b, batch):
+        cfg, lower = layer_range(params_a, config_a, 0, shared_layers)
+        residual = packed_hidden(lower, cfg, batch, final_norm=False)
+        out = {}
+        for role, params, config in (("policy", params_a, config_a), ("reference", params_b, config_b)):
+            cfg, upper = layer_range(params, config, shared_layers, config.num_layers)
+            hidden = packed_hidden(upper, cfg, batch, residual_in=residual)
+            out[role] = packed_stats(params, config, batch, None, with_tokens, token_chunk, hidden=hidden)
+        return out
+
+    return jax.jit(fn)

@@ -24,7 +24,7 @@ import optax
 
 from rmjax import sharding as shd
 from rmjax.models.config import ModelConfig
-from rmjax.models.transformer import forward
+from rmjax.models.transformer import forward, layer_range
 from rmjax.train import params as tparams
 from rmjax.train.config import RunConfig
 from rmjax.train.heads import Context, HeadEntry
@@ -57,11 +57,6 @@ def frozen_layers(config: ModelConfig, run: RunConfig) -> int:
     return 0
 
 
-def _layers(backbone: dict, config: ModelConfig, lo: int, hi: int) -> tuple[ModelConfig, dict]:
-    cfg = dataclasses.replace(config, num_layers=hi - lo, sliding_layers=tuple(config.layer_is_sliding[lo:hi]))
-    return cfg, {**backbone, "layers": jax.tree.map(lambda x: x[lo:hi], backbone["layers"])}
-
-
 def _inputs(batch: dict) -> tuple[dict, jax.Array | None]:
     if "segment_ids" in batch:  # packed rows (segments + branches); else padded rows with a mask
         return dict(positions=batch["positions"], segment_ids=batch["segment_ids"], branch_ids=batch["branch_ids"]), None
@@ -74,7 +69,7 @@ def frozen_residual(backbone: dict, config: ModelConfig, batch: dict, n_frozen: 
     if not 0 < n_frozen < config.num_layers:
         return None
     inputs, mask = _inputs(batch)
-    cfg, params = _layers(backbone, config, 0, n_frozen)
+    cfg, params = layer_range(backbone, config, 0, n_frozen)
     residual = forward(params, cfg, batch["input_ids"], mask, final_norm=False, **inputs).hidden
     return jax.lax.stop_gradient(residual)
 
@@ -88,7 +83,7 @@ def hidden_states(backbone: dict, config: ModelConfig, batch: dict, n_frozen: in
         return forward(backbone, config, batch["input_ids"], mask, **inputs).hidden
     if residual is None:
         residual = frozen_residual(backbone, config, batch, n_frozen)
-    cfg, params = _layers(backbone, config, n_frozen, config.num_layers)
+    cfg, params = layer_range(backbone, config, n_frozen, config.num_layers)
     return forward(params, cfg, batch["input_ids"], mask, residual_in=residual, **inputs).hidden
 
 
