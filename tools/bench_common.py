@@ -22,6 +22,22 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def time_train_step(fn, state, frozen, batch, repeats: int) -> tuple[float, float, float]:
+    """(median seconds per step, compile seconds, first loss) of an rmjax jitted train step, compiled
+    once for ``batch`` and run ``repeats`` times after a warm-up step (the state carried through)."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    losses = []
+
+    def step():
+        nonlocal state
+        state, metrics = compiled(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+
+    return median_time(step, repeats=repeats), compile_s, losses[0]
+
+
 def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
     """Best time of each function over ``rounds`` rounds that call every function once, in turn.
 

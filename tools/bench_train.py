@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import environment, median_time, peak_rss_mb, write_result  # noqa: E402
+from bench_common import environment, median_time, peak_rss_mb, time_train_step, write_result  # noqa: E402
 
 LAST_K = 4
 
@@ -116,18 +115,8 @@ def rmjax_step(mode, loaded, head, examples, mesh, args, packed: bool) -> dict:
     state = tstep.create_state(jax.tree.map(lambda x: x.copy(), trainable), opt, mesh)
     fn = tstep.make_train_step(state, frozen, mesh, layout.keys, config=loaded.config, run=run, optimizer=opt,
                                entry=entry)
-    t0 = time.perf_counter()
-    compiled = fn.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    losses = []
-
-    def step():
-        nonlocal state
-        state, metrics = compiled(state, frozen, batch)
-        losses.append(float(metrics["loss"]))
-
-    seconds = median_time(step, repeats=args.steps)
-    return {"seconds_per_step": seconds, "compile_s": compile_s, "first_loss": losses[0],
+    seconds, compile_s, first_loss = time_train_step(fn, state, frozen, batch, args.steps)
+    return {"seconds_per_step": seconds, "compile_s": compile_s, "first_loss": first_loss,
             "padded_tokens": int(batch["input_ids"].size), "trainable_params": tparams.count(trainable)}
 
 
