@@ -22,20 +22,31 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def time_train_step(fn, state, frozen, batch, repeats: int) -> tuple[float, float, float]:
-    """(median seconds per step, compile seconds, first loss) of an rmjax jitted train step, compiled
-    once for ``batch`` and run ``repeats`` times after a warm-up step (the state carried through)."""
+def train_step_runner(fn, state, frozen, batch) -> tuple[Callable[[], None], float, list]:
+    """(step, compile seconds, losses) of an rmjax jitted train step compiled once for ``batch``:
+    ``step()`` runs one optimizer step (the state carried through) and appends its loss to
+    ``losses``. Time it against the other side with ``timed_sides``."""
     t0 = time.perf_counter()
     compiled = fn.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    losses = []
+    losses: list = []
 
     def step():
         nonlocal state
         state, metrics = compiled(state, frozen, batch)
         losses.append(float(metrics["loss"]))
 
-    return median_time(step, repeats=repeats), compile_s, losses[0]
+    return step, compile_s, losses
+
+
+def timed_sides(sides: dict[str, tuple[Callable[[], None], dict, list]], rounds: int) -> dict[str, dict]:
+    """Time train steps of several implementations in interleaved rounds (``best_interleaved``:
+    one warm-up step each, then each round runs every side once, in turn). ``sides`` maps a name to
+    (step, info, losses); returns each info with ``seconds_per_step`` (the best round) and
+    ``first_loss`` (the warm-up step's loss: every side starts from the same weights) added."""
+    best = best_interleaved({name: step for name, (step, _, _) in sides.items()}, rounds=rounds)
+    return {name: {**info, "seconds_per_step": best[name], "first_loss": losses[0]}
+            for name, (_, info, losses) in sides.items()}
 
 
 def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:

@@ -17,7 +17,8 @@ step per batch of ``--pairs`` real HH-RLHF helpful pairs (a fixed seeded sample)
 
 Both start from the same adapter (rmjax's initial factors, B moved off zero so that the policy
 differs from the reference, exported in PEFT's layout and loaded by ``peft``); their first losses
-are compared. Throughput is in sequence tokens (prompt + reply of every chosen and rejected
+are compared. The two are timed in interleaved rounds (a step of each per round, ``--steps`` rounds
+after a warm-up step each; the best round counts). Throughput is in sequence tokens (prompt + reply of every chosen and rejected
 sequence).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import environment, median_time, peak_rss_mb, time_train_step, write_result  # noqa: E402
+from bench_common import environment, peak_rss_mb, timed_sides, train_step_runner, write_result  # noqa: E402
 from bench_train import sample_examples  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -78,9 +79,9 @@ def rmjax_side(loaded, examples, mesh, args, lora_layers: int, adapter_dir: str)
     state = tstep.create_state(trainable, opt, mesh)
     fn = tstep.make_train_step(state, frozen, mesh, layout.keys, config=loaded.config, run=run, optimizer=opt,
                                entry=entry, statics=tloop.statics_for(run, loaded.tokenizer, ()))
-    seconds, compile_s, first_loss = time_train_step(fn, state, frozen, batch, args.steps)
-    return {"seconds_per_step": seconds, "compile_s": compile_s, "first_loss": first_loss,
-            "positions": int(batch["input_ids"].size), "trainable_params": tparams.count(trainable)}
+    step, compile_s, losses = train_step_runner(fn, state, frozen, batch)
+    return step, {"compile_s": compile_s, "positions": int(batch["input_ids"].size),
+                  "trainable_params": tparams.count(trainable)}, losses
 
 
 def torch_side(loaded, examples, args, adapter_dir: str) -> dict:
@@ -127,9 +128,7 @@ def torch_side(loaded, examples, args, adapter_dir: str) -> dict:
         optim.step()
         losses.append(float(loss.detach()))
 
-    seconds = median_time(step, repeats=args.steps)
-    return {"seconds_per_step": seconds, "first_loss": losses[0], "positions": int(ids.numel()),
-            "trainable_params": sum(p.numel() for p in params)}
+    return step, {"positions": int(ids.numel()), "trainable_params": sum(p.numel() for p in params)}, losses
 
 
 def main() -> None:
@@ -157,8 +156,9 @@ def main() -> None:
               "tree_tokens_per_step": sum(e.tree.tree_length for e in examples)}
     for n in args.lora_layers:
         with tempfile.TemporaryDirectory() as adapter_dir:
-            ours = rmjax_side(loaded, examples, mesh, args, n, adapter_dir)
-            theirs = torch_side(loaded, examples, args, adapter_dir)
+            sides = timed_sides({"rmjax": rmjax_side(loaded, examples, mesh, args, n, adapter_dir),
+                                 "torch_peft": torch_side(loaded, examples, args, adapter_dir)}, args.steps)
+        ours, theirs = sides["rmjax"], sides["torch_peft"]
         for side in (ours, theirs):
             side["sequence_tokens_per_s"] = seq_tokens / side["seconds_per_step"]
         result[f"lora_layers_{n or 'all'}"] = {

@@ -12,6 +12,9 @@ AdamW with global-norm clipping, one optimizer step per batch of ``--pairs`` pai
     rmjax unpacked   chosen and rejected as padded rows [2b, T] (T bucketed)
     HF torch         ``*ForSequenceClassification`` on the same padded rows (T = the batch's longest)
 
+The three are timed in interleaved rounds (one step of each per round, ``--steps`` rounds after a
+warm-up step each; the best round counts), so a host whose speed drifts affects all three alike.
+
 Throughput is in *sequence tokens*: prompt + response of every chosen and rejected sequence, the
 work all three do (packing computes the shared prompt once, so it gets through it faster). The
 first losses of the three agree (same weights, same pairs); rmjax compile time is reported apart.
@@ -27,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import environment, median_time, peak_rss_mb, time_train_step, write_result  # noqa: E402
+from bench_common import environment, peak_rss_mb, timed_sides, train_step_runner, write_result  # noqa: E402
 
 LAST_K = 4
 
@@ -115,9 +118,9 @@ def rmjax_step(mode, loaded, head, examples, mesh, args, packed: bool) -> dict:
     state = tstep.create_state(jax.tree.map(lambda x: x.copy(), trainable), opt, mesh)
     fn = tstep.make_train_step(state, frozen, mesh, layout.keys, config=loaded.config, run=run, optimizer=opt,
                                entry=entry)
-    seconds, compile_s, first_loss = time_train_step(fn, state, frozen, batch, args.steps)
-    return {"seconds_per_step": seconds, "compile_s": compile_s, "first_loss": first_loss,
-            "padded_tokens": int(batch["input_ids"].size), "trainable_params": tparams.count(trainable)}
+    step, compile_s, losses = train_step_runner(fn, state, frozen, batch)
+    return step, {"compile_s": compile_s, "padded_tokens": int(batch["input_ids"].size),
+                  "trainable_params": tparams.count(trainable)}, losses
 
 
 def torch_step(mode, loaded, head, examples, args) -> dict:
@@ -157,16 +160,14 @@ def torch_step(mode, loaded, head, examples, args) -> dict:
         optim.step()
         losses.append(float(loss.detach()))
 
-    seconds = median_time(step, repeats=args.steps)
-    return {"seconds_per_step": seconds, "first_loss": losses[0], "padded_tokens": int(ids.numel()),
-            "trainable_params": sum(p.numel() for p in params)}
+    return step, {"padded_tokens": int(ids.numel()), "trainable_params": sum(p.numel() for p in params)}, losses
 
 
 def bench_mode(mode, loaded, head, examples, mesh, args) -> dict:
     seq_tokens = sum(e.tree.unshared_tokens for e in examples)
-    out = {"rmjax_packed": rmjax_step(mode, loaded, head, examples, mesh, args, packed=True),
-           "rmjax_unpacked": rmjax_step(mode, loaded, head, examples, mesh, args, packed=False),
-           "hf_torch": torch_step(mode, loaded, head, examples, args)}
+    out = timed_sides({"rmjax_packed": rmjax_step(mode, loaded, head, examples, mesh, args, packed=True),
+                       "rmjax_unpacked": rmjax_step(mode, loaded, head, examples, mesh, args, packed=False),
+                       "hf_torch": torch_step(mode, loaded, head, examples, args)}, args.steps)
     for side in out.values():
         side["sequence_tokens_per_s"] = seq_tokens / side["seconds_per_step"]
     torch_s = out["hf_torch"]["seconds_per_step"]
