@@ -41,25 +41,31 @@ def train_step_runner(fn, state, frozen, batch) -> tuple[Callable[[], None], flo
 
 def timed_sides(sides: dict[str, tuple[Callable[[], None], dict, list]], rounds: int) -> dict[str, dict]:
     """Time train steps of several implementations in interleaved rounds (``best_interleaved``:
-    one warm-up step each, then each round runs every side once, in turn). ``sides`` maps a name to
-    (step, info, losses); returns each info with ``seconds_per_step`` (the best round) and
-    ``first_loss`` (the warm-up step's loss: every side starts from the same weights) added."""
-    best = best_interleaved({name: step for name, (step, _, _) in sides.items()}, rounds=rounds)
+    one warm-up step each, then each round gives every side, in turn, one untimed step to settle
+    and one timed step). ``sides`` maps a name to (step, info, losses); returns each info with
+    ``seconds_per_step`` (the best round) and ``first_loss`` (the warm-up step's loss: every side
+    starts from the same weights) added."""
+    best = best_interleaved({name: step for name, (step, _, _) in sides.items()}, rounds=rounds, settle=1)
     return {name: {**info, "seconds_per_step": best[name], "first_loss": losses[0]}
             for name, (_, info, losses) in sides.items()}
 
 
-def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
+def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
+                     settle: int = 0) -> dict[str, float]:
     """Best time of each function over ``rounds`` rounds that call every function once, in turn.
 
     On a shared host, interference only ever adds time; the best of interleaved rounds compares
-    the two sides under the same conditions, which a median of separate runs does not."""
+    the two sides under the same conditions, which a median of separate runs does not. ``settle``
+    untimed calls precede each timed one: a torch train step and an XLA one in the same process
+    each slow down the first call of the other after it (by about half a step on the 2-core CPU)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)

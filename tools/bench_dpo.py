@@ -1,7 +1,7 @@
 """DPO train-step throughput with LoRA: rmjax's jitted step vs a plain PyTorch + peft DPO loop, in one
 run on the same pairs and the same adapter.
 
-    python tools/bench_dpo.py [--pairs 8] [--max-length 256] [--steps 3] [--lora-layers 0 8]
+    python tools/bench_dpo.py [--pairs 8] [--max-length 256] [--steps 2] [--lora-layers 0 8]
 
 SmolLM2-135M-Instruct (the same GGUF weights for both), fp32, LoRA rank 8 / alpha 16 on q/k/v/o of
 every layer (``--lora-layers 0``) or of the last n layers only (PEFT's ``layers_to_transform``), DPO
@@ -17,9 +17,9 @@ step per batch of ``--pairs`` real HH-RLHF helpful pairs (a fixed seeded sample)
 
 Both start from the same adapter (rmjax's initial factors, B moved off zero so that the policy
 differs from the reference, exported in PEFT's layout and loaded by ``peft``); their first losses
-are compared. The two are timed in interleaved rounds (a step of each per round, ``--steps`` rounds
-after a warm-up step each; the best round counts). Throughput is in sequence tokens (prompt + reply of every chosen and rejected
-sequence).
+are compared. The two are timed in interleaved rounds (each round gives each side a step to settle,
+then a timed step; ``--steps`` rounds after a warm-up step each; the best round counts).
+Throughput is in sequence tokens (prompt + reply of every chosen and rejected sequence).
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="timed rounds")
     ap.add_argument("--data", default="hh-rlhf:helpful-base")
     ap.add_argument("--lora-layers", type=int, nargs="+", default=[0, 8])
     ap.add_argument("--out", default="tools/results/dpo_cpu.json")

@@ -1,7 +1,7 @@
 """Train-step throughput: rmjax's jitted BT step, packed prompt trees vs padded rows, vs a plain PyTorch
 BT loop on HF transformers, in one run on the same pairs.
 
-    python tools/bench_train.py [--pairs 8] [--max-length 256] [--steps 3] [--trainable full last_k]
+    python tools/bench_train.py [--pairs 8] [--max-length 256] [--steps 2] [--trainable full last_k]
                                 [--data hh-rlhf:helpful-base] [--long]
 
 Same model (SmolLM2-135M-Instruct weights, a fresh scalar head), the same real HH-RLHF pairs (a
@@ -12,10 +12,10 @@ AdamW with global-norm clipping, one optimizer step per batch of ``--pairs`` pai
     rmjax unpacked   chosen and rejected as padded rows [2b, T] (T bucketed)
     HF torch         ``*ForSequenceClassification`` on the same padded rows (T = the batch's longest)
 
-rmjax packed and HF torch are timed in interleaved rounds (one step of each per round, ``--steps``
-rounds after a warm-up step each; the best round counts), so a host whose speed drifts affects both
-alike; rmjax unpacked is timed the same way before them, on its own (three full-model train states
-at once would not fit a 24 GiB host).
+rmjax packed and HF torch are timed in interleaved rounds (each round gives each side a step to
+settle, then a timed step; ``--steps`` rounds after a warm-up step each; the best round counts), so
+a host whose speed drifts affects both alike; rmjax unpacked is timed the same way before them, on
+its own (three full-model train states at once would not fit a 24 GiB host).
 
 Throughput is in *sequence tokens*: prompt + response of every chosen and rejected sequence, the
 work all three do (packing computes the shared prompt once, so it gets through it faster). The
@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="timed rounds")
     ap.add_argument("--data", default="hh-rlhf:helpful-base")
     ap.add_argument("--long", action="store_true", help="the pairs with the longest conversations")
     ap.add_argument("--trainable", nargs="+", default=["full", "last_k"], choices=["full", "last_k"])
