@@ -56,8 +56,8 @@ def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, warm
 
     On a shared host, interference only ever adds time; the best of interleaved rounds compares
     the two sides under the same conditions, which a median of separate runs does not. ``settle``
-    untimed calls precede each timed one: a torch train step and an XLA one in the same process
-    each slow down the first call of the other after it (by about half a step on the 2-core CPU)."""
+    untimed calls precede each timed one: in one process, a torch train step slows the XLA step
+    right after it (by about half a step on the 2-core CPU); each side settles before it is timed."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
