@@ -42,10 +42,12 @@ def train_step_runner(fn, state, frozen, batch) -> tuple[Callable[[], None], flo
 def timed_sides(sides: dict[str, tuple[Callable[[], None], dict, list]], rounds: int) -> dict[str, dict]:
     """Time train steps of several implementations in interleaved rounds (``best_interleaved``:
     one warm-up step each, then each round gives every side, in turn, one untimed step to settle
-    and one timed step). ``sides`` maps a name to (step, info, losses); returns each info with
-    ``seconds_per_step`` (the best round) and ``first_loss`` (the warm-up step's loss: every side
-    starts from the same weights) added."""
-    best = best_interleaved({name: step for name, (step, _, _) in sides.items()}, rounds=rounds, settle=1)
+    and one timed step; a side timed alone has nothing to settle from and gets no untimed step).
+    ``sides`` maps a name to (step, info, losses); returns each info with ``seconds_per_step`` (the
+    best round) and ``first_loss`` (the warm-up step's loss: every side starts from the same
+    weights) added."""
+    best = best_interleaved({name: step for name, (step, _, _) in sides.items()}, rounds=rounds,
+                            settle=int(len(sides) > 1))
     return {name: {**info, "seconds_per_step": best[name], "first_loss": losses[0]}
             for name, (_, info, losses) in sides.items()}
 

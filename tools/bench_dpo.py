@@ -49,7 +49,7 @@ def run_config(args, lora_layers: int):
                               "optim.warmup_steps=1", "optim.lr=1e-5", f"data.max_length={args.max_length}"])
 
 
-def rmjax_side(loaded, examples, mesh, args, lora_layers: int, adapter_dir: str) -> dict:
+def rmjax_side(loaded, examples, mesh, args, lora_layers: int, adapter_dir: str) -> tuple:
     import jax
 
     from rmjax.io import adapters, registry
@@ -84,7 +84,7 @@ def rmjax_side(loaded, examples, mesh, args, lora_layers: int, adapter_dir: str)
                   "trainable_params": tparams.count(trainable)}, losses
 
 
-def torch_side(loaded, examples, args, adapter_dir: str) -> dict:
+def torch_side(loaded, examples, args, adapter_dir: str) -> tuple:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

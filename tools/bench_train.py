@@ -14,8 +14,8 @@ AdamW with global-norm clipping, one optimizer step per batch of ``--pairs`` pai
 
 rmjax packed and HF torch are timed in interleaved rounds (each round gives each side a step to
 settle, then a timed step; ``--steps`` rounds after a warm-up step each; the best round counts), so
-a host whose speed drifts affects both alike; rmjax unpacked is timed the same way before them, on
-its own (three full-model train states at once would not fit a 24 GiB host).
+a host whose speed drifts affects both alike; rmjax unpacked is timed before them, on its own
+(three full-model train states at once would not fit a 24 GiB host).
 
 Throughput is in *sequence tokens*: prompt + response of every chosen and rejected sequence, the
 work all three do (packing computes the shared prompt once, so it gets through it faster). The
@@ -100,7 +100,7 @@ def main() -> None:
     write_result(args.out, result)
 
 
-def rmjax_step(mode, loaded, head, examples, mesh, args, packed: bool) -> dict:
+def rmjax_step(mode, loaded, head, examples, mesh, args, packed: bool) -> tuple:
     import jax
 
     from rmjax.train import batches as tbatches
@@ -126,7 +126,7 @@ def rmjax_step(mode, loaded, head, examples, mesh, args, packed: bool) -> dict:
                   "trainable_params": tparams.count(trainable)}, losses
 
 
-def torch_step(mode, loaded, head, examples, args) -> dict:
+def torch_step(mode, loaded, head, examples, args) -> tuple:
     """A plain PyTorch BT loop: LlamaForSequenceClassification on padded [2b, T] rows."""
     from transformers import AutoModelForSequenceClassification
 
