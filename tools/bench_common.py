@@ -115,6 +115,7 @@ def environment() -> dict:
         if jax.default_backend() == "cpu" else str(jax.devices()[0].device_kind),
         "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
+        "malloc_huge_pages": "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 

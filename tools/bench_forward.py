@@ -90,4 +90,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rmjax.cli import restart_with_hugepages
+
+    restart_with_hugepages()  # as the rmjax command line runs
     main()

@@ -123,4 +123,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from rmjax.cli import restart_with_hugepages
+
+    restart_with_hugepages()  # as the rmjax command line runs
     sys.exit(main())

@@ -186,4 +186,7 @@ def bench_mode(mode, loaded, head, examples, mesh, args) -> dict:
 
 
 if __name__ == "__main__":
+    from rmjax.cli import restart_with_hugepages
+
+    restart_with_hugepages()  # as the rmjax command line runs
     main()
