@@ -59,17 +59,22 @@ def hugepage_env(env: dict, thp_mode: str | None, glibc: str | None) -> dict | N
     return {**env, "GLIBC_TUNABLES": tunables}
 
 
-def restart_with_hugepages() -> None:
-    """Re-execute this process (same interpreter, arguments and pid) with ``hugepage_env``."""
-    if not sys.platform.startswith("linux") or not sys.executable:
-        return
+def host_hugepage_env(env: dict) -> dict | None:
+    """``hugepage_env`` for this host's kernel and C library."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             thp = f.read()
         glibc = os.confstr("CS_GNU_LIBC_VERSION")
     except (OSError, ValueError):
-        return
-    env = hugepage_env(dict(os.environ), thp, glibc)
+        return None
+    return hugepage_env(env, thp, glibc)
+
+
+def restart_with_hugepages() -> None:
+    """Re-execute this process (same interpreter, arguments and pid) with ``hugepage_env``."""
+    env = host_hugepage_env(dict(os.environ)) if sys.executable else None
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()

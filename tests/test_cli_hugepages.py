@@ -35,16 +35,7 @@ def _probe(**extra):
     return out.stdout.splitlines()
 
 
-def _host_allows() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            thp = f.read()
-        return cli.hugepage_env({}, thp, os.confstr("CS_GNU_LIBC_VERSION")) is not None
-    except (OSError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not _host_allows(), reason="this host has no transparent huge pages for glibc's malloc")
+@pytest.mark.skipif(cli.host_hugepage_env({}) is None, reason="this host has no transparent huge pages for glibc's malloc")
 def test_restart_happens_once_in_the_same_process():
     lines = _probe()
     starts = [ln for ln in lines if ln.startswith("start")]
