@@ -42,10 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
+def malloc_on_hugepages(env: dict) -> bool:
+    """Whether ``env`` already asks glibc's malloc for huge pages (any glibc.malloc.hugetlb value)."""
+    return "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", "")
+
+
 def hugepage_env(env: dict, thp_mode: str | None, glibc: str | None) -> dict | None:
     """The environment to restart with, or None when there is nothing to do: already set, turned off,
     a kernel without transparent huge pages for madvise, or a C library other than glibc >= 2.35."""
-    if env.get("RMJAX_HUGEPAGES", "1") == "0" or "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+    if env.get("RMJAX_HUGEPAGES", "1") == "0" or malloc_on_hugepages(env):
         return None
     if not thp_mode or "[never]" in thp_mode or not glibc or not glibc.startswith("glibc "):
         return None

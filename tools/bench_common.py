@@ -10,6 +10,8 @@ import statistics
 import time
 from typing import Callable
 
+from rmjax.cli import malloc_on_hugepages
+
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
     for _ in range(warmup):
@@ -115,7 +117,7 @@ def environment() -> dict:
         if jax.default_backend() == "cpu" else str(jax.devices()[0].device_kind),
         "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
-        "malloc_huge_pages": "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""),
+        "malloc_huge_pages": malloc_on_hugepages(dict(os.environ)),
     }
 
 
