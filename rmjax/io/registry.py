@@ -171,8 +171,9 @@ REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in (
 # LoRA adapters rmjax trains and ships (PEFT layout, the config naming a registry base), under
 # rmjax/data/bundled/adapters/<name>/; see experiments/irm/README.md
 BUNDLED_ADAPTERS = {
-    "smollm2-135m-dpo-hh": "SmolLM2-135M-Instruct + a rank-8 LoRA adapter trained by rmjax with DPO (beta 0.1) on "
-                           "bundled HH-RLHF helpful pairs; its held-out pairs ship beside it (heldout.jsonl.gz)",
+    "smollm2-135m-dpo-hh": "SmolLM2-135M-Instruct + a rank-16 LoRA adapter on its last 8 layers, trained by rmjax "
+                           "with DPO (beta 0.1, 2 epochs) on bundled HH-RLHF helpful-base pairs; its held-out pairs "
+                           "ship beside it (heldout.jsonl.gz)",
 }
 
 
