@@ -179,7 +179,10 @@ def test_processes_that_disagree_on_the_process_count_stop(model_dir, tmp_path):
             env = dict(processes.process_env(i, 2, port, 4), RMJAX_NUM_PROCESSES=str(n))
             procs.append(subprocess.Popen(argv, env=env, stdout=open(logs / f"process{i}.log", "w"),  # noqa: SIM115
                                           stderr=subprocess.STDOUT))
-        codes = [p.wait(timeout=120) for p in procs]
+        try:
+            codes = [p.wait(timeout=120) for p in procs]
+        except subprocess.TimeoutExpired:
+            raise AssertionError("processes still running after 120 s" + processes.tails(logs, 2)) from None
     finally:
         processes.stop(procs)
     assert codes == [2, 2], processes.tails(logs, 2)
