@@ -19,7 +19,7 @@ BASELINES = ROOT / "experiments" / "irm" / "baselines.py"
 ADAPTER = bundled_adapter_dir("smollm2-135m-dpo-hh")
 
 
-def load_build(path: Path = BUILD):
+def load_script(path: Path = BUILD):
     spec = importlib.util.spec_from_file_location(f"irm_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,7 +32,7 @@ def bundled_ids() -> list[str]:
 
 
 def test_heldout_pairs_are_the_training_runs_holdout_and_never_trained_on():
-    train, held = load_build().heldout_records()
+    train, held = load_script().heldout_records()
     assert len(held) == 256
     train_ids = {r.id for r in train}
     assert not train_ids & {r.id for r in held}
@@ -79,6 +79,7 @@ def test_score_defaults_to_the_heldout_pairs_and_the_cross_family_pair_is_one_fl
 
 def test_baselines_on_a_hand_computed_table():
     import pandas as pd
+
     from rmjax.scoring.compute import wilson
 
     # five pairs; policy - reference sums give implicit margins +1, -2, +3, 0 (a tie), +1
@@ -95,7 +96,7 @@ def test_baselines_on_a_hand_computed_table():
         "policy_chosen_tokens": [10, 10, 5, 8, 3, 1],
         "policy_rejected_tokens": [6, 10, 9, 4, 7, 1],
     })
-    out = load_build(BASELINES).baselines(table)
+    out = load_script(BASELINES).baselines(table)
     implicit = out["implicit RM (sum)"]
     assert implicit["pairs"] == 5 and implicit["accuracy"] == pytest.approx(3.5 / 5)  # +, -, +, tie, +
     assert implicit["ci95"] == pytest.approx(list(wilson(0.7, 5)))
@@ -112,4 +113,4 @@ def test_baselines_on_a_hand_computed_table():
     # prefers longer: (m > 0) == (len > 0): T==T, F==F, T!=F, F!=T, T!=F -> 2 of 5
     assert out["implicit RM prefers the longer reply"] == pytest.approx(0.4)
     with pytest.raises(SystemExit, match="both --policy and --reference"):
-        load_build(BASELINES).baselines(table.drop(columns=["reference_chosen_logp_sum"]))
+        load_script(BASELINES).baselines(table.drop(columns=["reference_chosen_logp_sum"]))

@@ -28,7 +28,7 @@ from rmjax.scoring.compute import pairwise_accuracy, wilson
 def accuracy(margins) -> dict:
     margins = np.asarray(margins, np.float64)
     acc = pairwise_accuracy(margins)
-    return {"accuracy": acc, "ci95": list(wilson(acc, len(margins))), "pairs": int(len(margins))}
+    return {"accuracy": acc, "ci95": list(wilson(acc, len(margins))), "pairs": len(margins)}
 
 
 def baselines(table: pd.DataFrame) -> dict:

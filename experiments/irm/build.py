@@ -1,6 +1,6 @@
 """Bundle the implicit RM that `rmjax score` uses by default.
 
-    rmjax train --config experiments/irm/smollm2_dpo_lora.yaml      # the DPO LoRA run (CPU: about 2 h)
+    rmjax train --config experiments/irm/smollm2_dpo_lora.yaml      # the DPO LoRA run (CPU: about 70 min)
     python experiments/irm/build.py                                 # copy its adapter + held-out pairs
 
 Copies RUN/final/adapter (PEFT layout: adapter_config.json naming smollm2-135m-instruct as the base,
