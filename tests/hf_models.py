@@ -21,6 +21,14 @@ CASES = {
                                     rope_theta=500000.0)),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM",
                    dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    # head_dim 24 != 64 / 4 (as Qwen3-0.6B: 16 x 128 on 1024); the last layer slides over a window of 4
+    "qwen3_qknorm_window": ("Qwen3Config", "Qwen3ForCausalLM",
+                            dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+                                 use_sliding_window=True, sliding_window=4, max_window_layers=2)),
+    # a window of 4 on every layer, shorter than the test sequences; head_dim 32 != 64 / 4 (Mistral-Nemo)
+    "mistral_window": ("MistralConfig", "MistralForCausalLM",
+                       dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                            tie_word_embeddings=False)),
     "gemma2_softcap_window": ("Gemma2Config", "Gemma2ForCausalLM",
                               dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                    query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=50.0,
@@ -44,11 +52,23 @@ def build(case: str, seed: int = 0, head: str = "causal", num_labels: int = 1, *
         lm_cls = lm_cls.replace("ForCausalLM", "ForSequenceClassification")
         cfg.num_labels = num_labels
     model = getattr(transformers, lm_cls)(cfg).eval()
-    with torch.no_grad():  # norms are initialised to constants; randomise so they are tested
+    randomise(model, plus_one="gemma" in case)
+    return model
+
+
+def randomise(model, plus_one: bool = False) -> None:
+    """Every parameter random: transformers initialises norms to constants and biases to zero, which
+    would hide a wrong mapping (a swapped k/v bias, a norm read from the wrong tensor)."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if "gemma" in case else 1.0))
-    return model
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if plus_one else 1.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif p.ndim == 2 and float(p.std()) < 1e-6:
+                p.copy_(torch.randn_like(p) * 0.02)
+        constant = [n for n, p in model.named_parameters() if p.numel() > 1 and float(p.std()) == 0.0]
+    assert not constant, f"parameters left constant: {constant}"
 
 
 def padded_batch(vocab: int, lengths: list[int], total: int, side: str, seed: int = 0):

@@ -30,6 +30,33 @@ def test_sequence_classification_rewards_match_hf(case, side):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("case", ["llama_mha_untied_rope3", "qwen2_bias", "qwen3_qknorm_window", "mistral_window"])
+def test_untied_classification_checkpoint_loads_without_an_lm_head(case):
+    """Released untied RMs (Llama-3.1-8B, Qwen2-7B, ...) ship no lm_head: none is required or created,
+    the rewards are transformers' own, and log-probs from such a model are a clear error."""
+    model = build(case, head="seqcls", num_labels=1)
+    assert not any(k.startswith("lm_head") for k in model.state_dict())
+    config, params, score = _load(model)
+    assert not config.tie_embeddings and not config.lm_head and "lm_head" not in params
+    ids, mask = padded_batch(config.vocab_size, [10, 6, 2], 10, "right")
+    hidden = np.asarray(jit_forward(params, config, ids, mask).hidden)
+    ours = hidden[np.arange(len(ids)), mask.sum(-1) - 1] @ score
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    with pytest.raises(ConfigError, match="no language-model head"):
+        unembed(params, config, hidden)
+
+
+def test_untied_causal_lm_without_its_lm_head_is_an_error():
+    model = build("llama_mha_untied_rope3")
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head")}
+    with pytest.raises(CheckpointError, match="missing tensors for 1 params: lm_head"):
+        load_params(StateDictCheckpoint(model.config.to_dict(), sd), source="tiny")
+    config, params, _ = load_params(StateDictCheckpoint(model.config.to_dict(), sd), source="tiny", lm_head=False)
+    assert "lm_head" not in params and not config.lm_head
+
+
 @pytest.mark.parametrize("case", ["llama_gqa_tied", "gemma3_window"])
 def test_prefix_kv_cache_extension_equals_full_forward(case):
     model = build(case)

@@ -116,7 +116,7 @@ def trajectories(root: Path, done: list[tuple[dict, Path]], prompt_keys: list[st
             if not target.exists():
                 print(f"trajectory: {run_dir} step {step}", flush=True)
                 if keys["model"] not in bases:
-                    bases[keys["model"]] = load_model(keys["model"], dtype="float32")
+                    bases[keys["model"]] = load_model(keys["model"], dtype="float32", lm_head=False)
                 model = checkpoint_model(run_dir, step, bases[keys["model"]])
                 table = word_scores(model, prompts, lexicon.words, run.data.template, "plain", rm=True)
                 target.parent.mkdir(parents=True, exist_ok=True)

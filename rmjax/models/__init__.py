@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from rmjax.errors import ConfigError
-from rmjax.models import gemma2, gemma3, llama, qwen2
+from rmjax.models import gemma2, gemma3, llama, mistral, qwen2, qwen3
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import (DecoderOutput, KVCache, abstract_params, forward, init_params,
                                       unembed, unembedding_matrix)
@@ -13,6 +13,8 @@ from rmjax.models.transformer import (DecoderOutput, KVCache, abstract_params, f
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama,
     "qwen2": qwen2,
+    "qwen3": qwen3,
+    "mistral": mistral,
     "gemma2": gemma2,
     "gemma3_text": gemma3,
     "gemma3": gemma3,

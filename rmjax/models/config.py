@@ -1,6 +1,6 @@
 """ModelConfig: everything the decoder needs, independent of where the weights came from.
 
-Each family module (llama.py, qwen2.py, gemma2.py, gemma3.py) turns a Hugging Face ``config.json``
+Each family module (llama.py, mistral.py, qwen2.py, qwen3.py, gemma2.py, gemma3.py) turns a Hugging Face ``config.json``
 dict into one of these. The config is a frozen, hashable dataclass so it can be a static argument.
 """
 from __future__ import annotations
@@ -33,10 +33,13 @@ class ModelConfig:
     local_rope_scaling: tuple[tuple[str, Any], ...] | None = None
     attention_bias: bool = False  # q/k/v projection bias (Qwen2)
     tie_embeddings: bool = True
+    # False: no language-model head at all. An untied *ForSequenceClassification / reward checkpoint
+    # (every Llama-3.x-8B and Qwen2-7B RM) ships none; such a model gives hidden states, not log-probs.
+    lm_head: bool = True
     embed_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma)
     sandwich_norms: bool = False  # extra post-attention / post-MLP norms (Gemma 2/3)
-    qk_norm: bool = False  # RMSNorm on q and k per head (Gemma 3)
+    qk_norm: bool = False  # RMSNorm on q and k per head (Gemma 3, Qwen3)
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (Gemma)
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
@@ -79,6 +82,11 @@ class ModelConfig:
     @property
     def params_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def untied_lm_head(self) -> bool:
+        """The model has an lm_head param of its own (untied and present)."""
+        return self.lm_head and not self.tie_embeddings
 
     @property
     def layer_is_sliding(self) -> tuple[bool, ...]:

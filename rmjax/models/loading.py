@@ -64,9 +64,31 @@ def plan(names: list[str], table: ck.KeyTable, config: ModelConfig) -> tuple[dic
         else:
             if not any(re.match(p, canon) for p in ck.IGNORED + ck.HEAD_TENSORS):
                 unmatched.append(name)
-    if config.tie_embeddings:
-        targets.pop("lm_head", None)  # some checkpoints store the tied head twice
+    if not config.untied_lm_head:
+        targets.pop("lm_head", None)  # some checkpoints store the tied head twice; a reward model needs none
     return targets, unmatched
+
+
+# architectures of reward / classification checkpoints (their head is not an LM head)
+_REWARD_ARCHITECTURE = re.compile(r"ForSequenceClassification|ForRewardModel|RewardModel|WithGating|Normal_Weights")
+
+
+def is_reward_checkpoint(hf_config: dict) -> bool:
+    """A *ForSequenceClassification or custom reward-model checkpoint (by its architectures)."""
+    return any(_REWARD_ARCHITECTURE.search(a or "") for a in hf_config.get("architectures") or [])
+
+
+def _without_missing_lm_head(ckpt: Checkpoint, config: ModelConfig) -> ModelConfig:
+    """An untied reward checkpoint (by its architectures, or a reward head among its tensors) without
+    an lm_head tensor is a model without an LM head; an untied causal LM still needs its lm_head (a
+    missing one stays an error)."""
+    if not config.untied_lm_head:
+        return config
+    names = [_canonical(n) for n in ckpt.tensor_names()]
+    if any(n == "lm_head.weight" for n in names):
+        return config
+    head = any(re.match(p, n) for n in names for p in (r"score\.weight$", *ck.HEAD_TENSORS))
+    return config.replace(lm_head=False) if head or is_reward_checkpoint(ckpt.config) else config
 
 
 def load_params(ckpt: Checkpoint, config: ModelConfig | None = None, *, mesh: Mesh | None = None,
@@ -80,6 +102,8 @@ def load_params(ckpt: Checkpoint, config: ModelConfig | None = None, *, mesh: Me
     family = family_of(ckpt.config, source)
     if config is None:
         config = config_from_hf(ckpt.config, source, **config_overrides)
+        if "lm_head" not in config_overrides:
+            config = _without_missing_lm_head(ckpt, config)
     reason = check_backend(config)
     if reason:
         raise ConfigError(f"attention={config.attention!r} cannot run this model here: {reason}; "
@@ -181,9 +205,11 @@ class StateDictCheckpoint:
 def load_model(name_or_path: str, *, mesh: Mesh | None = None, strategy: str = "fsdp",
                dtype: str = "float32", param_dtype: str = "float32", remat_policy: str = "none",
                attention: str = "auto", attention_block_q: int = 512, attention_block_k: int = 512,
-               with_tokenizer: bool = True, verbose: bool = False):
+               lm_head: bool = True, with_tokenizer: bool = True, verbose: bool = False):
     """Registry name, HF checkpoint dir or .gguf path -> LoadedModel (config, params, tokenizer).
-    ``attention`` picks the attention backend (see ``rmjax.models.attention``)."""
+    ``attention`` picks the attention backend (see ``rmjax.models.attention``). ``lm_head=False``
+    leaves out an untied LM head (a reward head on the hidden states needs none; an untied reward
+    checkpoint without one loads without it in any case)."""
     from rmjax.io import registry  # io depends on nothing in models; keep the import one-way at load
     from rmjax.models.transformer import LoadedModel
 
@@ -192,7 +218,8 @@ def load_model(name_or_path: str, *, mesh: Mesh | None = None, strategy: str = "
     config, params, score = load_params(ckpt, mesh=mesh, strategy=strategy, source=str(source.path),
                                         verbose=verbose, dtype=dtype, param_dtype=param_dtype,
                                         remat_policy=remat_policy, attention=attention,
-                                        attention_block_q=attention_block_q, attention_block_k=attention_block_k)
+                                        attention_block_q=attention_block_q, attention_block_k=attention_block_k,
+                                        **({} if lm_head else {"lm_head": False}))
     tokenizer = None
     if with_tokenizer:
         from rmjax.io.tokenizer import check_vocab

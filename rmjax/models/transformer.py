@@ -1,4 +1,4 @@
-"""The one decoder-only transformer behind every family (Llama, Qwen2, Gemma 2, Gemma 3).
+"""The one decoder-only transformer behind every family (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3).
 
 What differs between families is a handful of switches in ``ModelConfig`` (see the family files).
 Layers run under ``nn.scan`` so compile time does not grow with depth; per-layer differences
@@ -218,7 +218,7 @@ class Decoder(nn.Module):
         dt = c.compute_dtype
         emb = _param(self, "embedding", _dense_init, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
                      c.params_dtype)
-        if not c.tie_embeddings:  # lm_head in HF layout [V, D] so kernels see one unembedding shape
+        if c.untied_lm_head:  # lm_head in HF layout [V, D] so kernels see one unembedding shape
             _param(self, "lm_head", _dense_init, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.params_dtype)
         if residual_in is not None:
             x = residual_in.astype(dt)
@@ -345,7 +345,14 @@ def layer_range(params, config: ModelConfig, lo: int, hi: int) -> tuple[ModelCon
 
 def unembedding_matrix(params, config: ModelConfig) -> jax.Array:
     """[V, D]: the tied embedding or the untied lm_head (HF layout)."""
-    return params["embedding"] if config.tie_embeddings else params["lm_head"]
+    if config.tie_embeddings:
+        return params["embedding"]
+    if not config.lm_head:
+        from rmjax.errors import ConfigError
+        raise ConfigError("this model has no language-model head (an untied reward / classification checkpoint "
+                          "ships none), so it gives rewards, not log-probs; for log-probs load the causal LM it "
+                          "was trained from")
+    return params["lm_head"]
 
 
 def unembed(params, config: ModelConfig, hidden: jax.Array) -> jax.Array:

@@ -185,6 +185,8 @@ def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | No
         backbone = jax.device_get(tparams.apply_lora(backbone, full_params["lora"], scale))
     ckpt = registry.open_checkpoint(registry.resolve_model(run.model.name))
     tensors = {**hf_state_dict(backbone, ckpt, loaded.config), **head_tensors(kind, head)}
+    if kind in SEQ_CLS_HEADS:  # a *ForSequenceClassification has no LM head (an untied base's is left out)
+        tensors.pop("lm_head.weight", None)
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
     settings = head_settings(run, statics)
     num_labels = tensors["score.weight"].shape[0] if "score.weight" in tensors else 0

@@ -238,6 +238,13 @@ TABLE: dict[tuple[str, str], HeadEntry] = {
 }
 
 
+def uses_lm_head(run) -> bool:
+    """Whether the head reads the language-model head (log-probs, verdict tokens): an untied base
+    trained with any other head is loaded without its LM head (for an 8B Llama, 0.5B parameters and
+    their optimizer state)."""
+    return run.head.kind in ("lm", "judge")
+
+
 def entry(run) -> HeadEntry:
     return TABLE[(run.head.kind, run.loss.kind)]
 

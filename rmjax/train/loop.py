@@ -185,7 +185,8 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     run_dir = check_run_dir(run, overwrite)
     log = (lambda m: print(m, file=sys.stderr)) if distributed.is_main_process() else (lambda m: None)
     mesh = shd.make_mesh(shd.MeshConfig.for_strategy(run.mesh.strategy, **run.mesh.sizes()))
-    loaded = load_model(run.model.name, mesh=mesh, strategy=run.mesh.strategy, **run.model.load_options())
+    loaded = load_model(run.model.name, mesh=mesh, strategy=run.mesh.strategy, lm_head=theads.uses_lm_head(run),
+                        **run.model.load_options())
     config, tok = loaded.config, loaded.tokenizer
     entry = theads.entry(run)
     train_set, eval_set = distributed.on_every_process(
