@@ -1,25 +1,49 @@
-"""Prompt/response boundaries are token-exact for every template, on the real tokenizers."""
+"""Prompt/response boundaries are token-exact for every template, on the real tokenizers.
+
+(tests/test_chat_templates_published.py compares the renderings with transformers' on the families'
+published templates.)"""
 import pytest
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as Backend
 
 from rmjax.data.chat import BUILTIN_TEMPLATES, gate_offset, render, template_name
 from rmjax.errors import ConfigError, DataError
 from rmjax.io import registry
+from rmjax.io.tokenizer import Tokenizer
 
 PROMPT = [{"role": "user", "content": "What, in one word, is the best thing ever?"},
           {"role": "assistant", "content": "Love."}, {"role": "user", "content": "And the worst?"}]
+# the control tokens of every built-in rendering
+FAMILY_TOKENS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|begin_of_text|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def with_family_tokens(tok: Tokenizer) -> Tokenizer:
+    """A copy of a real tokenizer that also holds the other families' control tokens (as special tokens
+    appended to its vocabulary), so every built-in rendering can be tokenised with it."""
+    backend = Backend.from_str(tok.backend.to_str())
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in FAMILY_TOKENS
+                                if backend.token_to_id(t) is None])
+    return Tokenizer(backend, source=tok.source, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                     pad_token=tok.pad_token, unk_token=tok.unk_token, chat_template=tok.chat_template,
+                     sentencepiece=tok._sentencepiece)
 
 
 @pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
 def tok(request):
-    return registry.load_tokenizer(request.param)
+    return with_family_tokens(registry.load_tokenizer(request.param))
+
+
+def test_family_tokens_are_whole_tokens_and_the_rest_is_unchanged(tok):
+    original = registry.load_tokenizer("gemma3-270m" if "gemma" in tok.source.lower() else "smollm2-135m-instruct")
+    assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in FAMILY_TOKENS)
+    text = "What, in one word, is the best thing ever?\n多语言 émoji 🎉"
+    assert tok.encode(text) == original.encode(text) and tok.vocab_size >= original.vocab_size
 
 
 @pytest.mark.parametrize("template", ["model", "plain", *BUILTIN_TEMPLATES])
 @pytest.mark.parametrize("response", ["Hatred", " spaced  out ", "多语言 émoji 🎉\nnew line"])
 def test_boundary_is_token_exact(tok, template, response):
-    if template in ("llama3",) or (template == "chatml" and "gemma" in tok.source) or (
-            template == "gemma" and "SmolLM" in tok.source):
-        pytest.skip("special tokens of another family are not in this vocabulary")
     prompt_ids, response_ids = render(tok, PROMPT, response, template)
     name = template_name(tok, template)
     if name == "plain":
@@ -29,7 +53,17 @@ def test_boundary_is_token_exact(tok, template, response):
     else:
         chat = None if name == "model" else BUILTIN_TEMPLATES[name]
         text = tok.apply_chat_template(PROMPT + [{"role": "assistant", "content": response}], chat_template=chat)
-        assert tok.encode(text, add_special_tokens=False) == prompt_ids + response_ids
+        prompt_text = tok.apply_chat_template(PROMPT, add_generation_prompt=True, chat_template=chat)
+        assert prompt_ids == tok.encode(prompt_text, add_special_tokens=False)
+        assert tok.decode(prompt_ids + response_ids) == text
+        if name == "llama3" and "SmolLM" in tok.source:
+            # the one pairing whose split merges across the boundary: SmolLM2's GPT-2 split reads the
+            # generation prompt's "\n\n" before a reply as two newline tokens, alone as one; the prompt keeps
+            # its own tokens and the reply is tokenised after it, as a model generating it would have
+            assert tok.encode(text, add_special_tokens=False) != prompt_ids + response_ids
+            assert tok.encode(text[len(prompt_text):], add_special_tokens=False) == response_ids
+        else:
+            assert tok.encode(text, add_special_tokens=False) == prompt_ids + response_ids
         end = tok.decode(response_ids)
         assert response.strip() in end
         assert set(response_ids) & set(tok.end_of_turn_ids)  # the reply's end-of-turn is scored
@@ -130,7 +164,7 @@ def test_score_gives_policy_and_reference_their_own_rendering():
     gemma, smol = registry.load_tokenizer("gemma3-270m"), registry.load_tokenizer("smollm2-135m-instruct")
 
     def slot(role, tok):
-        return ModelSlot(role, type("Loaded", (), {"tokenizer": tok})())
+        return ModelSlot(role, type("Loaded", (), {"tokenizer": tok, "reward_head": "a reward head"})())
 
     s = ScoreSettings()
     assert slot_template(slot("policy", smol), s) == "model"

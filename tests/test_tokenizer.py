@@ -273,3 +273,52 @@ def test_sentencepiece_vocab_merges_by_priority_with_byte_fallback(tmp_path):
                                                "tokenizer.ggml.add_bos_token": False,
                                                "tokenizer.ggml.add_eos_token": True})
     assert no_prefix.encode("abc") == [263, c, 2]
+
+
+# ------------------------------------------------------------------ template variables
+THINKING = "{% if enable_thinking is defined and enable_thinking is false %}off{% else %}on{% endif %}"
+
+
+def _bare(chat_template: str | None = None, **kwargs) -> Tokenizer:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    return Tokenizer(Backend(models.BPE()), source="bare", chat_template=chat_template, **kwargs)
+
+
+def test_thinking_is_off_by_default_where_the_template_has_the_switch():
+    hi = [{"role": "user", "content": "Hi"}]
+    tok = _bare(THINKING)
+    assert tok.template_variables == {"enable_thinking": False}
+    assert tok.apply_chat_template(hi) == "off"
+    assert tok.apply_chat_template(hi, enable_thinking=True) == "on"  # a call's own variables win
+    assert _bare("{{ messages[0]['content'] }}").template_variables == {}
+    assert _bare().template_variables == {}
+    tok.chat_template = "{{ messages[0]['content'] }}"  # the default follows the template
+    assert tok.template_variables == {}
+    tok.chat_template = THINKING
+    tok.template_variables["extra"] = 1  # the default dict is the tokenizer's own, kept while the template is
+    assert tok.template_variables == {"enable_thinking": False, "extra": 1}
+
+
+def test_template_variables_can_be_overridden():
+    hi = [{"role": "user", "content": "Hi"}]
+    tok = _bare(THINKING, template_variables={})  # no variables: the template's own default (thinking on)
+    assert tok.template_variables == {} and tok.apply_chat_template(hi) == "on"
+    tok.template_variables = {"enable_thinking": False}
+    assert tok.apply_chat_template(hi) == "off"
+    tok.template_variables = None  # back to the default for this template
+    assert tok.template_variables == {"enable_thinking": False}
+    with pytest.raises(ConfigError, match="bare: template_variables must be a dict"):
+        tok.template_variables = ["enable_thinking"]
+    with pytest.raises(ConfigError, match="may not set add_generation_prompt, messages"):
+        _bare(THINKING, template_variables={"messages": [], "add_generation_prompt": True})
+
+
+def test_template_sees_tools_and_documents_as_transformers_passes_them():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = "{{ tools is none }} {{ documents is none }} {{ tools is defined }}"
+    hi = [{"role": "user", "content": "Hi"}]
+    assert _bare(template).apply_chat_template(hi) == render_jinja_template([hi], chat_template=template)[0][0]
+    assert _bare(template).apply_chat_template(hi) == "True True True"

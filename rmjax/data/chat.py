@@ -4,12 +4,20 @@
 prompt_ids + response_ids is the model's tokenisation of the whole conversation: the prompt is
 rendered with the generation prompt, the full conversation must start with exactly that text
 (checked), and the response ids are the tokens of the remainder (the reply and its end-of-turn).
+The families' tokenizers and templates end the generation prompt where no token spans the boundary
+(a special token, or newlines their split keeps whole); a tokenizer that does merge across it (a
+GPT-2 split before Llama-3's "\\n\\n") keeps the generation prompt's own tokens, the reply tokenised
+after them as a model generating it would have.
 
-Templates: the model's own chat template by default; a named built-in (``chatml``, ``gemma``,
-``llama3``) to render a base model in its instruct sibling's format; ``plain``, the HH-RLHF
-transcript layout ("\\n\\nHuman: ...\\n\\nAssistant: reply" + EOS); or ``raw``, the bare prompt text as
-a pretrained model reads a document (the tokenizer's own special tokens, e.g. BOS, and nothing else;
-several messages are joined by blank lines) with the response appended as plain text (" reply", no
+Templates: the model's own chat template by default, rendered with the tokenizer's template
+variables (``Tokenizer.template_variables``: thinking off where the template has ``enable_thinking``,
+so Qwen3's empty think block ends the prompt and the response is the reply alone); a named built-in
+to render a base model in its instruct sibling's format, token for token (``chatml``; ``gemma``, as
+Gemma 3's template, a system message folded into the first user turn; ``llama3``, as Llama 3's,
+without Llama 3.1's dated system header); ``plain``, the HH-RLHF transcript layout
+("\\n\\nHuman: ...\\n\\nAssistant: reply" + EOS); or ``raw``, the bare prompt text as a pretrained
+model reads a document (the tokenizer's own special tokens, e.g. BOS, and nothing else; several
+messages are joined by blank lines) with the response appended as plain text (" reply", no
 end-of-turn, no EOS). ``raw`` is how Christian et al. (ICLR 2026) prompt base models.
 
 ``model`` on a tokenizer without a chat template (a base model) falls back to ``base``: ``plain``
@@ -19,7 +27,8 @@ should read the prompt as text.
 
 ``gate_offset(tokenizer, prompt_messages)`` locates ArmoRM's *gating token* in the prompt ids: the
 token that closes the last user turn (Llama-3's ``<|eot_id|>`` before the assistant header,
-ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``), not the last token of the generation prompt.
+ChatML's and Qwen3's ``<|im_end|>``, Gemma's ``<end_of_turn>``; Mistral's ``[/INST]``, which is also
+the last prompt token), not the last token of the generation prompt.
 """
 from __future__ import annotations
 
@@ -28,9 +37,13 @@ from rmjax.errors import ConfigError, DataError
 BUILTIN_TEMPLATES = {
     "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-    "gemma": ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
-              "else m['role'] %}{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}"
-              "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    "gemma": ("{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
+              "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+              "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+              "{% for m in turns %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+              "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + m['content'] | trim"
+              " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}"
+              "{% endif %}"),
     "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
                " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
@@ -83,7 +96,10 @@ def _render(tokenizer, prompt: list[dict], response: str, template: str) -> tupl
     full_text = tokenizer.apply_chat_template(full_messages, chat_template=chat_template)
     if not full_text.startswith(prompt_text):
         raise DataError(f"{tokenizer.source}: the chat template does not render the reply right after the "
-                        "generation prompt, so the prompt/response boundary is undefined; choose --template")
+                        "generation prompt (it renders the prompt turns differently once a reply follows them; "
+                        "Mistral's template, e.g., writes a system message only into a final user turn), so the "
+                        "prompt/response boundary is undefined; drop the system message or fold it into the last "
+                        "user turn, or choose --template")
     return (tokenizer.encode(prompt_text, add_special_tokens=False),
             tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False))
 

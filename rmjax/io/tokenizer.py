@@ -4,7 +4,8 @@ The runtime tokenizer is always a ``tokenizers.Tokenizer``. From a GGUF it is re
 metadata llama.cpp stores: ``gpt2`` vocabularies become byte-level BPE with the split regex named by
 ``tokenizer.ggml.pre``; ``llama`` (SentencePiece) vocabularies become BPE with byte fallback whose
 merges are derived from the vocabulary order. Chat templates are rendered with jinja2 the way
-transformers renders them.
+transformers renders them, with the tokenizer's template variables (``Tokenizer.template_variables``,
+e.g. Qwen3's ``enable_thinking``) passed to every rendering.
 """
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers import Tokenizer as Backend
 
 from rmjax.errors import CheckpointError, ConfigError, DataError
@@ -77,6 +86,13 @@ def _token_content(value: Any) -> str | None:
     return value
 
 
+def default_template_variables(chat_template: str | None) -> dict[str, Any]:
+    """The template variables a reward model renders with unless told otherwise: thinking off where the
+    template has the switch (``enable_thinking``; Qwen3 then ends the generation prompt with an empty
+    think block), since a reward model scores the reply, not a reasoning trace."""
+    return {"enable_thinking": False} if chat_template and "enable_thinking" in chat_template else {}
+
+
 def _raise_template_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -101,11 +117,14 @@ class Tokenizer:
 
     def __init__(self, backend: Backend, *, source: str, bos_token: str | None = None,
                  eos_token: str | None = None, pad_token: str | None = None, unk_token: str | None = None,
-                 chat_template: str | None = None, sentencepiece: bool = False):
+                 chat_template: str | None = None, sentencepiece: bool = False,
+                 template_variables: dict[str, Any] | None = None):
         self.backend = backend
         self.source = source
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         self.chat_template = chat_template
+        self._defaults: tuple[str | None, dict[str, Any]] = (None, {})
+        self.template_variables = template_variables
         self._sentencepiece = sentencepiece
         for role, token in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)):
             if token is not None and backend.token_to_id(token) is None:
@@ -279,13 +298,38 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 
+    @property
+    def template_variables(self) -> dict[str, Any]:
+        """Variables every chat-template rendering sees besides the messages, e.g. ``{"enable_thinking":
+        False}``. Unless assigned (here or in the constructor), ``default_template_variables`` of the
+        current chat template; assigning None restores that default."""
+        if self._template_variables is not None:
+            return self._template_variables
+        if self._defaults[0] != self.chat_template:
+            self._defaults = (self.chat_template, default_template_variables(self.chat_template))
+        return self._defaults[1]
+
+    @template_variables.setter
+    def template_variables(self, variables: dict[str, Any] | None) -> None:
+        if variables is not None and not (isinstance(variables, dict) and all(isinstance(k, str) for k in variables)):
+            raise ConfigError(f"{self.source}: template_variables must be a dict of name -> value "
+                              f"(e.g. {{'enable_thinking': False}}), got {variables!r}")
+        reserved = sorted(set(variables or ()) & {"messages", "add_generation_prompt"})
+        if reserved:
+            raise ConfigError(f"{self.source}: template_variables may not set {', '.join(reserved)} (given to "
+                              "every rendering by apply_chat_template itself); remove them")
+        self._template_variables = None if variables is None else dict(variables)
+
     @cached_property
     def _compiled_templates(self) -> dict[str, jinja2.Template]:
         return {}
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                             chat_template: str | None = None, **variables: Any) -> str:
-        """Render a conversation ([{"role": ..., "content": ...}, ...]) to the prompt string."""
+        """Render a conversation ([{"role": ..., "content": ...}, ...]) to the prompt string.
+
+        The template sees the special tokens, ``tools`` and ``documents`` (None, as transformers passes
+        them), ``template_variables`` and then ``variables`` (which win)."""
         template = chat_template or self.chat_template
         if not template:
             raise ConfigError(
@@ -300,7 +344,8 @@ class Tokenizer:
             except jinja2.TemplateSyntaxError as e:
                 raise ConfigError(f"{self.source}: chat template line {e.lineno}: {e.message}") from None
         context = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
-                   "pad_token": self.pad_token}
+                   "pad_token": self.pad_token, "tools": None, "documents": None}
+        context.update(self.template_variables)
         context.update(variables)
         try:
             return self._compiled_templates[template].render(
