@@ -1,5 +1,5 @@
 """ArmoRM's released checkpoint layout (LlamaForRewardModelWithGating): a tiny checkpoint in that
-layout scores in rmjax (``rmjax eval-rm``'s evaluator) as a NumPy transcription of the authors'
+layout scores in rmjax (``rmjax eval-rm``) as a NumPy transcription of the authors'
 forward on the transformers backbone; the whole feature pipeline (cache, regression, debiasing,
 gate) exported in that layout scores as it did on the cached features."""
 import json
@@ -19,7 +19,7 @@ from rmjax.models.loading import load_model
 from rmjax.scoring.features import FeatureCache, FeatureSettings, cache_features
 from rmjax.train import armorm
 from rmjax.train.export import export_released_armorm, load_head
-from rmjax.train.rm_eval import Evaluator
+from rmjax.train.rm_eval import evaluate_rm
 
 K, H, N_HIDDEN, T = 3, 16, 2, 10.0
 
@@ -91,23 +91,21 @@ RECORDS = [Record("a", (("user", "What is rain?"),), ("Water falling from clouds
 
 def test_released_layout_scores_as_the_authors_forward(released, tmp_path):
     d, model, tok, head = released
-    ev = Evaluator.load(str(d), max_length=128)
-    assert ev.kind == "armorm" and ev.settings["gate_hidden"] == H and ev.settings["gate_temperature"] == T
-    ex = ev.examples(RECORDS)
-    outs = ev.outputs(ex.examples)
-    weights = []
-    for rec, out in zip(RECORDS, outs):
-        for j, response in enumerate(rec.responses):
-            want, g = authors_score(model, tok, head, rec.prompt_messages + [{"role": "assistant", "content": response}])
-            np.testing.assert_allclose(out["reward"][j], want, rtol=1e-4, atol=1e-4)
-            weights.append(g)
-    assert np.std(weights) > 0.01  # the gate is not uniform, so the gating token matters
-    # rmjax eval-rm on the directory
+    spec = load_model(str(d)).reward_head.spec
+    assert spec.kind == "armorm" and spec.gate_hidden == H and spec.gate_temperature == T
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in RECORDS))
     assert main(["eval-rm", "--model", str(d), "--data", str(data), "--out", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["head"] == "armorm" and report["examples"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "r.rewards.jsonl").read_text().splitlines()]
+    weights = []
+    for rec, row in zip(RECORDS, rows):
+        for response, name in zip(rec.responses, rec.response_names):
+            want, g = authors_score(model, tok, head, rec.prompt_messages + [{"role": "assistant", "content": response}])
+            np.testing.assert_allclose(row[f"rm_{name}"], want, rtol=1e-4, atol=1e-4)
+            weights.append(g)
+    assert np.std(weights) > 0.01  # the gate is not uniform, so the gating token matters
 
 
 def test_released_layout_round_trip_and_bad_layouts(released):
@@ -151,7 +149,9 @@ def test_feature_pipeline_exported_in_the_released_layout_scores_as_on_the_cache
     names = set(load_file(str(out / "model.safetensors")))
     assert {"regression_layer.weight", "reward_transform_matrix", "gating.logit_scale"} <= names
     assert all(n.startswith(("model.", "regression_layer", "reward_transform", "gating.")) for n in names)
-    ev = Evaluator.load(str(out), max_length=64)
-    outs = ev.outputs(ev.examples(records[:4]).examples)
+    data = tmp_path / "first4.jsonl"
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records[:4]))
+    report = evaluate_rm(str(out), data=(str(data),), max_length=64)
+    got = np.array([[row["rm_chosen"], row["rm_rejected"]] for row in report["per_example"]])
     want = armorm.cache_scores(head, settings, cache)
-    np.testing.assert_allclose(np.stack([o["reward"] for o in outs]), want[:4], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, want[:4], rtol=1e-4, atol=1e-4)

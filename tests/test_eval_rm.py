@@ -1,6 +1,6 @@
-"""`rmjax eval-rm` on any data: rewards do not depend on batch size, padding side or packing; pooling
-reads the mask (pad id == eos id); RewardBench 2's best-of-N rule; per-subset intervals and
-category roll-ups; implicit rewards; bad inputs."""
+"""`rmjax eval-rm` on any data: rewards do not depend on batch size or layout (packed trees, the prompt's
+KV cache) and are transformers' own, pooling included (pad id == eos id); RewardBench 2's best-of-N
+rule; per-subset intervals and category roll-ups; implicit rewards; bad inputs."""
 import json
 import math
 
@@ -15,8 +15,8 @@ from rmjax.data.records import read_records
 from rmjax.errors import DataError
 from rmjax.models.loading import load_model
 from rmjax.scoring.compute import best_of_n_scores
-from rmjax.train import evaluate as tevaluate
-from rmjax.train.rm_eval import Evaluator, evaluate_rm
+from rmjax import benchmarks as tevaluate
+from rmjax.train.rm_eval import evaluate_rm
 
 
 @pytest.fixture(scope="module")
@@ -68,54 +68,48 @@ def naive_logprobs(path, prompt, response):
     return lp[pos, torch.tensor(list(response))].numpy()
 
 
-def test_rewards_do_not_depend_on_batch_size_padding_side_or_packing(models, data):
-    ev = Evaluator.load(str(models / "rm"), max_length=128)
-    ex = ev.examples(read_records(data))
+def test_rewards_do_not_depend_on_batch_size_or_layout(models, data):
+    """Packed prompt trees and the prompt KV cache, 1 / 5 / 8 per batch: the same rewards, and those
+    of the full sequences as transformers computes them."""
     ref = None
-    for packed, side, batch in [(True, "right", 3), (False, "right", 1), (False, "right", 3), (False, "right", 8),
-                                (False, "left", 1), (False, "left", 3), (False, "left", 8)]:
-        outs = ev.outputs(ex.examples, batch_size=batch, packed=packed, padding_side=side)
-        rewards = np.concatenate([o["reward"] for o in outs])
+    for pack, batch in [(256, 1), (256, 5), (0, 1), (0, 5), (0, 8), (1024, 8)]:
+        report = evaluate_rm(str(models / "rm"), data=(str(data),), max_length=128, pack_length=pack, batch_size=batch)
+        rewards = np.array([[v for k, v in r.items() if k.startswith("rm_")] for r in report["per_example"][:9]])
         if ref is None:
             ref = rewards
-        np.testing.assert_allclose(rewards, ref, rtol=1e-5, atol=1e-5, err_msg=f"{packed} {side} {batch}")
+        np.testing.assert_allclose(rewards, ref, rtol=1e-5, atol=1e-5, err_msg=f"{pack} {batch}")
     assert ref.std() > 0
-    # ...and they are the rewards of the full sequences, as transformers computes them
-    e = ex.examples[0]
-    for j, resp in enumerate(e.tree.responses):
-        assert ref[j] == pytest.approx(naive_reward(models / "rm", list(e.tree.prompt) + list(resp)), abs=1e-4)
+    rm = load_model(str(models / "rm"))
+    for rec, row in zip(read_records(data)[:3], ref):
+        for j, resp in enumerate(rec.responses):
+            p, r = render(rm.tokenizer, rec.prompt_messages, resp)
+            assert row[j] == pytest.approx(naive_reward(models / "rm", p + r), abs=1e-4)
 
 
-def test_pooling_reads_the_mask_when_pad_id_is_eos(models, data):
-    ev = Evaluator.load(str(models / "rm"), max_length=128)
-    ex = ev.examples(read_records(data)).examples[:4]
-    eos = ev.loaded.tokenizer.eos_id
-    assert all(e.tree.responses[0][-2] == eos for e in ex)  # ChatML: every reply ends <|im_end|> \n
-    import dataclasses
-    from rmjax.data.batching import Encoded
-    # replies that end in eos itself, padded with eos: "first pad - 1" pooling would miss the last token
-    ex = [dataclasses.replace(e, tree=Encoded(e.tree.prompt, tuple(r[:-1] for r in e.tree.responses))) for e in ex]
-    ev.loaded = dataclasses.replace(ev.loaded, tokenizer=_PadIsEos(ev.loaded.tokenizer))
-    outs = ev.outputs(ex, batch_size=4, packed=False, padding_side="right")
-    for e, o in zip(ex, outs):
-        for j, resp in enumerate(e.tree.responses):
-            ids = list(e.tree.prompt) + list(resp)
-            want = naive_reward(models / "rm", ids)
-            assert o["reward"][j] == pytest.approx(want, abs=1e-4)
-            wrong = naive_reward(models / "rm", ids[:ids.index(eos)])  # "first pad - 1" pooling
-            assert abs(wrong - want) > 1e-3  # the test can tell the two apart
-
-
-class _PadIsEos:
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    @property
-    def pad_id(self):
-        return self._tok.eos_id
+def test_pooling_follows_transformers_when_the_pad_id_ends_the_reply(tmp_path, data):
+    """A reward model whose pad token ends every reply (pad = eos, the plain template's last token):
+    transformers reads the reward at the last token that is not the pad id, and so does rmjax."""
+    d = tmp_path / "rm_pad_eos"
+    model, tok = save_tiny_checkpoint(d, "llama_gqa_tied", head="seqcls", seed=3)
+    config = json.loads((d / "config.json").read_text())
+    config["pad_token_id"] = tok.eos_token_id
+    (d / "config.json").write_text(json.dumps(config))
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["score.weight"] = tensors["score.weight"] * 50  # rewards far apart from token to token
+    save_file(tensors, str(d / "model.safetensors"))
+    report = evaluate_rm(str(d), data=(str(data),), max_length=128, template="plain", batch_size=4)
+    rm = load_model(str(d))
+    hf = hf_model(str(d), "rm")
+    for rec, row in list(zip(read_records(data), report["per_example"]))[:3]:
+        for j, (resp, name) in enumerate(zip(rec.responses, rec.response_names)):
+            p, r = render(rm.tokenizer, rec.prompt_messages, resp, "plain")
+            assert r[-1] == tok.eos_token_id  # the reply ends with the pad id
+            with torch.no_grad():
+                want = hf(input_ids=torch.tensor([p + r])).logits[0, 0].item()
+                at_eos = hf.model(input_ids=torch.tensor([p + r])).last_hidden_state[0, -1] @ hf.score.weight[0]
+            assert row[f"rm_{name}"] == pytest.approx(want, abs=1e-4)
+            assert abs(float(at_eos) - want) > 1e-3  # reading the eos token would differ
 
 
 def test_best_of_n_rule_and_report(models, data, tmp_path):
@@ -139,6 +133,7 @@ def test_best_of_n_rule_and_report(models, data, tmp_path):
     assert report["subsets"]["odd"]["examples"] == len(odd) == 4
     lo, hi = report["subsets"]["odd"]["ci95"]
     assert lo <= odd.mean() <= hi
+    assert report["truncated"] == 0 and len(report["per_example"]) == 10
 
 
 def test_wilson_interval_and_category_rollup():
@@ -179,11 +174,13 @@ def test_implicit_reward_eval_and_cli(models, data, tmp_path, capsys):
     mapping.write_text("parity: [odd, even]\n")
     out = tmp_path / "report.json"
     assert main(["eval-rm", "--model", str(models / "rm"), "--data", str(data), "--max-length", "128",
-                 "--categories", str(mapping), "--pack-length", "0", "--padding-side", "left",
-                 "--out", str(out)]) == 0
+                 "--categories", str(mapping), "--pack-length", "0", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written["categories"]["parity"]["examples"] == 10
     assert "| parity |" in out.with_suffix(".md").read_text() and "| parity |" in capsys.readouterr().out
+    lines = [json.loads(x) for x in out.with_suffix(".rewards.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == [r.id for r in read_records(data)]  # every example's rewards, in order
+    assert {"rm_chosen", "rm_rejected"} <= set(lines[0])
 
 
 def test_bad_eval_inputs(models, tmp_path):

@@ -10,6 +10,9 @@ import torch
 
 from hf_models import jit_forward, save_tiny_checkpoint
 from rmjax.cli import main
+from rmjax.data import judge
+from rmjax.data.chat import render
+from rmjax.scoring.compute import best_of_n_scores
 from rmjax.models.loading import load_model
 from rmjax.train import heads as theads
 from rmjax.train import loop as tloop
@@ -19,7 +22,8 @@ from rmjax.data.records import read_records
 from rmjax.train import batches as tbatches
 from rmjax.train import step as tstep
 from rmjax.train.export import export_run, load_head
-from rmjax.train.rm_eval import Evaluator, evaluate_rm
+from rmjax.train import examples as texamples
+from rmjax.train.rm_eval import evaluate_rm
 
 IDS = np.array([[5, 17, 99, 230, 7, 42, 3]], np.int32)
 
@@ -33,10 +37,10 @@ def data(tmp_path_factory):
     RECORDS = read_records(DATA)
 
 
-def _arrays(examples, ev):
-    entry = theads.entry(ev.run)
-    layout = tbatches.Layout(packed=True, trees=entry.trees, targets=entry.targets,
-                             pad_id=ev.loaded.tokenizer.pad_id, pack_length=2 * ev.run.data.max_length)
+def _arrays(examples, run, pad_id):
+    entry = theads.entry(run)
+    layout = tbatches.Layout(packed=True, trees=entry.trees, targets=entry.targets, pad_id=pad_id,
+                             pack_length=2 * run.data.max_length)
     return tbatches.arrays(examples, layout, tbatches.shapes([examples], layout))
 
 
@@ -126,13 +130,17 @@ def test_multi_objective_and_armorm_exports(base, tmp_path):
     for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(jax.device_get(full["head"]))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert hf(final).config.num_labels == 3  # the regression is a K-label classifier for transformers
-    ev = Evaluator.load(str(final), max_length=96)  # eval-rm rebuilds the gated score from the export
-    ex = ev.examples(RECORDS)
-    got = ev.outputs(ex.examples, batch_size=2)[0]["reward"]
-    kw = dict(config=loaded.config, run=ev.run, entry=theads.entry(ev.run), statics={})
-    arrays, slots = _arrays(ex.examples[:1], ev)
+    report = evaluate_rm(str(final), data=(str(DATA),), max_length=96, batch_size=2)  # the gated score, rebuilt
+    row = report["per_example"][0]
+    got = [row["rm_chosen"], row["rm_rejected"]]
+    run = load_config(None, [f"model.name={base}", "head.kind=armorm", "head.gate_hidden=8", "head.gate_layers=1",
+                             "train.trainable=head", "data.max_length=96"])
+    examples = texamples.build(RECORDS[:1], loaded.tokenizer, run, "pairs", names).examples
+    kw = dict(config=loaded.config, run=run, entry=theads.entry(run), statics={})
+    arrays, slots = _arrays(examples, run, loaded.tokenizer.pad_id)
     want = tstep.outputs({"head": full["head"]}, {"backbone": full["backbone"]}, arrays, **kw)["reward"]
     np.testing.assert_allclose(got, np.asarray(want).reshape(-1)[slots[0]], rtol=1e-5, atol=1e-5)
+    assert report["head"] == "armorm" and report["objectives"] == list(names)
 
 
 @pytest.mark.parametrize("overrides", [["head.kind=judge", "loss.kind=ce", "head.judge_labels=[Y, N]"],
@@ -146,10 +154,36 @@ def test_judge_and_dpo_policies_export_as_causal_lms(base, tmp_path, overrides):
     np.testing.assert_allclose(logits, hidden @ emb.T, atol=1e-4)
     kind, _, settings = load_head(final, load_model(str(final)))
     report = evaluate_rm(str(final), data=(str(DATA),), max_length=96)  # eval-rm takes the export as it is
-    assert report["head"] == kind and report["examples"] == 2 and 0 <= report["accuracy"] <= 1
-    if kind == "judge":
+    assert report["head"] == kind and report["examples"] == 2
+    tok = load_model(str(final)).tokenizer
+    wins = []
+    if kind == "judge":  # the verdict log-odds for chosen in both orders, by transformers on the export
         assert settings["labels"] == ["Y", "N"] and settings["judge_template"] == "rmjax"
-    else:
+        labels = judge.label_ids(tok, ("Y", "N"))
+        for rec, row in zip(RECORDS, report["per_example"]):
+            z = []
+            for ids in judge.judge_sequences(tok, rec, ("Y", "N"), "model", judge.judge_template("rmjax")):
+                with torch.no_grad():
+                    last = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+                z.append(last[list(labels)])
+            margin = 0.5 * ((z[0][0] - z[0][1]) + (z[1][1] - z[1][0]))
+            assert row["judge_margin"] == pytest.approx(margin, abs=1e-4)
+            wins.append(1.0 if margin > 0 else 0.5 if margin == 0 else 0.0)
+    else:  # 0.3 x (log pi - log pi_ref): the export against its base, by transformers
         assert kind == "lm" and settings["reference"] == str(base) and settings["beta"] == 0.3
+        reference = hf(base, "AutoModelForCausalLM")
+        for rec, row in zip(RECORDS, report["per_example"]):
+            rewards = []
+            for resp in rec.responses:
+                p, r = render(tok, rec.prompt_messages, resp)
+                ids = torch.tensor([p + r])
+                with torch.no_grad():
+                    lp = [torch.log_softmax(m(input_ids=ids).logits[0].double(), -1)[
+                        torch.arange(len(p) - 1, len(p) + len(r) - 1), torch.tensor(r)].sum().item()
+                          for m in (model, reference)]
+                rewards.append(0.3 * (lp[0] - lp[1]))
+            assert [row["reward_chosen"], row["reward_rejected"]] == pytest.approx(rewards, abs=1e-4)
+            wins.append(float(best_of_n_scores([rewards])[0]))
+    assert report["accuracy"] == pytest.approx(np.mean(wins))
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"

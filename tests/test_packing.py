@@ -8,6 +8,7 @@ from hf_models import build
 from rmjax.models import forward
 from rmjax.models.loading import StateDictCheckpoint, load_params
 from rmjax.data.batching import BUCKETS, Encoded
+from rmjax.heads.reward import HeadSpec
 from rmjax.scoring import compute, packing
 from rmjax.scoring.engine import naive_response_logprobs, reference_hidden
 
@@ -59,12 +60,13 @@ def test_packed_scores_equal_naive(tiny):
     rng = np.random.default_rng(1)
     enc = examples(config.vocab_size, 4, rng, n_resp=(1, 2))  # few: each naive check compiles its shape
     head = np.asarray(jax.random.normal(jax.random.key(0), (config.hidden_size,)))
-    fn = packing.packed_score_fn(config, with_tokens=True, with_rm_head=True, token_chunk=7)
+    fn = packing.packed_score_fn(config, with_tokens=True, token_chunk=7)
+    rm = packing.packed_rm_fn(config, HeadSpec("scalar"))
     got: dict = {}
     batches = packing.packed_batches(enc, 0, row_length=24, batch_tokens=48, buckets=BUCKETS)
     assert len(batches) > 1  # several rows and batches
     for b in batches:
-        got.update(packing.unpack(b, fn(params, head, b.arrays)))
+        got.update(packing.unpack(b, {**fn(params, None, b.arrays), **rm(params, {"score": head[:, None]}, b.arrays)}))
     assert sorted(got) == sorted(enc)
     for k, e in enc.items():
         for j, resp in enumerate(e.responses):

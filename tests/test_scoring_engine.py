@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 
 from hf_models import build
+from rmjax.heads.reward import HeadSpec
 from rmjax.models.loading import StateDictCheckpoint, load_params
 from rmjax.scoring.engine import (
     Encoded,
     naive_response_logprobs,
     pad_batch,
     paired_score_fn,
+    rm_fn,
     reference_hidden,
     score_fn,
 )
@@ -36,7 +38,8 @@ def test_prefix_cache_scoring_equals_naive(tiny):
     exs = examples(config.vocab_size, 3, rng)
     batch, real = pad_batch(exs, 4, pad_id=0)  # one padded group
     head = np.asarray(jax.random.normal(jax.random.key(0), (config.hidden_size,)))
-    out = score_fn(config, with_tokens=True, with_rm_head=True, token_chunk=7)(params, head, batch)
+    out = {**score_fn(config, with_tokens=True, token_chunk=7)(params, None, batch),
+           **rm_fn(config, HeadSpec("scalar"))(params, {"score": head[:, None]}, batch)}
     assert real == sum(len(e.prompt) + sum(map(len, e.responses)) for e in exs)
     for g, e in enumerate(exs):
         for j, resp in enumerate(e.responses):

@@ -311,8 +311,8 @@ def run_vocab_scan(args) -> int:
                 prompt_ids, cands = vs.token_responses(loaded, text, template, base)
             else:
                 prompt_ids, cands = vs.word_responses(loaded, text, words, template, base)
-            head = loaded.score_head[:, 0] if tag == "rm" else None
-            res = vs.scan_responses(loaded, prompt_ids, cands, chunk=args.chunk, rm_head=head,
+            gate = vs.prompt_gate(loaded, text, template, base) if tag == "rm" else 0
+            res = vs.scan_responses(loaded, prompt_ids, cands, chunk=args.chunk, rm=tag == "rm", gate=gate,
                                     progress=f"{key} [{tag}]")
             columns.setdefault(tag, {})[key] = res["rm"] if tag == "rm" else res["sum"]
     first = model or rm

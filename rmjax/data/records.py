@@ -14,12 +14,22 @@ out of the way; a message is ``{"role": "system" | "user" | "assistant", "conten
     e. ``{"chosen": messages, "rejected": messages}`` sharing every turn but the last -> pair
     f. ``{"prompt", "response", "ratings": {name: number | null}}``      -> single with absolute ratings
        (null = not rated: that objective is masked); every record names the same objectives
-    g. ``{"prompt", "chosen": R, "rejected": [R, ...]}``                 -> best_of_n (one rejected: a pair);
-       the list's items are strings or conversations (a list of messages is layout c)
+    g. ``{"prompt", "chosen": R | [R, ...], "rejected": [R, ...]}``      -> best_of_n (one of each: a pair);
+       the lists' items are strings or conversations (a list of messages is layout c); several chosen
+       responses are all correct (RewardBench 2: ``chosen`` is always a list, several in its Ties subset)
 
 Optional fields of any layout: ``subset`` (a name, e.g. for per-subset accuracy; all records of an
 input have one or none), ``weight`` (a number >= 0, the example's weight in a training loss) and,
 for pairs and best-of-N, ``margin`` (a number: the reward gap the chosen response should win by).
+
+Any input can be read through a column mapping ``columns={"prompt": "question", "chosen": "response_a",
+...}`` (a record field -> the input's column): the mapped columns take the fields' places and the
+unmapped layout fields are left out, so a ``messages`` column beside ``chosen`` / ``rejected``
+(HuggingFaceH4/ultrafeedback_binarized) reads as a pair when the pair's fields are mapped; without a
+mapping, a ``messages`` column equal to ``chosen`` (that dataset's own layout) is ignored. Flat rating
+columns (HelpSteer2: ``helpfulness``, ``correctness``, ...) become layout f's ratings with
+``ratings=("helpfulness", ...)``; read without it, a single response carrying such columns is an
+error that says so (never an unrated single).
 
 A string prompt becomes one user turn; an empty one means no prompt turns (raw-text scoring).
 A non-empty prompt must end with a user turn. Empty or whitespace-only responses are errors: there
@@ -55,9 +65,10 @@ Ratings = tuple[tuple[str, "float | None"], ...]
 class Record:
     id: str
     prompt: Turns  # (role, content) turns ending with a user turn; empty for raw text
-    responses: tuple[str, ...]  # single: (response,); pair: (chosen, rejected); best_of_n: (chosen, *rejected)
+    responses: tuple[str, ...]  # single: (response,); pair: (chosen, rejected); best_of_n: (*chosen, *rejected)
     kind: str  # "single" | "pair" | "best_of_n"
     index: int  # position among the records read: the output order
+    correct: int = 1  # best_of_n: how many leading responses are correct (chosen); the rest are rejected
     subset: str = ""
     margin: float | None = None
     weight: float | None = None
@@ -73,9 +84,12 @@ class Record:
         out: dict[str, Any] = {"id": self.id, "prompt": self.prompt_messages}
         if self.kind == "single":
             out["response"] = self.responses[0]
+        elif self.kind == "pair":
+            out["chosen"], out["rejected"] = self.responses
         else:
-            out["chosen"] = self.responses[0]
-            out["rejected"] = self.responses[1] if self.kind == "pair" else list(self.responses[1:])
+            k = self.correct
+            out["chosen"] = self.responses[0] if k == 1 else list(self.responses[:k])
+            out["rejected"] = list(self.responses[k:])
         extras = {"subset": self.subset or None, "margin": self.margin, "weight": self.weight,
                   "ratings": dict(self.ratings) if self.ratings is not None else None}
         return {**out, **{k: v for k, v in extras.items() if v is not None}}
@@ -85,7 +99,9 @@ class Record:
         if self.kind == "pair":
             return ("chosen", "rejected")
         if self.kind == "best_of_n":
-            return ("chosen", *(f"rejected_{j}" for j in range(1, len(self.responses))))
+            k = self.correct
+            return ("chosen", *(f"chosen_{j}" for j in range(2, k + 1)),
+                    *(f"rejected_{j}" for j in range(1, len(self.responses) - k + 1)))
         return ("response",)
 
 
@@ -195,37 +211,53 @@ def _shared_prompt(chosen: list[tuple[str, str]], rejected: list[tuple[str, str]
 
 
 
-def _best_of_n(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str]:
-    rejected = record["rejected"]
-    if not rejected:
-        raise DataError(f"{where}: field 'rejected' is an empty list; a best-of-N record needs at least one "
-                        "rejected response")
+def _is_reply_list(value: Any) -> bool:
+    """A list of replies (strings or conversations), not one conversation (a list of messages)."""
+    return isinstance(value, list) and not any(isinstance(r, dict) for r in value)
+
+
+def _best_of_n(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str, int]:
+    chosen, rejected = record["chosen"], record["rejected"]
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(value, list) and not value:
+            raise DataError(f"{where}: field {field!r} is an empty list; a best-of-N record needs at least one "
+                            f"{field} response")
     if not _present(record, "prompt"):
-        raise DataError(f"{where}: field 'prompt' is missing; a best-of-N record (a list in 'rejected') needs "
-                        "the prompt its responses answer")
+        raise DataError(f"{where}: field 'prompt' is missing; a best-of-N record (a list of replies in "
+                        "'chosen' or 'rejected') needs the prompt its responses answer")
     prompt = _prompt(record["prompt"], "prompt", where)
-    responses = (_pair_reply(record["chosen"], "chosen", prompt, where),
+    chosen = chosen if _is_reply_list(chosen) else [chosen]
+    rejected = rejected if _is_reply_list(rejected) else [rejected]
+    responses = (*(_pair_reply(r, f"chosen[{i}]" if len(chosen) > 1 else "chosen", prompt, where)
+                   for i, r in enumerate(chosen)),
                  *(_pair_reply(r, f"rejected[{i}]", prompt, where) for i, r in enumerate(rejected)))
-    return prompt, responses, "pair" if len(responses) == 2 else "best_of_n"
+    if len(responses) == 2:
+        return prompt, responses, "pair", 1
+    return prompt, responses, "best_of_n", len(chosen)
 
 
-def parse_record(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str]:
-    """(prompt, responses, kind) of one record in any accepted layout; DataError naming ``where``."""
+def parse_record(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str, int]:
+    """(prompt, responses, kind, correct) of one record in any accepted layout; DataError naming
+    ``where``. ``correct``: how many leading responses are correct (best-of-N; 1 otherwise)."""
+    if _present(record, "messages") and _present(record, "chosen") and record["messages"] == record["chosen"]:
+        record = {k: v for k, v in record.items() if k != "messages"}  # ultrafeedback_binarized's own copy
     layout_fields = [f for f in ("response", "messages", "chosen") if _present(record, f)]
     if len(layout_fields) > 1:
         raise DataError(f"{where}: fields {layout_fields} belong to different layouts, so the response to score "
-                        f"is ambiguous; keep one of them (accepted layouts: {LAYOUTS})")
+                        f"is ambiguous; map the fields to read with a column mapping (--columns "
+                        f"prompt=...,chosen=...,rejected=...; data.columns in a config) or keep one of them "
+                        f"(accepted layouts: {LAYOUTS})")
     if _present(record, "chosen") or _present(record, "rejected"):
         for field in ("chosen", "rejected"):
             if not _present(record, field):
                 raise DataError(f"{where}: field {field!r} is missing; a pair needs both 'chosen' and 'rejected'")
         chosen, rejected = record["chosen"], record["rejected"]
-        if isinstance(rejected, list) and not any(isinstance(r, dict) for r in rejected):  # layout g
+        if _is_reply_list(rejected) or _is_reply_list(chosen):  # layout g
             return _best_of_n(record, where)
         if _present(record, "prompt"):  # layout c
             prompt = _prompt(record["prompt"], "prompt", where)
             return prompt, (_pair_reply(chosen, "chosen", prompt, where),
-                            _pair_reply(rejected, "rejected", prompt, where)), "pair"
+                            _pair_reply(rejected, "rejected", prompt, where)), "pair", 1
         if isinstance(chosen, str) and isinstance(rejected, str):  # layout d
             turns = [parse_hh_transcript(text, f"{where}: field {field!r}")
                      for field, text in (("chosen", chosen), ("rejected", rejected))]
@@ -236,16 +268,16 @@ def parse_record(record: dict, where: str) -> tuple[Turns, tuple[str, ...], str]
                             f"or both message lists (got {type(chosen).__name__} and {type(rejected).__name__}); "
                             "or add a 'prompt' field")
         prompt, good, bad = _shared_prompt(*turns, where, transcript=isinstance(chosen, str))
-        return prompt, (good, bad), "pair"
+        return prompt, (good, bad), "pair", 1
     if _present(record, "response"):  # layout a / f
         if not _present(record, "prompt"):
             raise DataError(f"{where}: field 'prompt' is missing; a response is scored given its prompt "
                             "(use \"\" for raw text)")
         return (_prompt(record["prompt"], "prompt", where),
-                (_response(record["response"], "response", where),), "single")
+                (_response(record["response"], "response", where),), "single", 1)
     if _present(record, "messages"):  # layout b
         prompt, reply = _split_last_reply(_messages(record["messages"], "messages", where), "messages", where)
-        return prompt, (reply,), "single"
+        return prompt, (reply,), "single", 1
     fields = sorted(k for k, v in record.items() if v is not None)
     raise DataError(f"{where}: the record matches no layout (its fields: {fields}); accepted layouts: {LAYOUTS}")
 
@@ -338,7 +370,55 @@ class Share:
         return self.records[lo:min(hi, n)] + self.overhang[max(lo - n, 0):max(hi - n, 0)]
 
 
-def _parse_rows(path, split, part, id_field: str, limit: int | None) -> list[tuple[str, str | None, Any]]:
+LAYOUT_FIELDS = ("prompt", "response", "messages", "chosen", "rejected", "ratings")
+MAPPABLE = (*LAYOUT_FIELDS, "subset", "weight", "margin")
+# flat attribute columns of the common rating sets (HelpSteer 1/2, UltraFeedback's fine-grained ratings)
+KNOWN_RATINGS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity", "instruction_following",
+                 "honesty", "truthfulness", "overall_score")
+
+
+def parse_columns(spec: str | dict | None) -> dict[str, str]:
+    """A column mapping ``prompt=question,chosen=response_a`` (or a dict) -> {record field: column}."""
+    if not spec:
+        return {}
+    if isinstance(spec, str):
+        pairs = [p.strip() for p in spec.split(",") if p.strip()]
+        if not all("=" in p for p in pairs):
+            raise ConfigError(f"column mapping {spec!r}: write FIELD=COLUMN pairs separated by commas, e.g. "
+                              "prompt=question,chosen=response_a,rejected=response_b")
+        spec = dict(p.split("=", 1) for p in pairs)
+    out = {str(k).strip(): str(v).strip() for k, v in dict(spec).items()}
+    unknown = sorted(set(out) - set(MAPPABLE))
+    if unknown:
+        raise ConfigError(f"column mapping: {unknown} are not record fields; map any of {list(MAPPABLE)}")
+    return out
+
+
+def remap(record: dict, columns: dict[str, str], ratings: tuple[str, ...], where: str) -> dict:
+    """A row with the column mapping and the flat rating columns applied (see the module docstring)."""
+    if columns:
+        missing = sorted({c for c in columns.values() if c not in record})
+        if missing:
+            raise ConfigError(f"{where}: the column mapping names column(s) {missing}, which this input does not "
+                              f"have (its columns: {sorted(record)}); fix the mapping")
+        kept = {k: v for k, v in record.items() if k not in LAYOUT_FIELDS and k not in columns}
+        record = {**kept, **{field: record[column] for field, column in columns.items()}}
+    if ratings:
+        missing = [c for c in ratings if c not in record]
+        if missing:
+            raise ConfigError(f"{where}: rating column(s) {missing} are not in this input (its columns: "
+                              f"{sorted(record)}); fix --ratings")
+        record = {**{k: v for k, v in record.items() if k not in ratings}, "ratings": {c: record[c] for c in ratings}}
+    elif not _present(record, "ratings") and _present(record, "response"):
+        flat = [k for k in KNOWN_RATINGS if isinstance(record.get(k), (int, float)) and not isinstance(record[k], bool)]
+        if flat:
+            raise DataError(f"{where}: columns {flat} hold ratings of the response; read them as its ratings with "
+                            f"--ratings {','.join(flat)} (data.ratings in a train config), or drop them")
+    return record
+
+
+def _parse_rows(path, split, part, id_field: str, limit: int | None, columns: dict | None = None,
+                ratings: tuple[str, ...] = ()) -> list[tuple[str, str | None, Any]]:
     """(place, id or None, (prompt, responses, kind, extras) or the row's DataError) per row of ``part``."""
     out, seen, valid = [], set(), 0
     for where, default_id, rec in rows(path, split, part):
@@ -352,8 +432,10 @@ def _parse_rows(path, split, part, id_field: str, limit: int | None) -> list[tup
             out.append((where, None, e))
             continue
         try:
-            prompt, responses, kind = parse_record(rec, where)
-            out.append((where, record_id, (prompt, responses, kind, _extras(rec, kind, where))))
+            rec = remap(rec, columns or {}, tuple(ratings), where)
+            prompt, responses, kind, correct = parse_record(rec, where)
+            extras = {**_extras(rec, kind, where), **({"correct": correct} if correct != 1 else {})}
+            out.append((where, record_id, (prompt, responses, kind, extras)))
             valid += record_id not in seen
             seen.add(record_id)
         except DataError as e:
@@ -413,13 +495,15 @@ def sample_positions(total: int, n: int, seed: int = 0) -> list[int]:
 def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange: Exchange = _alone,
                shard_size: int = 0, on_error: str = "fail", report: RecordReport | None = None,
                limit: int | None = None, id_field: str = "id", split: str | None = None,
-               sample: int = 0, seed: int = 0) -> Share:
+               sample: int = 0, seed: int = 0, columns: str | dict | None = None,
+               ratings: tuple[str, ...] = ()) -> Share:
     """Process ``process[0]`` of ``process[1]``'s share of ``path``: it parses only its contiguous
     range of the input's rows (``formats.row_count``), and a few small exchanges (``exchange``: run a
     function on every process, gather the results) make the result the same as one process reading
     everything: the same records in the same order with the same global indices, the same first
     error (``on_error="fail"``) or the same skipped rows, ids unique across processes, one set of
-    objectives, ``sample`` records drawn the same way. With ``shard_size`` S, the process owns the
+    objectives, ``sample`` records drawn the same way. ``columns`` / ``ratings``: a column mapping
+    and flat rating columns (the module docstring). With ``shard_size`` S, the process owns the
     shards whose first record it holds (``Share.owned``) and receives the records of later processes
     its last shard needs (``Share.shard_records``).
     """
@@ -428,6 +512,7 @@ def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange:
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
     me, n = process
+    columns = parse_columns(columns)
     if limit is not None and n > 1:
         raise ConfigError("limit reads the first records of one process; drop it when reading in parts")
     report = report if report is not None else RecordReport()
@@ -440,7 +525,7 @@ def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange:
     local: dict[str, Any] = {}
 
     def parse():  # only the ids travel; the rows stay with the process that parsed them
-        local["parsed"] = _parse_rows(path, split, part, id_field, limit)
+        local["parsed"] = _parse_rows(path, split, part, id_field, limit, columns, tuple(ratings))
         return [(rid, not isinstance(body, DataError)) for _, rid, body in local["parsed"]]
 
     # ids: the first record with an id that parses owns it; every later row with that id is a duplicate
@@ -497,7 +582,8 @@ def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange:
 
 
 def read_records(path: str | Path, *, on_error: str = "fail", report: RecordReport | None = None,
-                 limit: int | None = None, id_field: str = "id", split: str | None = None) -> list[Record]:
+                 limit: int | None = None, id_field: str = "id", split: str | None = None,
+                 columns: str | dict | None = None, ratings: tuple[str, ...] = ()) -> list[Record]:
     """The records of ``path`` in input order (see the module docstring for inputs and layouts).
 
     ``on_error="fail"`` raises the first bad record's DataError; ``"skip"`` leaves it out and adds the
@@ -506,7 +592,7 @@ def read_records(path: str | Path, *, on_error: str = "fail", report: RecordRepo
     Several processes each reading their part: ``read_share``.
     """
     return read_share(path, on_error=on_error, report=report, limit=limit, id_field=id_field,
-                      split=split).records
+                      split=split, columns=columns, ratings=ratings).records
 
 
 def rating_matrix(records: list[Record], objectives: tuple[str, ...] = ()) -> tuple[tuple[str, ...], list]:

@@ -73,6 +73,7 @@ LAYER = _L
 # Tensors that carry no parameters (buffers saved by old transformers versions).
 IGNORED = (r".*rotary_emb\.inv_freq$", r".*\.masked_bias$", r".*attn\.bias$")
 
-# Head tensors the backbone loader leaves to the head's own loader: ArmoRM's released layout
-# (``LlamaForRewardModelWithGating``), read by ``rmjax.train.export.load_head``.
-HEAD_TENSORS = (r"regression_layer\.weight$", r"reward_transform_matrix$", r"gating\..+$")
+# Head tensors the backbone loader leaves to the head's own loader (``rmjax.heads.reward``): ArmoRM's
+# and QRM's released layouts (regression, reward transform, gate), URM's weight net.
+HEAD_TENSORS = (r"regression_layer\.weight$", r"reward_transform_matrix$", r"gating\..+$",
+                r"weights\.fc\.\d+\.(weight|bias)$")

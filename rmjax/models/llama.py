@@ -5,7 +5,7 @@ from rmjax.models import checkpoint_keys as ck
 from rmjax.models.config import ModelConfig, freeze
 
 ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel",
-                 "LlamaForRewardModelWithGating")  # ArmoRM's released layout (head: rmjax.train.export.load_head)
+                 "LlamaForRewardModelWithGating")  # ArmoRM's released layout (head: rmjax.heads.reward)
 
 CHECKPOINT_KEYS: ck.KeyTable = ck.COMMON + (
     (ck.LAYER + r"input_layernorm\.weight", "layers/input_norm/scale", ck.keep),

@@ -220,9 +220,12 @@ def load_model(name_or_path: str, *, mesh: Mesh | None = None, strategy: str = "
                                         remat_policy=remat_policy, attention=attention,
                                         attention_block_q=attention_block_q, attention_block_k=attention_block_k,
                                         **({} if lm_head else {"lm_head": False}))
+    from rmjax.heads.reward import read_head  # the head of a reward checkpoint (None for a causal LM)
+    reward = read_head(ckpt, score, source.path if source.kind == "hf" else None, str(source.path))
     tokenizer = None
     if with_tokenizer:
         from rmjax.io.tokenizer import check_vocab
         tokenizer = registry.load_tokenizer(source)
         check_vocab(tokenizer, config.vocab_size, str(source.path))
-    return LoadedModel(config=config, params=params, tokenizer=tokenizer, score_head=score, source=source.name)
+    return LoadedModel(config=config, params=params, tokenizer=tokenizer, score_head=score, source=source.name,
+                       reward_head=reward)

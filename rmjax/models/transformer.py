@@ -384,3 +384,4 @@ class LoadedModel:
     tokenizer: Any = None
     score_head: Any = None  # [D, num_labels] for *ForSequenceClassification checkpoints
     source: str = ""
+    reward_head: Any = None  # rmjax.heads.reward.RewardHead of a reward checkpoint (None for a causal LM)

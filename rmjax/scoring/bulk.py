@@ -27,7 +27,8 @@ from rmjax.data.chat import template_name
 from rmjax.data.records import Record
 from rmjax.errors import ConfigError, DataError
 from rmjax.scoring import compute, packing
-from rmjax.scoring.engine import judge_fn, pad_batch, paired_score_fn, score_fn
+from rmjax.heads.reward import pooled_response
+from rmjax.scoring.engine import judge_fn, pad_batch, paired_score_fn, rm_fn, score_fn
 
 
 @dataclasses.dataclass
@@ -64,6 +65,15 @@ class ModelSlot:
     role: str  # policy | reference | rm | judge
     loaded: Any
     judge: JudgeSpec | None = None
+    reward: Any = None  # rm: the reward head (rmjax.heads.reward.RewardHead; default the checkpoint's own)
+
+    def __post_init__(self):
+        if self.role == "rm" and self.reward is None:
+            self.reward = self.loaded.reward_head
+            if self.reward is None:
+                raise ConfigError(f"--rm {self.loaded.source}: a causal language model, not a reward model (no "
+                                  "reward head); score its implicit reward with --policy (and --reference), or "
+                                  "use it as a --judge")
 
     @property
     def tokenizer(self):
@@ -82,6 +92,13 @@ def slot_template(slot: ModelSlot, s: ScoreSettings) -> str:
 def encode(slot: ModelSlot, rec: Record, s: ScoreSettings) -> Encoded | str:
     """This model's token ids for the record, or the reason it is dropped. A judge's record is one
     tree: the judge prompt in both candidate orders, their shared beginning once."""
+    if slot.judge is None and slot.reward is not None:  # a reward head: its pooling rule, its gating token
+        enc = batching.encode(slot.tokenizer, rec, slot_template(slot, s), s.max_length, s.over_length,
+                              name="rm ", gate=slot.reward.spec.gated)
+        if isinstance(enc, str):
+            return enc
+        pad = slot.loaded.config.pad_token_id
+        return dataclasses.replace(enc, responses=tuple(pooled_response(r, pad) for r in enc.responses))
     if slot.judge is None:
         return batching.encode(slot.tokenizer, rec, slot_template(slot, s), s.max_length, s.over_length,
                                name=f"{slot.role} ")
@@ -166,7 +183,7 @@ class Scorer:
             if sl.role == "judge":
                 self.fns["judge"] = (packing.packed_judge_fn if packed else judge_fn)(sl.loaded.config)
             elif sl.role == "rm":
-                self.fns["rm"] = single_fn(sl.loaded.config, with_rm_head=True)
+                self.fns["rm"] = (packing.packed_rm_fn if packed else rm_fn)(sl.loaded.config, sl.reward.spec)
             elif not self.fused:
                 self.fns[sl.role] = single_fn(sl.loaded.config, with_tokens=tok and sl.role == "policy")
         self.real_tokens = 0
@@ -202,7 +219,7 @@ class Scorer:
             res = self.fns["pair"](self.policy.loaded.params, self.reference.loaded.params, batch)
             return [("policy", res["policy"]), ("reference", res["reference"])]
         if name == "rm":
-            return [("rm", self.fns["rm"](slot.loaded.params, slot.loaded.score_head[:, 0], batch))]
+            return [("rm", self.fns["rm"](slot.loaded.params, slot.reward.params, batch))]
         if name == "judge":
             return [("judge", self.fns["judge"](slot.loaded.params, np.asarray(slot.judge.label_ids, np.int32), batch))]
         return [(name, self.fns[name](slot.loaded.params, None, batch))]
@@ -283,6 +300,9 @@ class Scorer:
             for j, name in enumerate(names):
                 if role == "rm":
                     row[f"rm_{name}"] = float(stats["rm"][j])
+                    if "rm_objectives" in stats:  # one column per objective: rm_chosen[helpfulness]
+                        for k, objective in enumerate(self.rm.reward.spec.objectives):
+                            row[f"rm_{name}[{objective}]"] = float(stats["rm_objectives"][j][k])
                     continue
                 row[f"{role}_{name}_logp_sum"] = float(stats["sum"][j])
                 row[f"{role}_{name}_logp_mean"] = float(stats["mean"][j])

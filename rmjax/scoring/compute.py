@@ -2,7 +2,6 @@
 scan, training and evaluation):
 
     sequence_stats(token_lp, valid[, slot])   per-token log-probs -> per-sequence sum / mean / count
-    rm_score(hidden, index, head)             a linear reward head at given positions, in fp32
     model_fn(stats, config, ...)              one jitted function per (layout, model, options), cached
     pair_fn(stats, config_a, config_b, ...)   policy and reference in ONE jitted function (the pair combinator)
     shared_layers(params_a, params_b, ...)    how many lower layers two models share exactly (run once)
@@ -59,12 +58,13 @@ def rm_score(hidden: jax.Array, index: jax.Array, head: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def model_fn(stats: Callable, config, *, with_tokens: bool = False, with_rm_head: bool = False,
-             token_chunk: int = 1024) -> Callable:
-    """jit'd (params, head [D] or None, batch) -> per-sequence stats; built once per arguments."""
+def model_fn(stats: Callable, config, *, with_tokens: bool = False, head=None, token_chunk: int = 1024) -> Callable:
+    """jit'd (params, head params or None, batch) -> per-sequence stats; built once per arguments.
+    ``head`` is the static part of what the stats function reads besides the model (a reward head's
+    ``HeadSpec``, "verdict" for a judge's label ids); the stats function gets (head, head params)."""
 
-    def fn(params, head, batch):
-        return stats(params, config, batch, head if with_rm_head else None, with_tokens, token_chunk)
+    def fn(params, head_params, batch):
+        return stats(params, config, batch, None if head is None else (head, head_params), with_tokens, token_chunk)
 
     return jax.jit(fn)
 

@@ -9,7 +9,8 @@ vocabulary scan (R = V one-token responses) is one prompt pass plus cheap suffix
 
 Everything here is a pure function of (params, arrays); ``kv_stats`` is this layout's stats
 function for ``rmjax.scoring.compute`` and ``score_fn`` its jitted form for one model (log-prob
-sums/means/counts, optional per-token log-probs, optional RM score at the last real response token).
+sums/means/counts, optional per-token log-probs); ``kv_rm_stats`` / ``rm_fn`` read a reward head at the
+last real response token (a gated head also at its prompt's gating token).
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ import numpy as np
 
 from rmjax.data.batching import BUCKETS, Encoded, bucket, pad_rows
 from rmjax.heads.judge import verdict_logits
+from rmjax.heads.reward import HeadSpec, reward_outputs
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import KVCache, forward, unembedding_matrix
-from rmjax.pooling import gather_last, last_token_index
+from rmjax.pooling import gather_at, gather_last
 from rmjax.scoring import compute
 from rmjax.scoring.logprobs import token_logprobs
 
-__all__ = ["Encoded", "bucket", "judge_fn", "kv_stats", "pad_batch", "paired_score_fn", "response_logprobs",
-           "score_fn"]
+__all__ = ["Encoded", "bucket", "judge_fn", "kv_rm_stats", "kv_stats", "pad_batch", "paired_score_fn",
+           "response_logprobs", "rm_fn", "score_fn"]
 
 
 def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=BUCKETS,
@@ -47,8 +49,10 @@ def pad_batch(examples: list[Encoded], n_rows: int, pad_id: int, buckets=BUCKETS
     p_ids, p_mask = pad_rows([e.prompt for e in groups], tp, pad_id)  # padded groups keep a real prompt
     r_ids, r_mask = pad_rows([x for e in groups for x in e.responses], tr, pad_id)
     r_mask[len(examples) * r:] = 0
+    gate = np.array([len(e.prompt) - 1 - e.gate for e in groups], np.int32)  # each prompt's gating token
     real = sum(e.tree_length for e in examples)
-    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}, real
+    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask,
+            "prompt_gate": gate}, real
 
 
 def tile_cache(kv: KVCache, repeats: int) -> KVCache:
@@ -78,36 +82,52 @@ def response_logprobs(params, config: ModelConfig, batch: dict, *, token_chunk: 
 
 
 def kv_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, token_chunk: int) -> dict:
-    """Per response row: {'sum', 'mean', 'count'[, 'tokens'][, 'rm']} (this layout's stats function
-    for ``rmjax.scoring.compute``; 'rm' is the head at the last real response token)."""
-    token_lp, hidden = response_logprobs(params, config, batch, token_chunk=token_chunk)
+    """Per response row: {'sum', 'mean', 'count'[, 'tokens']} (this layout's stats function for
+    ``rmjax.scoring.compute``)."""
+    token_lp, _ = response_logprobs(params, config, batch, token_chunk=token_chunk)
     out = compute.sequence_stats(token_lp, batch["response_mask"])
     if with_tokens:
         out["tokens"] = token_lp
-    if head is not None:
-        out["rm"] = compute.rm_score(hidden, last_token_index(batch["response_mask"]), head)
     return out
 
 
+def kv_rm_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, token_chunk: int) -> dict:
+    """Per response row: a reward head's outputs ({'rm'[, 'rm_objectives', ...]}: ``rmjax.heads.reward``)
+    at the last real response token; a gated head reads its prompt's gating token (``prompt_gate``) in
+    the prompt pass. Nothing is unembedded."""
+    prefix, out = response_hidden(params, config, batch)
+    spec, head_params = head
+    gate = None
+    if spec.gated:
+        n_resp = batch["response_ids"].shape[0] // batch["prompt_ids"].shape[0]
+        gate = jnp.repeat(gather_at(prefix.hidden, batch["prompt_gate"]), n_resp, axis=0)
+    res = reward_outputs(spec, head_params, gather_last(out.hidden, batch["response_mask"]), gate)
+    return {"rm" if k == "reward" else f"rm_{k}": v for k, v in res.items()}
+
+
 def kv_judge_stats(params, config: ModelConfig, batch: dict, head, with_tokens: bool, token_chunk: int) -> dict:
-    """Per response row: {'judge'} [G*R, 2], the verdict tokens' logits (``head`` = their ids) at the
-    row's last real token (the judge prompt's end)."""
+    """Per response row: {'judge'} [G*R, 2], the verdict tokens' logits (``head`` = ("verdict", their
+    ids)) at the row's last real token (the judge prompt's end)."""
     _, out = response_hidden(params, config, batch)
     pooled = gather_last(out.hidden, batch["response_mask"])
-    return {"judge": verdict_logits(pooled, unembedding_matrix(params, config), head, config.final_logit_softcap)}
+    return {"judge": verdict_logits(pooled, unembedding_matrix(params, config), head[1], config.final_logit_softcap)}
 
 
 def judge_fn(config: ModelConfig) -> Callable:
     """jit'd (params, verdict token ids [2], batch) -> {'judge': [G*R, 2]} (cached per model)."""
-    return compute.model_fn(kv_judge_stats, config, with_rm_head=True)
+    return compute.model_fn(kv_judge_stats, config, head="verdict")
 
 
-def score_fn(config: ModelConfig, *, with_tokens: bool = False, with_rm_head: bool = False,
-             token_chunk: int = 1024) -> Callable:
-    """jit'd (params, head [D] or None, batch) -> {'sum','mean','count'[, 'tokens'][, 'rm']} per response
-    row; one function per model and options (cached)."""
-    return compute.model_fn(kv_stats, config, with_tokens=with_tokens, with_rm_head=with_rm_head,
-                            token_chunk=token_chunk)
+def rm_fn(config: ModelConfig, head: HeadSpec) -> Callable:
+    """jit'd (params, head params, batch) -> per response row the reward head's outputs (cached per
+    model and head)."""
+    return compute.model_fn(kv_rm_stats, config, head=head)
+
+
+def score_fn(config: ModelConfig, *, with_tokens: bool = False, token_chunk: int = 1024) -> Callable:
+    """jit'd (params, None, batch) -> {'sum','mean','count'[, 'tokens']} per response row; one
+    function per model and options (cached)."""
+    return compute.model_fn(kv_stats, config, with_tokens=with_tokens, token_chunk=token_chunk)
 
 
 def paired_score_fn(config_a: ModelConfig, config_b: ModelConfig, *, with_tokens: bool = False,

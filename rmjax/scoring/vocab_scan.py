@@ -4,7 +4,7 @@ For each prompt the chat-templated prefix runs through the model ONCE; its KV ca
 extended by batches of candidate responses:
   * ``next_token``: log p(token | prompt) for all V tokens from one forward (the last position);
   * ``response``: the full templated response, token + the template's end-of-turn suffix (e.g.
-    ``<|im_end|>\\n``), scored as a sequence: its log-prob sum, or an RM score at its last token;
+    ``<|im_end|>\\n``), scored as a sequence: its log-prob sum, or a reward head's reward;
   * word lists: each word rendered as a (multi-token) reply, sharing the prompt prefix.
 Output tables follow the released score tables: a ``response`` column, then one column per prompt.
 
@@ -22,15 +22,16 @@ import time
 import unicodedata
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from rmjax.data.chat import render
 from rmjax.data.batching import Encoded, bucket, pad_rows
+from rmjax.data.chat import gate_offset, render, template_name
+from rmjax.errors import ConfigError
+from rmjax.heads.reward import pooled_response
 from rmjax.models.transformer import forward, unembedding_matrix
 from rmjax.pooling import gather_last
-from rmjax.scoring.engine import pad_batch, score_fn
+from rmjax.scoring.engine import pad_batch, rm_fn, score_fn
 from rmjax.scoring.logprobs import next_token_logprobs
 
 
@@ -86,12 +87,20 @@ def log_ratio_table(table_a: pd.DataFrame, table_b: pd.DataFrame, prompts, same_
 
 
 def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *, chunk: int = 512,
-                   rm_head: np.ndarray | None = None, progress: str | None = None) -> dict[str, np.ndarray]:
+                   rm: bool = False, gate: int = 0, progress: str | None = None) -> dict[str, np.ndarray]:
     """Score each candidate response (token ids incl. any suffix) after ONE prompt prefix.
 
-    Returns {'sum', 'mean', 'count'} (log-probs) and, with ``rm_head`` [D], {'rm'}; arrays [N].
+    Returns {'sum', 'mean', 'count'} (log-probs), or with ``rm`` the reward head's {'rm'[,
+    'rm_objectives', ...]} (``loaded.reward_head``; ``gate``: prompt tokens after its gating token,
+    ``rmjax.data.chat.gate_offset``); arrays [N, ...].
     """
-    run = score_fn(loaded.config, with_rm_head=rm_head is not None)  # built once per model
+    head = loaded.reward_head if rm else None
+    if rm and head is None:
+        raise ConfigError(f"{loaded.source}: a causal language model, not a reward model (no reward head)")
+    # built once per model (and head)
+    run = rm_fn(loaded.config, head.spec) if rm else score_fn(loaded.config)
+    if rm:  # read where transformers' sequence classifier reads (the last token that is not the pad id)
+        candidates = [pooled_response(c, loaded.config.pad_token_id) for c in candidates]
     pad = loaded.tokenizer.pad_id
     results: dict[str, list[np.ndarray]] = {}
     t0 = time.perf_counter()
@@ -99,7 +108,7 @@ def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *
     order = np.argsort([len(c) for c in candidates], kind="stable")
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
-        ex = Encoded(np.asarray(prompt_ids), tuple(np.asarray(candidates[i]) for i in idx))
+        ex = Encoded(np.asarray(prompt_ids), tuple(np.asarray(candidates[i]) for i in idx), gate=gate)
         # responses padded to a multiple of 4 only (token scans: every candidate has the same length)
         longest = max(len(candidates[i]) for i in idx)
         batch, _ = pad_batch([ex], 1, pad, lengths=(bucket(len(prompt_ids)), -(-longest // 4) * 4))
@@ -108,7 +117,7 @@ def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *
             filler = chunk - n
             for k in ("response_ids", "response_mask"):
                 batch[k] = np.concatenate([batch[k], np.zeros((filler, batch[k].shape[1]), np.int32)])
-        out = run(loaded.params, None if rm_head is None else jnp.asarray(rm_head), batch)
+        out = run(loaded.params, None if head is None else head.params, batch)
         for k, v in out.items():
             results.setdefault(k, []).append((idx, np.asarray(v)[:n]))
         if progress:
@@ -120,7 +129,7 @@ def scan_responses(loaded, prompt_ids: list[int], candidates: list[list[int]], *
         print(file=sys.stderr)
     out = {}
     for k, parts in results.items():
-        values = np.empty(len(candidates), np.float32)
+        values = np.empty((len(candidates), *parts[0][1].shape[1:]), np.float32)
         for idx, v in parts:
             values[idx] = v
         out[k] = values
@@ -156,14 +165,23 @@ def word_responses(loaded, prompt_text: str, words: list[str], template: str = "
 def word_scores(loaded, prompts: dict[str, str], words: list[str], template: str = "model", base: str = "raw",
                 rm: bool = False, chunk: int = 512) -> pd.DataFrame:
     """Each word as the reply to each prompt: ``response`` + one column per prompt key holding the
-    reply's log-prob sum, or with ``rm`` the reward model's score (``loaded.score_head``, first label)."""
+    reply's log-prob sum, or with ``rm`` the reward model's reward (``loaded.reward_head``)."""
     columns = {}
     for key, text in prompts.items():
         prompt_ids, cands = word_responses(loaded, text, words, template, base)
-        head = np.asarray(loaded.score_head)[:, 0] if rm else None
-        res = scan_responses(loaded, prompt_ids, cands, chunk=chunk, rm_head=head)
+        res = scan_responses(loaded, prompt_ids, cands, chunk=chunk, rm=rm,
+                             gate=prompt_gate(loaded, text, template, base) if rm else 0)
         columns[key] = res["rm"] if rm else res["sum"]
     return pd.DataFrame({"response": list(words), **columns})
+
+
+def prompt_gate(loaded, prompt_text: str, template: str = "model", base: str = "raw") -> int:
+    """Prompt tokens after the gating token of a one-turn prompt, for a gated reward head (else 0)."""
+    head = loaded.reward_head
+    if head is None or not head.spec.gated:
+        return 0
+    return gate_offset(loaded.tokenizer, [{"role": "user", "content": prompt_text}], template_name(
+        loaded.tokenizer, template, base))
 
 
 def normalise(s: str) -> str:

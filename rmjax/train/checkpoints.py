@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from rmjax.errors import ConfigError
+from rmjax.heads.reward import linear_head
 from rmjax.train import params as tparams
 from rmjax.train.config import load_config
 
@@ -54,4 +55,5 @@ def checkpoint_model(run_dir: str | Path, step: int, base=None):
     if "lora" in full:
         backbone = tparams.apply_lora(backbone, full["lora"], run.train.lora_alpha / max(run.train.lora_rank, 1))
     head = np.asarray(full["head"][HEAD_KERNELS[kind]]["kernel"], np.float32)  # [D, labels]
-    return dataclasses.replace(base, params=backbone, score_head=head, source=f"{run_dir}@{step}")
+    reward = linear_head(head, tuple(run.head.objectives) if kind == "multi_objective" else (), f"{run_dir}@{step}")
+    return dataclasses.replace(base, params=backbone, score_head=head, reward_head=reward, source=f"{run_dir}@{step}")

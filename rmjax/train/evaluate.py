@@ -1,28 +1,27 @@
-"""Evaluation on any dataset: per-example outputs of a head, accuracy per subset with a 95% interval,
-an optional category roll-up, JSON + markdown reports.
+"""Evaluation inside training: per-example outputs of the train step's head and their scores.
 
     outputs_per_example(eval_fn, ..., examples, layout)   runs the eval step over an ExampleSet
-    example_scores(kind, outputs, ...)                     one score in [0, 1] per example
-    report(scores, examples, categories)                   accuracy overall / per subset / per category
+    example_score(kind, outputs, ...)                      one score in [0, 1] per example
+    ratings_report(outputs, examples, objectives)          MSE / Pearson r per objective
 
 Scoring an example:
     pairs        1 if chosen beats rejected, 0.5 on a tie, 0 otherwise
     best-of-N    RewardBench 2: 1 / (responses tied at the maximum) when chosen is a maximum, else 0
     judge        the verdict log-odds for chosen averaged over both candidate orders, scored as a pair
     ratings      (multi-objective regression) the masked MSE per objective instead of an accuracy
-Intervals are Wilson score intervals of the mean example score. A category's accuracy is the
-example-weighted mean of its subsets (RewardBench 1's roll-up).
+The reports themselves (accuracy per subset with Wilson intervals, category roll-ups, markdown) are
+``rmjax.benchmarks``'; a trained model is evaluated as any other by ``rmjax eval-rm``.
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from rmjax import benchmarks
 from rmjax import sharding as shd
-from rmjax.errors import DataError
+from rmjax.benchmarks import accuracy_report, load_categories, markdown  # noqa: F401 (re-exported)
 from rmjax.scoring import compute
 from rmjax.scoring.compute import wilson  # noqa: F401 (re-exported: the interval of every report)
 from rmjax.train import batches as tbatches
@@ -77,77 +76,8 @@ def example_score(kind: str, out: dict, **kw) -> tuple[float, float]:
     return float(compute.best_of_n_scores(s[None])[0]), float(s[0] - s[1:].max())
 
 
-def _group(scores: np.ndarray) -> dict:
-    mean = float(scores.mean()) if len(scores) else float("nan")
-    lo, hi = wilson(mean, len(scores))
-    return {"accuracy": mean, "ci95": [lo, hi], "examples": int(len(scores))}
-
-
-def accuracy_report(scores: np.ndarray, subsets: list[str], categories: dict[str, list[str]] | None = None) -> dict:
-    """Overall, per-subset and (with ``categories`` {category: [subset, ...]}) per-category accuracy."""
-    scores, subsets = np.asarray(scores, np.float64), np.asarray(subsets, object)
-    out = {**_group(scores), "subsets": {}}
-    for name in dict.fromkeys(subsets):
-        out["subsets"][name or "all"] = _group(scores[subsets == name])
-    if categories:
-        unknown = sorted({s for members in categories.values() for s in members} - set(out["subsets"]))
-        if unknown:
-            raise DataError(f"the category mapping names subsets {unknown} that the data does not have; "
-                            f"its subsets are {sorted(out['subsets'])}")
-        out["categories"] = {}
-        for category, members in categories.items():
-            sel = np.isin(subsets, list(members))
-            out["categories"][category] = {**_group(scores[sel]), "subsets": list(members)}
-        loose = sorted(set(out["subsets"]) - {s for m in categories.values() for s in m})
-        if loose:
-            out["uncategorised_subsets"] = loose
-    return out
-
-
 def ratings_report(outputs: list[dict], examples: list, objectives: tuple[str, ...]) -> dict:
     """Masked MSE and Pearson correlation per objective of a multi-objective regression."""
     pred = np.stack([o["rewards"][0] for o in outputs])
     target = np.array([[np.nan if v is None else v for v in e.targets] for e in examples], np.float64)
-    out = {"examples": len(examples), "objectives": {}}
-    for k, name in enumerate(objectives):
-        seen = ~np.isnan(target[:, k])
-        p, t = pred[seen, k], target[seen, k]
-        corr = float(np.corrcoef(p, t)[0, 1]) if seen.sum() > 1 and p.std() > 0 and t.std() > 0 else float("nan")
-        out["objectives"][name] = {"mse": float(np.mean((p - t) ** 2)) if seen.any() else float("nan"),
-                                   "pearson": corr, "rated": int(seen.sum())}
-    out["mse"] = float(np.nanmean([v["mse"] for v in out["objectives"].values()]))
-    return out
-
-
-def load_categories(path: str | Path) -> dict[str, list[str]]:
-    """{category: [subset, ...]} from a YAML or JSON file."""
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: category mapping not found")
-    data = yaml.safe_load(path.read_text("utf-8"))
-    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
-                                             for v in data.values()):
-        raise DataError(f"{path}: expected a mapping {{category: [subset, ...]}}")
-    return data
-
-
-def markdown(report: dict) -> str:
-    """The report as markdown tables."""
-    def fmt(g):
-        lo, hi = g["ci95"]
-        return f"{g['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {g['examples']}"
-
-    lines = [f"# Reward-model evaluation: {report.get('model', '')}", ""]
-    if "objectives" in report:
-        lines += ["| objective | MSE | Pearson r | rated |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['mse']:.4f} | {v['pearson']:.3f} | {v['rated']} |" for k, v in report["objectives"].items()]
-        return "\n".join(lines) + "\n"
-    lines += ["| subset | accuracy | 95% CI | examples |", "|---|---|---|---|"]
-    lines += [f"| {name} | {fmt(g)} |" for name, g in report["subsets"].items()]
-    lines += [f"| **all** | {fmt(report)} |", ""]
-    if "categories" in report:
-        lines += ["| category | accuracy | 95% CI | examples |", "|---|---|---|---|"]
-        lines += [f"| {name} | {fmt(g)} |" for name, g in report["categories"].items()]
-    return "\n".join(lines) + "\n"
+    return benchmarks.ratings_report(pred, target, objectives)

@@ -63,13 +63,15 @@ class ExampleSet:
 def _pairs_example(tokenizer, rec: Record, run) -> Example | str:
     if rec.kind not in ("pair", "best_of_n"):
         return f"{rec.id}: a single response has nothing to be compared with; give pairs or best-of-N records"
-    if rec.responses[0] in rec.responses[1:]:
+    k = rec.correct
+    if set(rec.responses[:k]) & set(rec.responses[k:]):
         return f"{rec.id}: chosen and rejected are identical"
     d = run.data
     enc = batching.encode(tokenizer, rec, d.template, d.max_length, d.over_length, gate=run.head.kind == "armorm")
     if isinstance(enc, str):
         return enc
-    return Example(enc, rec, pairs=tuple((0, j) for j in range(1, len(rec.responses))))
+    # every correct response against every rejected one
+    return Example(enc, rec, pairs=tuple((i, j) for i in range(k) for j in range(k, len(rec.responses))))
 
 
 def _judge_example(tokenizer, rec: Record, run) -> Example | str:
@@ -130,10 +132,12 @@ def build(records: list[Record], tokenizer, run, trees: str, objectives: tuple[s
     return out
 
 
-def read_inputs(inputs: tuple[str, ...], on_error: str, report: RecordReport) -> list[Record]:
+def read_inputs(inputs: tuple[str, ...], on_error: str, report: RecordReport, **options) -> list[Record]:
+    """The records of every input, indexed in order (``options``: ``read_records``'s column mapping,
+    rating columns, split)."""
     records: list[Record] = []
     for source in inputs:
-        for r in read_records(source, on_error=on_error, report=report):
+        for r in read_records(source, on_error=on_error, report=report, **options):
             records.append(dataclasses.replace(r, index=len(records)))
     return records
 

@@ -7,12 +7,12 @@ plus ``rmjax.json`` (base model, head settings) and ``orbax/`` (the rmjax params
     multi_objective   ``*ForSequenceClassification``, num_labels=K, id2label = the objective names
     armorm            the same K-label regression as ``score.weight``, plus ``armorm_gate.safetensors``
                       (the gate's params, flat names ``layers_0.kernel`` ... ``logit_scale``) and the gate
-                      settings under ``head`` in rmjax.json; ``load_head`` rebuilds the gated score
+                      settings under ``head`` in rmjax.json; ``rmjax.heads.reward`` rebuilds the gated score
     judge             ``*ForCausalLM`` (the judge is the LM); rmjax.json ``head`` holds the verdict labels,
                       the chat template and the judge template (a built-in name, or judge_template.txt)
     ArmoRM pipeline   ``export_released_armorm``: the released ArmoRM layout (``LlamaForRewardModelWithGating``:
                       backbone ``model.*``, ``regression_layer``, ``gating.*``, ``reward_transform_matrix``),
-                      which ``load_head`` also reads from the authors' released checkpoint
+                      which ``rmjax.heads.reward`` also reads from the authors' released checkpoint
     lm (dpo)          ``*ForCausalLM``; rmjax.json holds the reference model and beta of the implicit reward
     lm (nll)          ``*ForCausalLM`` (GRAM stage 1, pair pretraining): the start of a judge's training
 
@@ -37,12 +37,12 @@ from flax import traverse_util
 from rmjax.data.judge import TEMPLATES, judge_template
 from rmjax.errors import ConfigError
 from rmjax.heads.armorm import RELEASED_ARCHITECTURE
+from rmjax.heads.reward import GATE_FILE
 from rmjax.io import adapters
 from rmjax.models import family_of
 from rmjax.models.loading import _canonical
 from rmjax.train import params as tparams
 
-GATE_FILE = "armorm_gate.safetensors"
 JUDGE_TEMPLATE_FILE = "judge_template.txt"
 SEQ_CLS_HEADS = ("scalar", "multi_objective", "armorm")
 LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
@@ -228,59 +228,25 @@ def host_copy(tree):
 
 
 def load_head(directory: str | Path, loaded) -> tuple[str, dict, dict]:
-    """(head kind, head params, rmjax.json head settings) of an exported model, of a checkpoint in the
-    released ArmoRM layout (``LlamaForRewardModelWithGating``), or of any HF
-    ``*ForSequenceClassification`` (scalar for one label, multi_objective for K) or causal LM (lm)."""
-    from safetensors.numpy import load_file
+    """(head kind, head params, settings) of a loaded model: its reward head (``rmjax.heads.reward``:
+    any released layout or rmjax export), else the causal LM's rmjax.json settings (judge, lm)."""
+    from rmjax.heads.reward import export_settings
 
-    meta_path = Path(directory) / "rmjax.json" if Path(directory).is_dir() else None
-    settings = json.loads(meta_path.read_text()).get("head", {}) if meta_path and meta_path.exists() else {}
-    released = _released_armorm(directory, settings)
-    if released is not None:
-        return released
-    kind = settings.get("kind")
-    if kind is None:
-        kind = "lm" if loaded.score_head is None else "scalar" if loaded.score_head.shape[1] == 1 else "multi_objective"
-    if kind == "scalar":
-        return kind, {"score": {"kernel": loaded.score_head}}, settings
-    if kind in ("multi_objective", "armorm"):
-        head = {"regression_layer": {"kernel": loaded.score_head}}
-        if kind == "armorm":
-            head["gating"] = traverse_util.unflatten_dict(load_file(str(Path(directory) / GATE_FILE)), sep=".")
-        return kind, head, settings
-    return kind, {}, settings
+    directory = Path(directory)
+    settings = export_settings(directory if directory.is_dir() else None)
+    head = loaded.reward_head
+    if head is None:
+        return settings.get("kind", "lm"), {}, settings
+    spec = head.spec
+    out = {**settings, "kind": spec.kind}
+    if spec.objectives:
+        out["objectives"] = list(spec.objectives)
+    if spec.gated:
+        out.update(gate_hidden=spec.gate_hidden, gate_layers=spec.gate_layers, gate_temperature=spec.gate_temperature)
+    return spec.kind, head.params, out
 
 
 # ---------------------------------------------------------------- ArmoRM's released layout
-
-def _released_config(directory: str | Path) -> dict | None:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    return config if RELEASED_ARCHITECTURE in (config.get("architectures") or []) else None
-
-
-def _released_armorm(directory: str | Path, settings: dict) -> tuple[str, dict, dict] | None:
-    """The head of a released-layout ArmoRM directory (None for any other directory)."""
-    from rmjax.heads.armorm import head_from_released
-    from rmjax.io import registry
-    from rmjax.models.checkpoint_keys import HEAD_TENSORS
-
-    config = _released_config(directory)
-    if config is None:
-        return None
-    ckpt = registry.open_checkpoint(registry.resolve_model(str(directory)))
-    names = [n for n in ckpt.tensor_names() if any(re.match(p, n) for p in HEAD_TENSORS)]
-    head, gate = head_from_released({n: ckpt.read(n) for n in names}, config, str(directory))
-    k = gate["num_objectives"]
-    labels = config.get("id2label") or {}
-    objectives = settings.get("objectives") or (
-        [labels[str(i)] for i in range(k)] if len(labels) == k else [f"objective_{i}" for i in range(k)])
-    out = {**settings, "kind": "armorm", "objectives": list(objectives),
-           **{key: gate[key] for key in ("gate_hidden", "gate_layers", "gate_temperature")}}
-    return "armorm", head, out
-
 
 def export_released_armorm(head: dict, settings: dict, base_model: str, out_dir: str | Path,
                            meta: dict | None = None) -> Path:
@@ -288,7 +254,7 @@ def export_released_armorm(head: dict, settings: dict, base_model: str, out_dir:
     ``LlamaForRewardModelWithGating``, ``num_objectives``, ``gating_temperature``, ``gating_hidden_dim``,
     ``gating_n_hidden``, the objectives as ``id2label``), model.safetensors (the backbone's ``model.*``
     tensors + ``regression_layer.weight``, ``reward_transform_matrix``, ``gating.*``), the tokenizer,
-    and rmjax.json (base model, head settings, ``meta``). ``load_head`` / ``rmjax eval-rm`` read it."""
+    and rmjax.json (base model, head settings, ``meta``). ``rmjax.heads.reward`` / ``rmjax eval-rm`` read it."""
     from safetensors.numpy import save_file
 
     from rmjax.heads.armorm import released_from_head

@@ -1,0 +1,88 @@
+"""Every released reward-model layout loads without remote code and scores as its own forward does:
+``rmjax score --rm`` and ``rmjax eval-rm`` on tiny replicas (``released_rms``: untied Llama-3.1 with
+pad = <|eot_id|>, Qwen2 with biases, Qwen3, Mistral with a window shorter than the text, Gemma-2 with
+soft-caps, a named multi-objective classifier, ArmoRM, URM, QRM on Llama and on Gemma-2), each with its
+family's published chat template, on multi-turn conversations, packed and on the prompt's KV cache,
+1 and 5 per batch: transformers' rewards (or the transcribed forward's) to 1e-4."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from released_rms import LAYOUTS, OBJECTIVES, build, records_for
+
+from rmjax.cli import main
+from rmjax.data.records import read_records
+from rmjax.errors import CheckpointError
+from rmjax.models.loading import load_model
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def replica(request, tmp_path_factory):
+    layout = request.param
+    root = tmp_path_factory.mktemp(layout)
+    reward = build(layout, root / "model")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records_for(LAYOUTS[layout][0])))
+    return layout, root, reward, data
+
+
+def expected(reward, data) -> dict[str, dict[str, float]]:
+    out = {}
+    for rec in read_records(data):
+        out[rec.id] = {name: reward(rec.prompt_messages + [{"role": "assistant", "content": resp}])
+                       for resp, name in zip(rec.responses, rec.response_names)}
+    return out
+
+
+def test_score_and_eval_rm_give_the_models_own_rewards(replica):
+    layout, root, reward, data = replica
+    want = expected(reward, data)
+    spread = np.std([v for row in want.values() for v in row.values()])
+    assert spread > 1e-2  # rewards far enough apart for 1e-4 to mean something
+    runs = [("score", ["--pack-length", "512", "--batch-tokens", "512"]), ("score", ["--pack-length", "0",
+                                                                                      "--batch-size", "1"]),
+            ("eval-rm", ["--pack-length", "0", "--batch-size", "5"]), ("eval-rm", ["--pack-length", "256",
+                                                                                   "--batch-size", "1"])]
+    for i, (command, options) in enumerate(runs):
+        out = root / f"run{i}"
+        if command == "score":
+            assert main(["score", "--rm", str(root / "model"), "--data", str(data), "--sample", "0", "--out",
+                         str(out), "--no-progress", *options]) == 0
+            rows = pd.read_parquet(out / "scores.parquet").to_dict("records")
+        else:
+            assert main(["eval-rm", "--model", str(root / "model"), "--data", str(data), "--out",
+                         str(out / "report.json"), *options]) == 0
+            rows = [json.loads(x) for x in (out / "report.rewards.jsonl").read_text().splitlines()]
+        assert {r["id"] for r in rows} == set(want)
+        for row in rows:
+            for name, value in want[row["id"]].items():
+                assert row[f"rm_{name}"] == pytest.approx(value, abs=1e-4, rel=1e-4), (layout, command, options, name)
+    report = json.loads((root / "run2" / "report.json").read_text())
+    assert report["examples"] == len(want) and report["truncated"] == 0
+
+
+def test_objective_names_come_from_id2label(tmp_path):
+    build("multi_objective", tmp_path / "m")
+    head = load_model(str(tmp_path / "m")).reward_head
+    assert head.spec.kind == "multi_objective" and head.spec.objectives == OBJECTIVES
+    build("urm", tmp_path / "u")
+    assert load_model(str(tmp_path / "u")).reward_head.spec.objectives == (
+        "helpfulness", "correctness", "coherence", "complexity", "verbosity")
+
+
+def test_two_score_heads_and_a_broken_qrm_gate_are_clear_errors(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    build("qrm", tmp_path / "q")
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    del tensors["gating.layers.2.running_var"]
+    save_file(tensors, str(tmp_path / "q" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"QRM gate tensors \['gating.layers.2.running_var'\] missing"):
+        load_model(str(tmp_path / "q"))
+    build("llama31_untied", tmp_path / "two")
+    tensors = load_file(str(tmp_path / "two" / "model.safetensors"))
+    tensors["classifier.weight"] = tensors["score.weight"]
+    save_file(tensors, str(tmp_path / "two" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="classifier.weight"):
+        load_model(str(tmp_path / "two"))
