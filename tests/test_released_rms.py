@@ -86,3 +86,35 @@ def test_two_score_heads_and_a_broken_qrm_gate_are_clear_errors(tmp_path):
     save_file(tensors, str(tmp_path / "two" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="classifier.weight"):
         load_model(str(tmp_path / "two"))
+
+
+def test_eval_rm_regresses_rating_records_per_objective(tmp_path):
+    """Flat rating columns (HelpSteer2's layout) read with --ratings: eval-rm reports each objective's
+    MSE and Pearson r against the head's own objective rewards (transformers' logits)."""
+    import torch
+    import transformers
+
+    build("multi_objective", tmp_path / "m")
+    rows = [{"prompt": p, "response": r, "helpfulness": h, "honesty": o, "brevity": b}
+            for p, r, h, o, b in [("Name a fruit.", "An apple.", 3, 4, 1), ("What is rain?", "Water.", 1, 2, 4),
+                                  ("Hi.", "Hello there, how are you today?", 2, 0, 3), ("Say no.", "No.", 4, 4, 0)]]
+    data = tmp_path / "helpsteer.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r.json"
+    assert main(["eval-rm", "--model", str(tmp_path / "m"), "--data", str(data), "--ratings",
+                 "helpfulness,honesty,brevity", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    pred = []
+    for r in rows:
+        text = tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                        {"role": "assistant", "content": r["response"]}], tokenize=False)
+        with torch.no_grad():
+            pred.append(model(input_ids=torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits[0].numpy())
+    pred = np.array(pred, np.float64)
+    for k, name in enumerate(OBJECTIVES):
+        target = np.array([r[name] for r in rows], np.float64)
+        assert report["objectives"][name]["mse"] == pytest.approx(np.mean((pred[:, k] - target) ** 2), rel=1e-4)
+        assert report["objectives"][name]["pearson"] == pytest.approx(np.corrcoef(pred[:, k], target)[0, 1], abs=1e-4)
+    assert report["examples"] == 4 and "| brevity |" in out.with_suffix(".md").read_text()
