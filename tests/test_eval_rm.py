@@ -12,7 +12,7 @@ from hf_models import save_tiny_checkpoint
 from rmjax.cli import main
 from rmjax.data.chat import render
 from rmjax.data.records import read_records
-from rmjax.errors import DataError
+from rmjax.errors import ConfigError, DataError
 from rmjax.models.loading import load_model
 from rmjax.scoring.compute import best_of_n_scores
 from rmjax import benchmarks as tevaluate
@@ -217,3 +217,13 @@ def test_training_sets_hold_out_and_warn_about_eval_overlap(models, tmp_path):
     tr, ev = load_sets(run, tok, "pairs", messages.append)
     assert len(tr) == 4 and len(ev) == 2 and not {e.record.id for e in tr.examples} & {e.record.id for e in ev.examples}
     assert len(messages) == 1
+    # data.columns: any layout, mapped onto the record fields
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n"
+                               for r in rows))
+    run = load_config(None, [f"data.train={renamed}", "data.holdout=2", "data.max_length=128",
+                             "data.columns=prompt=question,chosen=good,rejected=bad"])
+    tr, ev = load_sets(run, tok, "pairs", messages.append)
+    assert len(tr) == 4 and tr.examples[0].record.kind == "pair"
+    with pytest.raises(ConfigError, match=r"data.columns: column mapping: \['question'\] are not record fields"):
+        load_config(None, ["data.columns=question=prompt"])

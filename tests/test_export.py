@@ -187,3 +187,19 @@ def test_judge_and_dpo_policies_export_as_causal_lms(base, tmp_path, overrides):
     assert report["accuracy"] == pytest.approx(np.mean(wins))
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
+
+
+def test_scalar_rm_from_an_untied_base_round_trips(tmp_path_factory, tmp_path):
+    """An untied base (Llama-3.1-shaped, llama3 RoPE scaling): the exported classifier carries no LM
+    head, and transformers and rmjax both load it with the trained reward."""
+    base = tmp_path_factory.mktemp("untied_base")
+    save_tiny_checkpoint(base, "llama_mha_untied_rope3")
+    final, full, hidden, _ = trained(base, tmp_path, "train.trainable=last_k", "train.last_k=1")
+    assert "lm_head.weight" not in safetensors.numpy.load_file(str(final / "model.safetensors"))
+    want = float(hidden @ np.asarray(full["head"]["score"]["kernel"])[:, 0])
+    with torch.no_grad():
+        assert hf(final)(input_ids=torch.tensor(IDS, dtype=torch.long)).logits[0, 0].item() == pytest.approx(want, abs=1e-4)
+    m = load_model(str(final))
+    assert not m.config.tie_embeddings and not m.config.lm_head and m.reward_head.spec.kind == "scalar"
+    got = np.asarray(jit_forward(m.params, m.config, IDS).hidden)[0, -1] @ m.reward_head.params["score"][:, 0]
+    assert float(got) == pytest.approx(want, abs=1e-4)

@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="jsonl / parquet / HF datasets dir, hh-rlhf[:SUBSETS], or 'heldout': the held-out pairs "
                         "bundled with the --policy adapter (default: %(default)s)")
     p.add_argument("--split", help="split of a DatasetDict directory")
+    p.add_argument("--columns", help="column mapping FIELD=COLUMN,... (e.g. prompt=question,chosen=response_a,"
+                                     "rejected=response_b)")
+    p.add_argument("--ratings", help="flat rating columns read as a single response's ratings, e.g. "
+                                     "helpfulness,correctness (HelpSteer2)")
     p.add_argument("--policy", default=None,
                    help=f"policy model (log pi); '' for none (default: {DEFAULT_POLICY}; none with --judge or --rm)")
     p.add_argument("--reference", default=None,
@@ -156,8 +160,10 @@ def run_score(args) -> int:
     resolve_score_inputs(args)
     report = RecordReport()
     # each process parses only its part of the input (and owns the shards that start there)
+    ratings = tuple(c.strip() for c in args.ratings.split(",") if c.strip()) if args.ratings else ()
     share = distributed.read_share(args.data, on_error=args.on_error, report=report, split=args.split,
-                                   sample=args.sample, seed=args.seed, shard_size=args.shard_size)
+                                   sample=args.sample, seed=args.seed, shard_size=args.shard_size,
+                                   columns=args.columns, ratings=ratings)
     bulk.log(f"data: {report.summary()}; scoring {share.total} examples"
              + (f" (this process parsed rows {share.units[0]}..{share.units[1] - 1}, holds "
                 f"{len(share.records)})" if jax.process_count() > 1 else ""))
@@ -173,7 +179,7 @@ def run_score(args) -> int:
         raise RmjaxError("--reference needs a --policy")
     settings = {"models": {r: m for r, m in roles if m}, "beta": args.beta, "reduction": args.reduction,
                 "template": args.template, "reference_template": args.reference_template, "dtype": args.dtype,
-                "data": args.data, "split": args.split,
+                "data": args.data, "split": args.split, "columns": args.columns, "ratings": list(ratings),
                 "data_hash": input_fingerprint(args.data), "sample": args.sample, "seed": args.seed,
                 "max_length": args.max_length, "over_length": args.over_length, "batch_size": args.batch_size,
                 "pack_length": args.pack_length, "batch_tokens": args.batch_tokens,

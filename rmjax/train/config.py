@@ -48,6 +48,8 @@ class DataSection:
     over_length: str = "truncate"  # truncate (keep the end of the prompt) | drop
     template: str = "model"  # chat rendering (rmjax.data.chat)
     on_error: str = "skip"  # bad records: skip (counted, reported) | fail
+    columns: str = ""  # column mapping for every input, FIELD=COLUMN,... (e.g. prompt=question,chosen=response_a)
+    ratings: tuple[str, ...] = ()  # flat rating columns read as a single response's ratings (HelpSteer2)
     shuffle_seed: int = 0
 
 
@@ -227,6 +229,12 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def validate(config: RunConfig, where: str = "config") -> RunConfig:
+    from rmjax.data.records import parse_columns
+
+    try:
+        parse_columns(config.data.columns)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: data.columns: {e}") from None
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

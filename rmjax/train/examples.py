@@ -161,9 +161,10 @@ def load_sets(run, tokenizer, trees: str, log=None) -> tuple[ExampleSet, Example
     log = log or (lambda m: print(m, file=sys.stderr))
     d = run.data
     train_report, eval_report = RecordReport(), RecordReport()
-    records = read_inputs(d.train, d.on_error, train_report)
+    options = {"columns": d.columns, "ratings": d.ratings}
+    records = read_inputs(d.train, d.on_error, train_report, **options)
     if d.eval:
-        evals = read_inputs(d.eval, d.on_error, eval_report)
+        evals = read_inputs(d.eval, d.on_error, eval_report, **options)
         order = np.random.default_rng(d.shuffle_seed).permutation(len(records))
         pool = [records[i] for i in order]
         train_records = pool[:max(1, math.ceil(d.fraction * len(pool)))]
