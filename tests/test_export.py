@@ -203,3 +203,36 @@ def test_scalar_rm_from_an_untied_base_round_trips(tmp_path_factory, tmp_path):
     assert not m.config.tie_embeddings and not m.config.lm_head and m.reward_head.spec.kind == "scalar"
     got = np.asarray(jit_forward(m.params, m.config, IDS).hidden)[0, -1] @ m.reward_head.params["score"][:, 0]
     assert float(got) == pytest.approx(want, abs=1e-4)
+
+
+def test_a_reward_head_trains_where_transformers_reads_the_export(tmp_path_factory, tmp_path):
+    """A tokenizer without a pad token (the pad id falls back to eos) and the plain template (every
+    reply ends with eos): transformers' classifier reads the export one token before that eos, and the
+    train step pools there too, so training, rmjax's scoring and transformers agree."""
+    base = tmp_path_factory.mktemp("pad_is_eos_base")
+    save_tiny_checkpoint(base)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (base / name).exists():
+            cfg = json.loads((base / name).read_text())
+            cfg.pop("pad_token", None)
+            (base / name).write_text(json.dumps(cfg))
+    loaded = load_model(str(base))
+    assert loaded.tokenizer.pad_id == loaded.tokenizer.eos_id
+    final, full, _, _ = trained(base, tmp_path, "train.trainable=head", "data.template=plain")
+    assert json.loads((final / "config.json").read_text())["pad_token_id"] == loaded.tokenizer.eos_id
+    run = load_config(None, [f"model.name={base}", "train.trainable=head", "data.template=plain",
+                             "data.max_length=96"])
+    examples = texamples.build(RECORDS[:1], loaded.tokenizer, run, "pairs").examples
+    arrays, slots = _arrays(examples, run, loaded.tokenizer.pad_id)
+    kw = dict(config=loaded.config, run=run, entry=theads.entry(run), statics={})
+    trained_rewards = np.asarray(tstep.outputs({"head": full["head"]}, {"backbone": full["backbone"]}, arrays,
+                                               **kw)["reward"]).reshape(-1)[slots[0]]
+    model = hf(final)
+    for j, resp in enumerate(RECORDS[0].responses):
+        p, r = render(loaded.tokenizer, RECORDS[0].prompt_messages, resp, "plain")
+        assert r[-1] == loaded.tokenizer.eos_id
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([p + r])).logits[0, 0].item()
+        assert float(trained_rewards[j]) == pytest.approx(want, abs=1e-4)
+    report = evaluate_rm(str(final), data=(str(DATA),), max_length=96, template="plain")
+    assert report["per_example"][0]["rm_chosen"] == pytest.approx(float(trained_rewards[0]), abs=1e-4)

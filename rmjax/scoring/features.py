@@ -44,6 +44,7 @@ from rmjax.data import batching
 from rmjax.data.chat import template_name
 from rmjax.data.records import Record, Share, rating_matrix
 from rmjax.errors import DataError, RmjaxError
+from rmjax.heads.reward import pooled_response
 from rmjax.scoring import compute
 from rmjax.scoring.output import ScoreWriter, _fsync_path, _write_json, finished_metadata
 
@@ -169,8 +170,9 @@ class FeatureExtractor:
             e = batching.encode(tok, rec, s.template, s.max_length, s.over_length, gate=True)
             if isinstance(e, str):
                 dropped[rec.index] = e
-            else:
-                encoded[rec.index] = e
+            else:  # read where transformers' classifier reads an export (the last token not the pad id)
+                encoded[rec.index] = dataclasses.replace(
+                    e, responses=tuple(pooled_response(r, tok.pad_id) for r in e.responses))
         return encoded, dropped
 
     def features(self, encoded: dict[int, batching.Encoded], width: int, responses: int

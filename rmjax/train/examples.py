@@ -21,6 +21,7 @@ from rmjax.data import batching, judge
 from rmjax.data.chat import render
 from rmjax.data.records import Record, RecordReport, rating_matrix, read_records
 from rmjax.errors import DataError
+from rmjax.heads.reward import pooled_response
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,17 @@ def _pairs_example(tokenizer, rec: Record, run) -> Example | str:
     if isinstance(enc, str):
         return enc
     # every correct response against every rejected one
-    return Example(enc, rec, pairs=tuple((i, j) for i in range(k) for j in range(k, len(rec.responses))))
+    return Example(pooled(enc, tokenizer, run), rec,
+                   pairs=tuple((i, j) for i in range(k) for j in range(k, len(rec.responses))))
+
+
+def pooled(enc: batching.Encoded, tokenizer, run) -> batching.Encoded:
+    """A reward head reads where transformers' classifier will read the export (the last token that is
+    not the pad id the export writes, ``tokenizer.pad_id``): trailing pad-id tokens are left out.
+    Language-model heads (log-probs, verdicts) keep every token."""
+    if run.head.kind not in ("scalar", "multi_objective", "armorm"):
+        return enc
+    return dataclasses.replace(enc, responses=tuple(pooled_response(r, tokenizer.pad_id) for r in enc.responses))
 
 
 def _judge_example(tokenizer, rec: Record, run) -> Example | str:
@@ -118,7 +129,7 @@ def build(records: list[Record], tokenizer, run, trees: str, objectives: tuple[s
             if isinstance(enc, str):
                 out.dropped.append(enc)
                 continue
-            out.examples.append(Example(enc, rec, targets=tuple(v)))
+            out.examples.append(Example(pooled(enc, tokenizer, run), rec, targets=tuple(v)))
             out.truncated += enc.truncated
         return out
     make = {"pairs": _pairs_example, "judge": _judge_example, "lm": _lm_pairs_example}[trees]
