@@ -9,6 +9,7 @@ from scipy import stats
 from rmjax.analysis.dictionary import load_dictionary
 from rmjax.analysis.logprob_ranks import fdr_bh, logprob_ranks
 from rmjax.cli import main
+from rmjax.errors import DataError
 
 PROMPTS = ["best_x", "good_x", "worst_x", "bad_x"]
 WORDS = ["power", "skill", "care", "trust"]  # Agency, Agency, Communion, Communion
@@ -128,3 +129,11 @@ def test_folded_match_and_the_command(tables, tmp_path):
     tests = pd.read_csv(tmp_path / "out" / "tests.csv")
     assert {"mean_a", "mean_b", "p_fdr"} <= set(tests.columns) and len(tests) == 4
     assert (tmp_path / "out" / "anova.csv").exists() and (tmp_path / "out" / "cells.csv").exists()
+
+
+def test_one_prompt_per_framing_is_a_clear_error(tables):
+    data, dictionary = tables
+    thin = {name: t[["best_x", "worst_x"]] for name, t in data.items()}
+    with pytest.warns(UserWarning):
+        with pytest.raises(DataError, match=r"framing '\w+' has 1 prompt\(s\); .* needs at least two prompts"):
+            logprob_ranks(thin, dictionary)

@@ -58,26 +58,31 @@ def run(script: Path, args, fake, cwd: Path, path: str | None = None, **env):
 
 # ---------------------------------------------------------------------------- tpu/launch.sh
 
+def _git_files(repo) -> list[str]:
+    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True).stdout
+    return sorted(x for x in out.decode().split("\0") if x)
+
+
 def test_tpu_dry_run_prints_the_gcloud_commands_and_runs_nothing(fake, tmp_path):
     out = run(LAUNCH, ["--dry-run", "my-v5e-32", "us-west4-a", USER_CMD, "my-project"], fake, tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 3
-    mkdir, scp, ssh = (shlex.split(ln) for ln in lines)
+    tar, scp, ssh = (shlex.split(ln) for ln in lines)
     where = ["--worker=all", "--zone", "us-west4-a", "--project", "my-project"]
-    assert mkdir == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v5e-32", *where, "--command",
-                     "mkdir -p ~/rmjax"]
     top = Path(subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--show-toplevel"], capture_output=True,
                               text=True, check=True).stdout.strip())
-    assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse"] and scp[6:11] == where
-    sources = scp[11:-1]
-    assert {str(top / n) for n in ("rmjax", "pyproject.toml", "tpu", "tests")} <= set(sources)
-    assert str(top / ".venv") not in sources and str(top / ".git") not in sources  # only what git sees
-    assert all(Path(s).parent == top and Path(s).exists() for s in sources)
-    assert scp[-1] == "my-v5e-32:~/rmjax"
-    assert ssh[:-1] == mkdir[:-1]
+    assert tar[:2] == ["tar", "-czf"] and tar[3:5] == ["-C", str(top)] and tar[5:7] == ["--null", "--files-from"]
+    listed = sorted(x for x in Path(tar[7]).read_bytes().decode().split("\0") if x)
+    assert listed == _git_files(top)  # exactly what git sees
+    assert not any(x.startswith((".venv/", ".git/")) for x in listed)
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[5:10] == where
+    assert scp[10:] == [tar[2], "my-v5e-32:~/rmjax-src.tar.gz"]
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v5e-32"] and ssh[6:11] == where
     remote = ssh[-1]
-    assert remote.startswith("set -e; cd ~/rmjax;") and "pip install -q -e . 'jax[tpu]'" in remote
+    assert remote.startswith("set -e; mkdir -p ~/rmjax; tar -xzf ~/rmjax-src.tar.gz -C ~/rmjax;")
+    assert "pip install -q -e . 'jax[tpu]'" in remote
     assert remote.endswith(". .venv/bin/activate && " + USER_CMD)  # the command as given, quotes and all
     assert shlex.split(USER_CMD) == USER_ARGV
     assert calls(fake[1], "gcloud") == []
@@ -90,23 +95,27 @@ def test_tpu_run_hands_gcloud_exactly_the_printed_commands(fake, tmp_path):
     real = run(LAUNCH, args, fake, tmp_path, REPO_DIR="rm")
     assert real.returncode == 0, real.stderr
     got = calls(fake[1], "gcloud")
-    assert got == [shlex.split(ln.replace("~/rmjax", "~/rm"))[1:] for ln in dry.stdout.splitlines()]
+    want = [shlex.split(ln.replace("~/rmjax;", "~/rm;").replace("~/rmjax ", "~/rm "))[1:]
+            for ln in dry.stdout.splitlines()[1:]]
+    strip = lambda c: [a if not a.endswith("rmjax-src.tar.gz") or ":" in a else "TARBALL" for a in c]  # noqa: E731
+    assert [strip(c) for c in got] == [strip(c) for c in want]
     assert not any("--project" in c for c in got)
 
 
-def test_tpu_copies_only_what_git_sees(fake, tmp_path):
+def test_tpu_copies_exactly_what_git_sees(fake, tmp_path):
     repo = tmp_path / "checkout"
-    for name, text in {".gitignore": ".venv/\nruns/\n", "pyproject.toml": "", "configs/new.yaml": "",
-                       ".venv/bin/python": "", "runs/old/result.json": "", "tpu/launch.sh": LAUNCH.read_text()}.items():
+    for name, text in {".gitignore": ".venv/\nruns/\n*.log\n", "pyproject.toml": "", "configs/new.yaml": "",
+                       "configs/debug.log": "", ".venv/bin/python": "", "runs/old/result.json": "",
+                       "tpu/launch.sh": LAUNCH.read_text()}.items():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text(text)
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     out = run(repo / "tpu" / "launch.sh", ["--dry-run", "t", "z", "rmjax score"], fake, tmp_path)
     assert out.returncode == 0, out.stderr
-    scp = shlex.split(out.stdout.splitlines()[1])
-    top = Path(scp[-2]).parent
-    assert sorted(Path(s).name for s in scp[9:-1]) == [".gitignore", "configs", "pyproject.toml", "tpu"]
-    assert top.resolve() == repo.resolve()
+    tar = shlex.split(out.stdout.splitlines()[0])
+    listed = sorted(x for x in Path(tar[7]).read_bytes().decode().split("\0") if x)
+    assert listed == [".gitignore", "configs/new.yaml", "pyproject.toml", "tpu/launch.sh"]  # no nested ignored file
+    assert Path(tar[4]).resolve() == repo.resolve()
 
 
 @pytest.mark.parametrize("args", [

@@ -118,3 +118,16 @@ def test_eval_rm_regresses_rating_records_per_objective(tmp_path):
         assert report["objectives"][name]["mse"] == pytest.approx(np.mean((pred[:, k] - target) ** 2), rel=1e-4)
         assert report["objectives"][name]["pearson"] == pytest.approx(np.corrcoef(pred[:, k], target)[0, 1], abs=1e-4)
     assert report["examples"] == 4 and "| brevity |" in out.with_suffix(".md").read_text()
+
+
+def test_an_rm_alone_scores_llmbar_by_default():
+    """`rmjax score --rm DIR` with no --data scores the RM alone on a sample of the bundled LLMBar pairs."""
+    from rmjax.cli import build_parser
+    from rmjax.commands.score import resolve_score_inputs
+
+    args = build_parser().parse_args(["score", "--rm", "some/dir"])
+    resolve_score_inputs(args)
+    assert (args.policy, args.reference, args.data, args.sample) == ("", "", "llmbar", 64)
+    args = build_parser().parse_args(["score", "--rm", "some/dir", "--data", "x.jsonl", "--sample", "0"])
+    resolve_score_inputs(args)
+    assert (args.policy, args.data, args.sample) == ("", "x.jsonl", 0)

@@ -2,9 +2,10 @@
 # Run one rmjax command on every worker of a Cloud TPU VM pod slice (multi-host).
 #   tpu/launch.sh [--dry-run] TPU_NAME ZONE COMMAND [PROJECT]
 #   tpu/launch.sh my-v5e-32 us-west4-a "rmjax train --config experiments/rm_ablation/base.yaml"
-# Copies the files git sees in this checkout (not a local .venv or runs/) to ~/$REPO_DIR (default
-# rmjax) on every worker, creates a venv there once (pip install -e . 'jax[tpu]') and runs COMMAND
-# on all workers at once; rmjax calls jax.distributed.initialize() itself (rmjax/distributed.py)
+# Copies exactly the files git sees in this checkout (`git ls-files --cached --others
+# --exclude-standard`: not a local .venv, runs/ or any ignored file) to ~/$REPO_DIR (default rmjax)
+# on every worker, creates a venv there once (pip install -e . 'jax[tpu]') and runs COMMAND on all
+# workers at once; rmjax calls jax.distributed.initialize() itself (rmjax/distributed.py)
 # and shards data per process.
 # --dry-run prints the gcloud commands, one a line and quoted for a shell, and runs nothing.
 set -euo pipefail
@@ -63,20 +64,21 @@ if [ "$dry_run" = 0 ] && ! command -v gcloud >/dev/null; then
   exit 1
 fi
 
-# What git sees (tracked files and untracked ones it does not ignore), by top-level entry: no local
-# .venv, runs/ or caches; copied into ~/$REPO_DIR so that a later launch updates the same tree.
-entries=()
-declare -A seen=()
-while IFS= read -r -d '' f; do
-  top=${f%%/*}
-  if [ -z "${seen[$top]:-}" ] && [ -e "$ROOT/$top" ]; then entries+=("$ROOT/$top"); fi
-  seen[$top]=1
-done < <(git -C "$ROOT" ls-files -z --cached --others --exclude-standard)
-remote="set -e; cd ~/$REPO_DIR; [ -d .venv ] || (python3 -m venv .venv && . .venv/bin/activate"
+# Exactly the files git sees (tracked ones and untracked ones it does not ignore: no local .venv,
+# runs/ or caches, nested ignored files included), as one tarball unpacked over ~/$REPO_DIR, so that
+# a later launch updates the same tree (files deleted here stay there; nothing else is touched).
+work=$(mktemp -d "${TMPDIR:-/tmp}/rmjax-launch.XXXXXX")
+list=$work/files
+git -C "$ROOT" ls-files -z --cached --others --exclude-standard > "$list"
+tarball=$work/rmjax-src.tar.gz
+run tar -czf "$tarball" -C "$ROOT" --null --files-from "$list"
+remote="set -e; mkdir -p ~/$REPO_DIR; tar -xzf ~/rmjax-src.tar.gz -C ~/$REPO_DIR; rm ~/rmjax-src.tar.gz;"
+remote+=" cd ~/$REPO_DIR; [ -d .venv ] || (python3 -m venv .venv && . .venv/bin/activate"
 remote+=" && pip install -q -e . 'jax[tpu]'); . .venv/bin/activate && $CMD"
 
 ssh=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all --zone "$ZONE" ${proj[@]+"${proj[@]}"})
-run "${ssh[@]}" --command "mkdir -p ~/$REPO_DIR"
-run gcloud compute tpus tpu-vm scp --recurse --worker=all --zone "$ZONE" ${proj[@]+"${proj[@]}"} \
-  "${entries[@]}" "$TPU_NAME:~/$REPO_DIR"
+run gcloud compute tpus tpu-vm scp --worker=all --zone "$ZONE" ${proj[@]+"${proj[@]}"} \
+  "$tarball" "$TPU_NAME:~/rmjax-src.tar.gz"
 run "${ssh[@]}" --command "$remote"
+# the file list stays for --dry-run (the printed tar command reads it); a real launch cleans up
+[ "$dry_run" = 1 ] || rm -rf "$work"

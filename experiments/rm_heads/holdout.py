@@ -4,8 +4,8 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 from rmjax.data.records import RecordReport
 from rmjax.train.config import load_config
@@ -13,9 +13,14 @@ from rmjax.train.examples import read_inputs, split_holdout
 
 
 def main(argv=None) -> int:
-    config, out = (argv or sys.argv[1:])[:2]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("config", help="the run's YAML config (its data.train and data.holdout)")
+    p.add_argument("out", help="the jsonl file to write")
+    args = p.parse_args(argv)
+    config, out = args.config, args.out
     run = load_config(config)
-    records = read_inputs(run.data.train, run.data.on_error, RecordReport())
+    records = read_inputs(run.data.train, run.data.on_error, RecordReport(), columns=run.data.columns,
+                          ratings=run.data.ratings)
     _, held = split_holdout(records, run)
     with open(out, "w") as f:
         for r in held:

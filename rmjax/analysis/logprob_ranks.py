@@ -156,6 +156,13 @@ def welch_tests(cells: pd.DataFrame, models: tuple[str, str]) -> pd.DataFrame:
 
 def logprob_ranks(tables: dict[str, pd.DataFrame], dictionary: Dictionary, match: str = "exact") -> LogprobRanks:
     words, cells = rank_cells(tables, dictionary, match)
+    per_framing = cells.groupby(["framing", "model", "category"]).size()
+    thin = per_framing[per_framing < 2]
+    if len(thin):
+        framing = thin.index[0][0]
+        raise DataError(f"framing {framing!r} has {int(thin.iloc[0])} prompt(s); the ANOVA and the Welch t-tests "
+                        "compare the two models' cells over prompts, so every framing needs at least two prompts "
+                        "(the 54 value prompts have 27 per framing): add prompts to the tables")
     models = tuple(tables)
     return LogprobRanks(models, words, cells, anova(cells), welch_tests(cells, models))
 

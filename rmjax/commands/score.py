@@ -15,6 +15,7 @@ from rmjax.data.chat import TEMPLATE_CHOICES
 from rmjax.errors import RmjaxError
 
 DEFAULT_POLICY, DEFAULT_REFERENCE, HELDOUT = "smollm2-135m-dpo-hh", "smollm2-135m-instruct", "heldout"
+RM_DEFAULT_DATA = "llmbar"  # what --rm or --judge alone scores by default (bundled, never trained on)
 CROSS_FAMILY = ("smollm2-135m-instruct", "gemma3-270m", "hh-rlhf")
 HELDOUT_FILE = "heldout.jsonl.gz"
 
@@ -25,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Default: the implicit RM rmjax ships (SmolLM2-135M-Instruct + its DPO LoRA "
                                    "adapter against SmolLM2-135M-Instruct) on the adapter's held-out HH-RLHF pairs.")
     p.add_argument("--data", default=HELDOUT,
-                   help="jsonl / parquet / HF datasets dir, hh-rlhf[:SUBSETS], or 'heldout': the held-out pairs "
-                        "bundled with the --policy adapter (default: %(default)s)")
+                   help="jsonl / parquet / HF datasets dir, hh-rlhf[:SUBSETS], llmbar[:SUBSETS], or 'heldout': the "
+                        "held-out pairs bundled with the --policy adapter (default: %(default)s; with --rm or "
+                        f"--judge alone: {RM_DEFAULT_DATA}, RewardBench's LLMBar pairs)")
     p.add_argument("--split", help="split of a DatasetDict directory")
     p.add_argument("--columns", help="column mapping FIELD=COLUMN,... (e.g. prompt=question,chosen=response_a,"
                                      "rejected=response_b)")
@@ -129,6 +131,8 @@ def resolve_score_inputs(args) -> None:
             args.reference = "" if other else DEFAULT_REFERENCE
     elif args.reference is None:
         args.reference = DEFAULT_REFERENCE
+    if args.data == HELDOUT and not args.policy:  # an RM or a judge alone: RewardBench's LLMBar pairs
+        args.data = RM_DEFAULT_DATA
     if args.data == HELDOUT:
         from rmjax.io.registry import resolve_model
 
