@@ -127,6 +127,71 @@ def test_prompt_tree_branches():
     _compare(q, k, v, tok, tok, SPEC, 6)
 
 
+def _forest(t, rows):
+    """Per row, segments back to back, the rest padding; a segment is (prompt, [reply lengths]): a
+    prompt tree (branch 0 the prompt, branch j the j-th reply, every reply's positions continuing
+    from the prompt's end), or a plain sequence with no replies."""
+    seg, pos, br = (np.zeros((len(rows), t), np.int32) for _ in range(3))
+    for r, segments in enumerate(rows):
+        at = 0
+        for s, (prompt, replies) in enumerate(segments, start=1):
+            seg[r, at:at + prompt], pos[r, at:at + prompt] = s, np.arange(prompt)
+            at += prompt
+            for j, n in enumerate(replies, start=1):
+                seg[r, at:at + n], br[r, at:at + n], pos[r, at:at + n] = s, j, prompt + np.arange(n)
+                at += n
+    return Tokens(jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(br))
+
+
+def _mask_by_definition(tok, window):
+    """[B, T, T] who sees whom, key by key from the definitions (independent of the kernels' rule)."""
+    seg, pos, br = (np.asarray(x) for x in tok)
+    b, t = seg.shape
+    mask = np.zeros((b, t, t), bool)
+    for r in range(b):
+        for i in range(t):
+            for j in range(i + 1):  # causal: a query sees keys at its index and before
+                if seg[r, j] == 0 or seg[r, j] != seg[r, i]:
+                    continue  # padding is invisible, other segments too
+                if window > 0 and pos[r, i] - pos[r, j] >= window:
+                    continue  # the sliding window by position
+                if br[r, j] != 0 and br[r, j] != br[r, i]:
+                    continue  # a key in a reply is seen by its own reply only: never by a sibling
+                mask[r, i, j] = True
+    return mask
+
+
+def _plain_attention(q, k, v, mask, spec):
+    """Softmax attention in float64 with an explicit [B, T, S] mask; a query seeing nothing gives 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("bqhgd,bshd->bhgqs", q * spec.scale, k)
+    if spec.softcap:
+        s = spec.softcap * np.tanh(s / spec.softcap)
+    s = np.where(mask[:, None, None], s, -np.inf)
+    seen = mask.any(-1)[:, None, None]
+    m = np.where(seen, s.max(-1), 0.0)
+    p = np.exp(s - m[..., None])
+    out = np.einsum("bhgqs,bshd->bqhgd", p / np.where(seen, p.sum(-1), 1.0)[..., None], v)
+    return out, np.transpose(np.where(seen, m + np.log(np.where(seen, p.sum(-1), 1.0)), attn.EMPTY_LSE),
+                             (0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("window", [0, 3, 7])
+def test_both_kernels_equal_attention_under_the_mask_by_definition(window):
+    """Prompt trees packed with other trees and plain sequences, padding, windows: both kernels equal a
+    plain softmax attention whose mask is written here from the definitions, not by ``attn._visible``."""
+    q, k, v = _qkv(2, 40, 40, 2, 2, 8, seed=11)
+    tok = _forest(40, [[(6, [5, 4, 3]), (4, [3, 5])], [(3, [9, 2]), (7, []), (5, [4])]])
+    mask = _mask_by_definition(tok, window)
+    # the first token of reply 2 (index 11, position 6): the prompt's last `window` positions and itself
+    assert np.flatnonzero(mask[0, 11]).tolist() == [*range(6 - (window - 1 if window else 6), 6), 11]
+    want, want_lse = _plain_attention(q, k, v, mask, SPEC)
+    for backend in ("naive", "blockwise"):
+        out, lse = attn.attend_with_lse(q, k, v, tok, tok, dataclasses.replace(SPEC, backend=backend), window)
+        np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, err_msg=backend)
+        np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-5, rtol=1e-6, err_msg=backend)
+
+
 def test_prefix_cache_shared_by_many_responses_merges_exactly():
     """A batch-1 prompt cache (never copied) + per-response new tokens == one pass over prompt + response."""
     prompt, resp, rows = 19, 7, 5

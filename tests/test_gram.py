@@ -102,6 +102,7 @@ def test_score_judge_equals_naive_in_both_orders_packed_and_on_kv_caches(tiny, t
     data = tmp_path / "pairs.jsonl"
     rows = [{"id": f"p{i}", "prompt": f"What is {'very ' * i}kind?", "chosen": f"Helping {i}.",
              "rejected": "Power" + "!" * i} for i in range(5)]
+    rows.append({"id": "tie", "prompt": "What is kind?", "chosen": "Helping.", "rejected": "Helping."})
     rows.append({"id": "bon", "prompt": "Pick", "chosen": "x", "rejected": ["y", "z"]})
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = ["score", "--judge", str(tiny), "--judge-template", "gram", "--data", str(data), "--sample", "0",
@@ -110,7 +111,7 @@ def test_score_judge_equals_naive_in_both_orders_packed_and_on_kv_caches(tiny, t
     summary = json.loads(capsys.readouterr().out)
     import pandas as pd
     table = pd.read_parquet(tmp_path / "packed" / "scores.parquet")
-    assert list(table["id"]) == [f"p{i}" for i in range(5)]  # the best-of-N record is not a pair: dropped
+    assert list(table["id"]) == [f"p{i}" for i in range(5)] + ["tie"]  # the best-of-N record is not a pair: dropped
     loaded = load_model(str(tiny))
     records = list(read_records(str(data)))
     for i in range(5):
@@ -122,13 +123,21 @@ def test_score_judge_equals_naive_in_both_orders_packed_and_on_kv_caches(tiny, t
         assert row["judge_margin"] == pytest.approx((first + second) / 2, abs=1e-4)
         p = torch.softmax(torch.tensor(z), dim=1).numpy()  # GRAM's score: p(chosen) averaged over the orders
         assert row["judge_p_chosen"] == pytest.approx((p[0, 0] + p[1, 1]) / 2, abs=1e-5)
-    margins = table["judge_margin"].to_numpy()
-    assert summary["judge_pairwise_accuracy"] == pytest.approx(np.mean(margins > 0))
-    assert summary["judge_pairs"] == 5 and "implicit_pairwise_accuracy" not in summary
+
+    def ties_half(margins):  # the accuracy rule by hand: a win 1, a tie 0.5, a loss 0
+        return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+
+    assert summary["judge_pairwise_accuracy"] == pytest.approx(ties_half(table["judge_margin"]))
+    assert summary["judge_pairs"] == 6 and "implicit_pairwise_accuracy" not in summary
     assert main([*base, "--pack-length", "0", "--out", str(tmp_path / "kv")]) == 0
-    capsys.readouterr()
+    kv_summary = json.loads(capsys.readouterr().out)
     kv = pd.read_parquet(tmp_path / "kv" / "scores.parquet")
     cols = [c for c in table.columns if c.startswith("judge_")]
     np.testing.assert_allclose(kv[cols].to_numpy(), table[cols].to_numpy(), atol=1e-4)
+    # one sequence in both orders on one KV cache: the verdict log-odds cancel exactly, a tie counted 0.5
+    assert kv.iloc[5]["judge_margin"] == 0.0 and kv.iloc[5]["judge_p_chosen"] == 0.5
+    wins = int((kv["judge_margin"] > 0).sum())
+    assert kv_summary["judge_pairwise_accuracy"] == pytest.approx((wins + 0.5) / 6)
+    assert kv_summary["judge_p_chosen_accuracy"] == pytest.approx((int((kv["judge_p_chosen"] > 0.5).sum()) + 0.5) / 6)
     assert main([*base, "--judge-labels", "Assistant A", "B", "--out", str(tmp_path / "bad")]) == 2
     assert "is not a single token" in capsys.readouterr().err

@@ -32,16 +32,15 @@ def train(model_dir, run_dir, strategy, n, *extra):
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("RMJAX_TEST_MULTIPROCESS_TRAIN"),
-                    reason="about 100 s per strategy on 2 cores; set RMJAX_TEST_MULTIPROCESS_TRAIN=1 to run it")
-@pytest.mark.parametrize("strategy", ["dp", "fsdp", "fsdp_tp"])  # fsdp_tp: batch and params both span processes
-def test_two_processes_train_as_one(model_dir, tmp_path, strategy):
+def train_as_one(model_dir, tmp_path, strategy, *extra):
+    """The same run on one process of 8 devices and on two of 4: the same metric lines (each once),
+    losses, accuracies and exported weights."""
     from safetensors.numpy import load_file
 
-    one = train(model_dir, tmp_path / "one", strategy, 1)
-    two = train(model_dir, tmp_path / "two", strategy, 2)
+    one = train(model_dir, tmp_path / "one", strategy, 1, *extra)
+    two = train(model_dir, tmp_path / "two", strategy, 2, *extra)
     assert [(m["step"], m["kind"]) for m in two] == [(m["step"], m["kind"]) for m in one]  # each line once
+    assert {m["kind"] for m in one} == {"train", "eval"}
     for a, b in zip(one, two):
         for key in ("loss", "accuracy"):
             if key in a:
@@ -51,7 +50,25 @@ def test_two_processes_train_as_one(model_dir, tmp_path, strategy):
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_allclose(wb[k], wa[k], atol=1e-5, err_msg=k)
-    assert json.loads((tmp_path / "two" / "result.json").read_text())["step"] == 4
+    return json.loads((tmp_path / "two" / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_in_every_run(model_dir, tmp_path):
+    """fsdp_tp (the batch and the params both span the processes), 2 steps and an eval on 40 short
+    pairs of a file: small enough for every run; the longer runs of every strategy below on request."""
+    data = _pairs(tmp_path / "pairs.jsonl", 40)
+    result = train_as_one(model_dir, tmp_path, "fsdp_tp", "train.steps=2", "train.eval_every=2",
+                          f"data.train={data}", "data.fraction=1.0", "data.holdout=8")
+    assert result["step"] == 2 and result["train_examples"] == 32 and result["eval"]["examples"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RMJAX_TEST_MULTIPROCESS_TRAIN"),
+                    reason="about 100 s per strategy on 2 cores; set RMJAX_TEST_MULTIPROCESS_TRAIN=1 to run it")
+@pytest.mark.parametrize("strategy", ["dp", "fsdp", "fsdp_tp"])  # fsdp_tp: batch and params both span processes
+def test_two_processes_train_as_one(model_dir, tmp_path, strategy):
+    assert train_as_one(model_dir, tmp_path, strategy)["step"] == 4
 
 
 @pytest.mark.slow

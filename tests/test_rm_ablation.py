@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from rmjax.data.records import RecordReport
 from rmjax.train import batches as tbatches
@@ -62,9 +63,10 @@ def test_planned_steps_rule():
     assert tbatches.planned_steps(train, 10) == 1
 
 
-def save_run(model_dir, run_dir, steps=(2, 4)):
+def save_run(model_dir, run_dir, steps=(2, 4), seed=0):
     """A run directory as `rmjax train` leaves it (config.yaml, an orbax checkpoint per saved step, the
-    final export), written with the train loop's own functions; the params move between steps."""
+    final export), written with the train loop's own functions; the params move between steps (by a
+    random walk of this seed)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -88,7 +90,7 @@ def save_run(model_dir, run_dir, steps=(2, 4)):
     state = tstep.create_state(trainable, tstep.make_optimizer(run), mesh)
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=None))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for step in steps:  # as if trained: every adapter and the head move
         params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), state.params)
         state = tstep.TrainState(np.int32(step), params, state.opt_state, state.skipped)
@@ -98,6 +100,7 @@ def save_run(model_dir, run_dir, steps=(2, 4)):
     return run_dir
 
 
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # gemma's curve before its first checkpoint
 def test_checkpoint_trajectories_on_a_tiny_model(tmp_path):
     import shutil
 
@@ -114,15 +117,15 @@ def test_checkpoint_trajectories_on_a_tiny_model(tmp_path):
     root = tmp_path / "sweep"
     first = save_run(gemma, root / "gemma-tiny" / "harmless" / "f1" / "s0")
     assert saved_steps(first) == [2, 4]
-    second = root / "llama-tiny" / "harmless" / "f1" / "s0"
-    shutil.copytree(first, second)
+    # another run of the other family: other params, checkpoints at progress 0.25 and 1
+    second = save_run(llama, root / "llama-tiny" / "harmless" / "f1" / "s0", steps=(1, 4), seed=1)
     dictionary = tmp_path / "words.csv"
     dictionary.write_text("Category,word\nAgency,power\nAgency,skill\nCommunion,care\nCommunion,trust\n")
     keys = ["best_ever_one", "worst_ever_one"]
     done = [({"model": str(gemma), "seed": 0}, first), ({"model": str(llama), "seed": 0}, second)]
     points = sweep.trajectories(root, done, keys, dictionary=str(dictionary))
 
-    assert sorted(set(points["step"])) == [2, 4] and sorted(set(points["progress"])) == [0.5, 1.0]
+    assert sorted(set(points["step"])) == [1, 2, 4] and sorted(set(points["progress"])) == [0.25, 0.5, 1.0]
     assert set(points["family"]) == {"gemma", "llama"} and set(points["category"]) == {"Agency", "Communion"}
     step2 = pd.read_csv(root / "value_trajectory" / "gemma-tiny_harmless_f1" / "step2.csv")
     step4 = pd.read_csv(root / "value_trajectory" / "gemma-tiny_harmless_f1" / "step4.csv")
@@ -135,6 +138,24 @@ def test_checkpoint_trajectories_on_a_tiny_model(tmp_path):
     exported = word_scores(final, prompts, list(step4["response"]), rm=True, base="plain")
     np.testing.assert_allclose(step4[keys], exported[keys], atol=1e-4)
     np.testing.assert_allclose(checkpoint_model(first, 4).score_head, final.score_head, atol=1e-6)
+    # the family difference by hand from the step tables: rank 1 = the highest score per prompt, the
+    # median (here the mean of a category's two words) per category; llama - gemma (later family
+    # minus earlier), llama's curve interpolated to gemma's progress 0.5, gemma's undefined before 0.5
+    words = {"Agency": ["power", "skill"], "Communion": ["care", "trust"]}
+    framing = {"positive": "best_ever_one", "negative": "worst_ever_one"}
+
+    def rank(name, step, key, category):
+        table = pd.read_csv(root / "value_trajectory" / name / f"step{step}.csv").set_index("response")
+        return table[key].rank(ascending=False)[words[category]].mean()
+
     difference = pd.read_csv(root / "value_trajectory_difference.csv")
-    assert np.allclose(difference["difference"], 0.0) and len(difference) == 8  # identical runs
+    assert len(difference) == 12
+    for (frame, category), got in difference.groupby(["framing", "category"]):
+        g2, g4 = (rank("gemma-tiny_harmless_f1", s, framing[frame], category) for s in (2, 4))
+        l1, l4 = (rank("llama-tiny_harmless_f1", s, framing[frame], category) for s in (1, 4))
+        assert list(got["progress"]) == [0.25, 0.5, 1.0]
+        expected = [np.nan, l1 + (0.5 - 0.25) / (1 - 0.25) * (l4 - l1) - g2, l4 - g4]
+        np.testing.assert_allclose(got["difference"], expected, atol=1e-9)
+        np.testing.assert_allclose(got["llama_mean"], [l1, l1 + (l4 - l1) / 3, l4], atol=1e-9)
+    assert (difference["difference"].dropna() != 0).any()  # the runs differ
     assert (root / "value_trajectory.png").exists()

@@ -36,6 +36,7 @@ def data(tmp_path_factory):
     rows = [{"id": f"ex{i}", "prompt": f"Question {i}: what is {'very ' * i}good?",
              "chosen": f"Kindness {i}.", "rejected": "Power" + "!" * i} for i in range(7)]
     rows.append({"id": "single", "prompt": "Say hi", "response": "hi there"})
+    rows.append({"id": "tie", "prompt": "Say hi", "chosen": "Hello there!", "rejected": "Hello there!"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -50,7 +51,7 @@ def test_scores_equal_naive(models, data, tmp_path, capsys):
     assert main(args(models, data, tmp_path / "out")) == 0
     summary = json.loads(capsys.readouterr().out)
     table = pd.read_parquet(tmp_path / "out" / "scores.parquet")
-    assert list(table["id"]) == [f"ex{i}" for i in range(7)] + ["single"]
+    assert list(table["id"]) == [f"ex{i}" for i in range(7)] + ["single", "tie"]
     policy, reference = load_model(str(models / "policy")), load_model(str(models / "reference"))
     rm = load_model(str(models / "rm"))
     for i in (0, 4):
@@ -66,8 +67,13 @@ def test_scores_equal_naive(models, data, tmp_path, capsys):
             h = reference_hidden(rm.params, rm.config, p + r)[-1]
             assert row[f"rm_{side}"] == pytest.approx(float(h @ rm.score_head[:, 0]), abs=1e-4)
     assert table.iloc[7]["kind"] == "single" and np.isnan(table.iloc[7]["margin"])
+
+    def ties_half(margins):  # the accuracy rule by hand: a win 1, a tie 0.5, a loss 0
+        return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+
     margins = table["margin"].dropna().to_numpy()
-    assert summary["implicit_pairwise_accuracy"] == pytest.approx(np.mean(margins > 0))
+    assert summary["implicit_pairwise_accuracy"] == pytest.approx(ties_half(margins))
+    assert summary["rm_pairwise_accuracy"] == pytest.approx(ties_half(table["rm_margin"].dropna()))
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert meta["status"] == "complete" and meta["settings"]["beta"] == 0.5
     assert {"models", "reduction", "template", "dtype", "data_hash"} <= set(meta["settings"])
@@ -77,9 +83,14 @@ def test_scores_equal_naive(models, data, tmp_path, capsys):
     # (one shard of 8 examples: fewer bucket shapes to compile)
     assert main(args(models, data, tmp_path / "buckets", "--pack-length", "0", "--batch-size", "8",
                      "--shard-size", "8")) == 0
-    capsys.readouterr()
+    bucket_summary = json.loads(capsys.readouterr().out)
     buckets = pd.read_parquet(tmp_path / "buckets" / "scores.parquet")
     np.testing.assert_allclose(buckets[numeric].to_numpy(), table[numeric].to_numpy(), atol=1e-4)
+    # two identical responses on one KV cache score the same: an exact tie, counted 0.5
+    assert buckets.iloc[8]["margin"] == 0.0 and buckets.iloc[8]["rm_margin"] == 0.0
+    for column, name in (("margin", "implicit"), ("rm_margin", "rm")):
+        wins = int((buckets[column] > 0).sum())
+        assert bucket_summary[f"{name}_pairwise_accuracy"] == pytest.approx((wins + 0.5) / 8)
     # a second run with other settings is refused; the same settings are a no-op
     assert main(args(models, data, tmp_path / "out", "--reduction", "mean")) == 2
     assert "different settings" in capsys.readouterr().err
@@ -107,7 +118,7 @@ def test_kill_and_resume_gives_identical_rows(models, data, tmp_path):
     a = pd.read_parquet(tmp_path / "killed" / "scores.parquet")
     b = pd.read_parquet(tmp_path / "straight" / "scores.parquet")
     pd.testing.assert_frame_equal(a, b)
-    assert a["index"].tolist() == list(range(8))
+    assert a["index"].tolist() == list(range(9))
 
 
 def test_bad_lines_named(models, tmp_path, capsys):
@@ -118,6 +129,37 @@ def test_bad_lines_named(models, tmp_path, capsys):
     assert main(args(models, path, tmp_path / "o2")) == 0  # skip (default): counted and listed
     out = capsys.readouterr()
     assert "2 skipped" in out.err and json.loads(out.out)["records_skipped"] == 2
+
+
+def test_cross_family_scores_both_real_models(tmp_path, capsys):
+    """--cross-family: SmolLM2-135M-Instruct (log pi) against the Gemma-3-270M base (log pi_ref), each
+    with its own tokenizer and rendering, on a seeded HH-RLHF sample (2 examples of at most 64 tokens:
+    one fits, one is skipped and counted)."""
+    out = tmp_path / "cross"
+    assert main(["score", "--cross-family", "--sample", "2", "--max-length", "64", "--out", str(out),
+                 "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    meta = json.loads((out / "metadata.json").read_text())
+    settings = meta["settings"]
+    assert settings["models"] == {"policy": "smollm2-135m-instruct", "reference": "gemma3-270m"}
+    assert (settings["data"], settings["sample"], settings["max_length"], settings["beta"]) == ("hh-rlhf", 2, 64, 1.0)
+    assert meta["status"] == "complete" and meta["counts"] == {"examples": 2, "scored": 1, "shards": 1, "skipped": 1}
+    table = pd.read_parquet(out / "scores.parquet")
+    assert len(table) == 1 and table.iloc[0]["kind"] == "pair"
+    row = table.iloc[0]
+    for side in ("chosen", "rejected"):
+        for model in ("policy", "reference"):
+            tokens, total = row[f"{model}_{side}_tokens"], row[f"{model}_{side}_logp_sum"]
+            assert tokens > 0 and np.isfinite(total) and total < 0
+            assert row[f"{model}_{side}_logp_mean"] == pytest.approx(total / tokens, rel=1e-5)
+        implicit = row[f"policy_{side}_logp_sum"] - row[f"reference_{side}_logp_sum"]  # beta 1
+        assert row[f"reward_{side}"] == pytest.approx(implicit, abs=1e-4)
+    # two tokenizers: the same texts are other token counts
+    assert (row["policy_chosen_tokens"], row["policy_rejected_tokens"]) != \
+        (row["reference_chosen_tokens"], row["reference_rejected_tokens"])
+    assert row["margin"] == pytest.approx(row["reward_chosen"] - row["reward_rejected"], abs=1e-5)
+    assert summary["implicit_pairs"] == 1
+    assert summary["implicit_pairwise_accuracy"] == (1.0 if row["margin"] > 0 else 0.5 if row["margin"] == 0 else 0.0)
 
 
 def test_token_logprobs_stored_and_equal_naive(models, data, tmp_path, capsys):

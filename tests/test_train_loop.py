@@ -193,8 +193,35 @@ def test_eval_rm_on_exported_run_and_sweep(model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "llmbar.json").read_text())
     assert set(report["subsets"]) == {"Natural", "Adversarial_Neighbor", "Adversarial_GPTInst",
                                       "Adversarial_GPTOut", "Adversarial_Manual"}
-    assert report["examples"] + len(report["dropped"]) == 419 and 0 <= report["accuracy"] <= 1
+    assert report["examples"] + len(report["dropped"]) == 419
     assert "| **all** |" in (tmp_path / "llmbar.md").read_text()
-    total = sum(s["examples"] for s in report["subsets"].values())
-    weighted = sum(s["accuracy"] * s["examples"] for s in report["subsets"].values()) / total
-    assert weighted == pytest.approx(report["accuracy"])
+    # the accuracy by hand from every example's rewards (a win 1, a tie 0.5, a loss 0), overall and per subset
+    rows = [json.loads(line) for line in (tmp_path / "llmbar.rewards.jsonl").read_text().splitlines()]
+    assert len(rows) == report["examples"]
+    margins = [r["rm_chosen"] - r["rm_rejected"] for r in rows]
+    wins = np.array([1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins])
+    assert report["accuracy"] == pytest.approx(wins.mean())
+    subsets = np.array([r["subset"] for r in rows])
+    for name, group in report["subsets"].items():
+        assert group["examples"] == (subsets == name).sum()
+        assert group["accuracy"] == pytest.approx(wins[subsets == name].mean()), name
+    # and those rewards are the export's in transformers (40 untruncated pairs, each sequence alone, no padding)
+    from transformers import AutoModelForSequenceClassification
+
+    from rmjax.data.chat import render
+    from rmjax.data.records import RecordReport
+    from rmjax.models.loading import load_model
+    from rmjax.train.examples import read_inputs
+
+    records = {r.id: r for r in read_inputs(("llmbar",), "skip", RecordReport())}
+    tok = load_model(str(final)).tokenizer
+    hf = AutoModelForSequenceClassification.from_pretrained(final, dtype=torch.float32).eval()
+    whole = [r for r in rows if not r["truncated"]]
+    assert len(whole) > 50
+    for row in whole[:40]:
+        rec = records[row["id"]]
+        for side, response in zip(("chosen", "rejected"), rec.responses):
+            p, r = render(tok, rec.prompt_messages, response)
+            with torch.no_grad():
+                reward = hf(input_ids=torch.tensor([p + r])).logits[0, 0].item()
+            assert row[f"rm_{side}"] == pytest.approx(reward, abs=1e-4), (row["id"], side)
