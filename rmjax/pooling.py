@@ -45,6 +45,13 @@ def gather_at(hidden: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
 
 
+def gather_positions(hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """hidden [B, T, D] at positions ``index`` [B] -> [B, D], or [B, S] -> [B, S, D] (row-local)."""
+    idx = index if index.ndim == 2 else index[:, None]
+    out = jnp.take_along_axis(hidden, idx[..., None].astype(jnp.int32), axis=1, mode="clip")
+    return out if index.ndim == 2 else out[:, 0]
+
+
 def gather_last(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """[B, D]: the hidden state of each row's last real token (zeros for rows without one)."""
     _check_mask(hidden, attention_mask)

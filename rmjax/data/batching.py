@@ -69,8 +69,11 @@ def truncate(prompt: list[int], responses: list[list[int]], max_length: int, ove
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= max_length:
         return prompt, False
-    if over_length == "drop" or longest >= max_length:
-        return f"{name}sequence of {len(prompt) + longest} tokens exceeds max_length={max_length} ({over_length})"
+    if over_length == "drop":
+        return f"{name}sequence of {len(prompt) + longest} tokens exceeds max_length={max_length} (over_length=drop)"
+    if longest >= max_length:
+        return (f"{name}response of {longest} tokens leaves no room for the prompt within max_length={max_length} "
+                "(the reply is never cut); raise --max-length to score it")
     return prompt[len(prompt) + longest - max_length:], True  # keep the most recent turns
 
 

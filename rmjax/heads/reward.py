@@ -38,6 +38,7 @@ import numpy as np
 
 from rmjax.errors import CheckpointError, ConfigError
 from rmjax.heads import armorm as harmorm
+from rmjax.pooling import gather_positions
 
 KINDS = ("scalar", "multi_objective", "armorm", "urm", "qrm")
 GATED = ("armorm", "qrm")
@@ -314,8 +315,6 @@ def head_outputs(hidden: jax.Array, last_index: jax.Array, gate_index: jax.Array
     """``reward_outputs`` on hidden states [B, T, D] read at ``last_index`` (and ``gate_index``)
     [B] or [B, S] (row-local positions), as ``{'rm': reward, 'rm_objectives': ..., ...}``.
     ``head`` = (HeadSpec, params)."""
-    from rmjax.scoring.compute import gather_positions
-
     spec, params = head
     last = gather_positions(hidden, last_index)
     gate = gather_positions(hidden, gate_index) if spec.gated else None

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax.pooling import gather_positions  # noqa: F401 (the scoring paths gather here)
 from rmjax.scoring.logprobs import implicit_reward
 
 
@@ -42,13 +43,6 @@ def sequence_stats(token_lp: jax.Array, valid: jax.Array, slot: jax.Array | None
         count = jax.ops.segment_sum(valid.reshape(-1).astype(jnp.float32), flat,
                                     num_segments=rows * num_slots).reshape(rows, num_slots)
     return {"sum": total, "mean": total / jnp.maximum(count, 1.0), "count": count}
-
-
-def gather_positions(hidden: jax.Array, index: jax.Array) -> jax.Array:
-    """hidden [B, T, D] at positions ``index`` [B] -> [B, D], or [B, S] -> [B, S, D] (row-local)."""
-    idx = index if index.ndim == 2 else index[:, None]
-    out = jnp.take_along_axis(hidden, idx[..., None].astype(jnp.int32), axis=1, mode="clip")
-    return out if index.ndim == 2 else out[:, 0]
 
 
 def rm_score(hidden: jax.Array, index: jax.Array, head: jax.Array) -> jax.Array:
