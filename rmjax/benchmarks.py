@@ -29,7 +29,8 @@ from collections.abc import Callable
 import numpy as np
 
 from rmjax.errors import DataError
-from rmjax.scoring.compute import best_of_n_scores, wilson
+from rmjax.metrics import accuracy_report, best_of_n_scores, ratings_report, wilson  # noqa: F401 (reports)
+from rmjax.metrics import group as _group
 
 # allenai/reward-bench rewardbench/constants.py (RewardBench 1)
 EXAMPLE_COUNTS = {
@@ -82,11 +83,6 @@ def _by_subset(results: list[Result]) -> dict[str, list[Result]]:
     return out
 
 
-def _group(values: np.ndarray) -> dict:
-    mean = float(np.mean(values)) if len(values) else float("nan")
-    return {"accuracy": mean, "ci95": list(wilson(mean, len(values))), "examples": int(len(values))}
-
-
 def first_correct_wins(r: Result) -> float:
     """1 / (responses tied at the top) when the first correct response is at the top, else 0."""
     scores = np.asarray(r.scores, np.float64)
@@ -100,28 +96,6 @@ def strict_win(r: Result) -> float:
 
 
 # ---------------------------------------------------------------- generic
-
-def accuracy_report(scores, subsets: list[str], categories: dict[str, list[str]] | None = None) -> dict:
-    """Overall, per-subset and (with ``categories`` {category: [subset, ...]}) per-category accuracy of
-    per-example scores in [0, 1]; a category is the example-weighted mean of its subsets."""
-    scores, subsets = np.asarray(scores, np.float64), np.asarray(subsets, object)
-    out = {**_group(scores), "subsets": {}}
-    for name in dict.fromkeys(subsets):
-        out["subsets"][name or "all"] = _group(scores[subsets == name])
-    if categories:
-        unknown = sorted({s for members in categories.values() for s in members} - set(out["subsets"]))
-        if unknown:
-            raise DataError(f"the category mapping names subsets {unknown} that the data does not have; "
-                            f"its subsets are {sorted(out['subsets'])}")
-        out["categories"] = {}
-        for category, members in categories.items():
-            sel = np.isin(subsets, list(members))
-            out["categories"][category] = {**_group(scores[sel]), "subsets": list(members)}
-        loose = sorted(set(out["subsets"]) - {s for m in categories.values() for s in m})
-        if loose:
-            out["uncategorised_subsets"] = loose
-    return out
-
 
 def load_categories(path) -> dict[str, list[str]]:
     """{category: [subset, ...]} from a YAML or JSON file."""
@@ -143,21 +117,6 @@ def generic(results: list[Result], categories: dict[str, list[str]] | None = Non
     """Any data: the first correct response at the top wins (a tie shares: 0.5 for a pair)."""
     report = accuracy_report([first_correct_wins(r) for r in results], [r.subset for r in results], categories)
     return {"benchmark": "generic", **report}
-
-
-def ratings_report(predicted: np.ndarray, target: np.ndarray, objectives: tuple[str, ...]) -> dict:
-    """Masked MSE and Pearson correlation per objective of predicted [N, K] against rated [N, K]
-    values (NaN = not rated), and their mean MSE."""
-    predicted, target = np.asarray(predicted, np.float64), np.asarray(target, np.float64)
-    out = {"examples": int(len(target)), "objectives": {}}
-    for k, name in enumerate(objectives):
-        seen = ~np.isnan(target[:, k])
-        p, t = predicted[seen, k], target[seen, k]
-        corr = float(np.corrcoef(p, t)[0, 1]) if seen.sum() > 1 and p.std() > 0 and t.std() > 0 else float("nan")
-        out["objectives"][name] = {"mse": float(np.mean((p - t) ** 2)) if seen.any() else float("nan"),
-                                   "pearson": corr, "rated": int(seen.sum())}
-    out["mse"] = float(np.nanmean([v["mse"] for v in out["objectives"].values()]))
-    return out
 
 
 # ---------------------------------------------------------------- RewardBench 1

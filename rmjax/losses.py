@@ -124,7 +124,7 @@ def masked_mse(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None
 def pairwise_metrics(r_chosen: ArrayLike, r_rejected: ArrayLike,
                      weights: ArrayLike | None = None) -> dict[str, Array]:
     """``accuracy`` (chosen > rejected; ties count 0.5) and ``mean_margin`` (mean r_chosen - r_rejected)."""
-    from rmjax.scoring.compute import pairwise_wins
+    from rmjax.metrics import pairwise_wins
 
     gap = _reward_gap(r_chosen, r_rejected, None)
     wins = pairwise_wins(gap).astype(gap.dtype)

@@ -167,10 +167,6 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, strategy: str) -> Any:
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules_for(strategy))
 
 
-def logical_spec(*names: str | None) -> P:
-    return P(*names)
-
-
 def activation_sharding(mesh: Mesh, strategy: str, *names: str | None) -> NamedSharding:
     """Sharding of one activation given its logical axis names, e.g. ("batch", "length")."""
     return logical_to_sharding(P(*names), mesh, strategy)
@@ -214,11 +210,6 @@ def batch_shards(mesh: Mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def with_constraint(x: jax.Array, *names: str | None) -> jax.Array:
-    """Activation sharding hint by logical names; a no-op outside ``nn.logical_axis_rules``."""
-    return nn.with_logical_constraint(x, P(*names))
 
 
 @dataclasses.dataclass(frozen=True)

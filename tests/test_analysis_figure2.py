@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 
 from rmjax.analysis.dictionary import load_dictionary
-from rmjax.analysis.logprob_ranks import fdr_bh, logprob_ranks
+from rmjax.analysis.logprob_ranks import logprob_ranks
+from rmjax.metrics import fdr_bh
 from rmjax.cli import main
 from rmjax.errors import DataError
 

@@ -19,7 +19,7 @@ from rmjax.models.loading import load_model
 from rmjax.scoring.features import FeatureCache, FeatureSettings, cache_features
 from rmjax.train import armorm
 from rmjax.train.export import export_released_armorm, load_head
-from rmjax.train.rm_eval import evaluate_rm
+from rmjax.jobs.eval_rm import evaluate_rm
 
 K, H, N_HIDDEN, T = 3, 16, 2, 10.0
 

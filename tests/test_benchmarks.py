@@ -14,7 +14,7 @@ from rmjax import benchmarks as bm
 from rmjax.cli import main
 from rmjax.data.records import read_records
 from rmjax.errors import ConfigError, DataError
-from rmjax.train.rm_eval import evaluate_rm
+from rmjax.jobs.eval_rm import evaluate_rm
 
 
 def result(subset, scores, correct=1, id_=""):

@@ -14,9 +14,9 @@ from rmjax.data.chat import render
 from rmjax.data.records import read_records
 from rmjax.errors import ConfigError, DataError
 from rmjax.models.loading import load_model
-from rmjax.scoring.compute import best_of_n_scores
+from rmjax.metrics import best_of_n_scores
 from rmjax import benchmarks as tevaluate
-from rmjax.train.rm_eval import evaluate_rm
+from rmjax.jobs.eval_rm import evaluate_rm
 
 
 @pytest.fixture(scope="module")

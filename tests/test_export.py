@@ -12,7 +12,7 @@ from hf_models import jit_forward, save_tiny_checkpoint
 from rmjax.cli import main
 from rmjax.data import judge
 from rmjax.data.chat import render
-from rmjax.scoring.compute import best_of_n_scores
+from rmjax.metrics import best_of_n_scores
 from rmjax.models.loading import load_model
 from rmjax.train import heads as theads
 from rmjax.train import loop as tloop
@@ -23,7 +23,7 @@ from rmjax.train import batches as tbatches
 from rmjax.train import step as tstep
 from rmjax.train.export import export_run, load_head
 from rmjax.train import examples as texamples
-from rmjax.train.rm_eval import evaluate_rm
+from rmjax.jobs.eval_rm import evaluate_rm
 
 IDS = np.array([[5, 17, 99, 230, 7, 42, 3]], np.int32)
 

@@ -1,7 +1,6 @@
 """The implicit RM `rmjax score` uses by default: its adapter ships in the package, scored on held-out pairs only."""
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 import json
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rmjax.commands.score import CROSS_FAMILY, resolve_score_inputs
+from rmjax.jobs.score import CROSS_FAMILY, resolve
 from rmjax.errors import RmjaxError
 from rmjax.io.registry import bundled_adapter_dir, resolve_model
 
@@ -52,35 +51,34 @@ def test_bundled_adapter_is_a_small_lora_on_smollm2():
     assert meta["train"]["data"] == ["hh-rlhf:helpful-base"] and meta["train"]["distinct_pairs"] > 2000
 
 
-def score_args(**kw):
-    base = dict(policy=None, reference=None, data="heldout", sample=None, cross_family=False, rm="", judge="")
-    return argparse.Namespace(**{**base, **kw})
+def score_config(**keys):
+    from rmjax import config as rconfig
+    from rmjax.jobs.score import ScoreConfig
+
+    return rconfig.load(ScoreConfig, None, [f"{k}={v}" for k, v in keys.items()])
 
 
 def test_score_defaults_to_the_heldout_pairs_and_the_cross_family_pair_is_one_flag_away():
-    args = score_args()
-    resolve_score_inputs(args)
-    assert args.data == str(ADAPTER / "heldout.jsonl.gz") and args.sample == 0  # every held-out pair
-    assert (args.policy, args.reference) == ("smollm2-135m-dpo-hh", "smollm2-135m-instruct")
-    args = score_args(judge="some-judge", data="pairs.jsonl")  # a judge alone brings no default policy
-    resolve_score_inputs(args)
-    assert (args.policy, args.reference, args.sample) == ("", "", 64)
-    args = score_args(rm="an-rm", policy="smollm2-135m-instruct", data="pairs.jsonl")  # a policy keeps its reference
-    resolve_score_inputs(args)
-    assert args.reference == "smollm2-135m-instruct"
-    args = score_args(cross_family=True)
-    resolve_score_inputs(args)
-    assert (args.policy, args.reference, args.data, args.sample) == (*CROSS_FAMILY, 64)
-    with pytest.raises(RmjaxError, match="drop --policy"):
-        resolve_score_inputs(score_args(cross_family=True, policy="x"))
+    c = resolve(score_config())
+    assert c.data.path == str(ADAPTER / "heldout.jsonl.gz") and c.data.sample == 0  # every held-out pair
+    assert (c.model.policy, c.model.reference) == ("smollm2-135m-dpo-hh", "smollm2-135m-instruct")
+    c = resolve(score_config(**{"model.judge": "some-judge", "data.path": "pairs.jsonl"}))  # a judge alone: no policy
+    assert (c.model.policy, c.model.reference, c.data.sample) == ("", "", 64)
+    c = resolve(score_config(**{"model.rm": "an-rm", "model.policy": "smollm2-135m-instruct",
+                                "data.path": "pairs.jsonl"}))  # a policy keeps its reference
+    assert c.model.reference == "smollm2-135m-instruct"
+    c = resolve(score_config(**{"model.cross_family": "true"}))
+    assert (c.model.policy, c.model.reference, c.data.path, c.data.sample) == (*CROSS_FAMILY, 64)
+    with pytest.raises(RmjaxError, match="drop model.policy"):
+        resolve(score_config(**{"model.cross_family": "true", "model.policy": "x"}))
     with pytest.raises(RmjaxError, match="ships heldout.jsonl.gz"):
-        resolve_score_inputs(score_args(policy="smollm2-135m-instruct"))
+        resolve(score_config(**{"model.policy": "smollm2-135m-instruct"}))
 
 
 def test_baselines_on_a_hand_computed_table():
     import pandas as pd
 
-    from rmjax.scoring.compute import wilson
+    from rmjax.metrics import wilson
 
     # five pairs; policy - reference sums give implicit margins +1, -2, +3, 0 (a tie), +1
     table = pd.DataFrame({

@@ -106,7 +106,7 @@ def test_bf16_compute_close_to_fp32():
     config, params, _ = _load(model)
     ids, mask = padded_batch(config.vocab_size, [8, 5], 8, "left")
     ref = np.asarray(unembed(params, config, jit_forward(params, config, ids, mask).hidden))
-    c16 = config.replace(dtype="bfloat16", remat_policy="full")
+    c16 = config.replace(dtype="bfloat16", remat="full")
     out = np.asarray(unembed(params, c16, jit_forward(params, c16, ids, mask).hidden))
     m = mask.astype(bool)
     assert np.linalg.norm(out[m] - ref[m]) / np.linalg.norm(ref[m]) < 3e-2

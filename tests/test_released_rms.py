@@ -123,11 +123,11 @@ def test_eval_rm_regresses_rating_records_per_objective(tmp_path):
 def test_an_rm_alone_scores_llmbar_by_default():
     """`rmjax score --rm DIR` with no --data scores the RM alone on a sample of the bundled LLMBar pairs."""
     from rmjax.cli import build_parser
-    from rmjax.commands.score import resolve_score_inputs
+    from rmjax.commands.options import config_from_args
+    from rmjax.jobs.score import ScoreConfig, resolve
 
-    args = build_parser().parse_args(["score", "--rm", "some/dir"])
-    resolve_score_inputs(args)
-    assert (args.policy, args.reference, args.data, args.sample) == ("", "", "llmbar", 64)
+    c = resolve(config_from_args(ScoreConfig, build_parser().parse_args(["score", "--rm", "some/dir"])))
+    assert (c.model.policy, c.model.reference, c.data.path, c.data.sample) == ("", "", "llmbar", 64)
     args = build_parser().parse_args(["score", "--rm", "some/dir", "--data", "x.jsonl", "--sample", "0"])
-    resolve_score_inputs(args)
-    assert (args.policy, args.data, args.sample) == ("", "x.jsonl", 0)
+    c = resolve(config_from_args(ScoreConfig, args))
+    assert (c.model.policy, c.data.path, c.data.sample) == ("", "x.jsonl", 0)

@@ -83,7 +83,7 @@ def save_run(model_dir, run_dir, steps=(2, 4), seed=0):
                              f"train.steps={steps[-1]}"])
     run_dir = loop.check_run_dir(run, overwrite=False)
     mesh = shd.make_mesh(shd.MeshConfig(strategy="fsdp", fsdp=-1))
-    loaded = load_model(str(model_dir), dtype="float32", mesh=mesh, strategy="fsdp")
+    loaded = load_model(str(model_dir), mesh=mesh, strategy="fsdp")
     entry = theads.entry(run)
     full = loop.model_params(run, loaded, entry, mesh, {"score_head": None, "num_objectives": 0})
     trainable, frozen = tparams.split(full, "lora")

@@ -18,7 +18,8 @@ from rmjax.models.loading import load_model
 from rmjax.models.transformer import forward
 from rmjax.sae import model
 from rmjax.sae.activations import ActivationCache, ActivationSettings, cache_activations, text_records
-from rmjax.sae.irm import fit_irm, kendall_tau, pairwise_agreement, response_features
+from rmjax.metrics import kendall_tau
+from rmjax.sae.irm import fit_irm, pairwise_agreement, response_features
 from rmjax.sae.matching import match_dictionaries, top_activations
 from rmjax.sae.train import SAEConfig, activation_scale, firing_counts, load_sae, save_sae, step_fn, train_sae
 

@@ -9,10 +9,10 @@ def test_yaml_and_dotted_overrides(tmp_path):
     path.write_text("run_dir: runs/x\noptim:\n  lr: 3.0e-5\ndata:\n  train: [hh-rlhf:helpful, my.jsonl]\n"
                     "head:\n  kind: multi_objective\n  objectives: [helpful, honest]\nloss:\n  kind: mse\n")
     c = load_config(path, ["train.steps=7", "data.eval=hh-rlhf:helpful-base,helpful-online", "data.fraction=0.25",
-                           "optim.lr=1e-3", "train.pack=false"])
+                           "optim.lr=1e-3", "batch.layout=padded"])
     assert c.optim.lr == 1e-3 and c.train.steps == 7 and c.data.train == ("hh-rlhf:helpful", "my.jsonl")
     assert c.data.eval == ("hh-rlhf:helpful-base,helpful-online",)  # one input: its own commas stay
-    assert c.head.objectives == ("helpful", "honest") and c.train.pack is False
+    assert c.head.objectives == ("helpful", "honest") and c.batch.layout == "padded"
     assert c.data.fraction == 0.25 and c.run_dir == "runs/x"
     save_config(c, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == c
@@ -54,6 +54,11 @@ def test_bad_yaml_names_line(tmp_path):
 
 def test_model_section_passes_the_attention_kernel_to_the_loader():
     run = load_config(None, ["model.attention=naive", "model.attention_block_k=64", "model.dtype=float32"])
-    opts = run.model.load_options()
+    opts = run.model.numerics()
     assert opts["attention"] == "naive" and opts["attention_block_k"] == 64 and opts["attention_block_q"] == 512
-    assert opts["dtype"] == "float32" and opts["remat_policy"] == "none"
+    assert opts["dtype"] == "float32" and opts["remat"] == "none" and "name" not in opts
+    assert load_config(None).model.dtype == "bfloat16"  # training computes in bf16 by default
+    with pytest.raises(ConfigError, match=r"model.attention='fast' is not one of"):
+        load_config(None, ["model.attention=fast"])
+    with pytest.raises(ConfigError, match="attention_block_q and attention_block_k must be positive"):
+        load_config(None, ["model.attention_block_q=0"])

@@ -137,7 +137,7 @@ def test_failed_save_keeps_previous_checkpoint_and_nan_is_never_saved(model_dir,
     monkeypatch.setattr(loop, "save_checkpoint", failing_save)
     run = _quick_run(model_dir, tmp_path / "r")
     with pytest.raises(Exception):
-        loop.train(run, progress=False)
+        loop.run(run, progress=False)
     manager = ocp.CheckpointManager((tmp_path / "r" / "checkpoints").absolute())
     assert manager.latest_step() == 2  # the good checkpoint is intact and is what a resume would use
     restored = manager.restore(2)

@@ -182,7 +182,7 @@ def gpu_mfu(lengths: list[int], repeats: int) -> list[dict]:
     kind = jax.devices()[0].device_kind
     peak_flops = next((v for k, v in peak.items() if k in kind), None)
     base = ModelConfig(family="llama", vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-                       head_dim=64, mlp_dim=8192, dtype="bfloat16", param_dtype="bfloat16", remat_policy="full")
+                       head_dim=64, mlp_dim=8192, dtype="bfloat16", param_dtype="bfloat16", remat="full")
     params = init_params(base, jax.random.key(0))
     rows = []
     for t in lengths:

@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--out", default="tools/results/eval_rm_cpu.json")
     args = p.parse_args()
 
-    from rmjax.train.rm_eval import evaluate_rm
+    from rmjax.jobs.eval_rm import evaluate_rm
 
     with tempfile.TemporaryDirectory() as tmp:
         rm_dir = classifier_dir(Path(tmp) / "smollm2-135m-rm")

@@ -1,5 +1,6 @@
 """ArmoRM end to end: feature caches, stage-1 regression, verbosity debiasing, stage-2 gate,
-evaluation and export, each stage one `rmjax` command (printed before it runs).
+evaluation and export, each stage one rmjax job (``rmjax.jobs``; its config printed before it runs,
+the same as the `rmjax` command with those keys).
 
     python experiments/armorm/run.py --config experiments/armorm/cpu.yaml [--only STAGE ...] [--check-export]
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,21 +29,29 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rmjax.cli import main as rmjax_main
+from rmjax import config as rconfig
 from rmjax.data.records import read_records
+from rmjax.jobs import armorm as armorm_jobs
+from rmjax.jobs import eval_rm, features
 
 STAGES = ("data", "features", "regression", "debias", "gate", "evaluate", "export")
+# the experiment config's feature settings -> FeaturesConfig keys
+FEATURE_KEYS = {"max_length": "data.max_length", "pack_length": "batch.row_length", "batch_tokens": "batch.batch_tokens",
+                "shard_size": "shard_size"}
 
 
-def command(argv: list[str], log: dict, name: str) -> float:
-    print(f"\n$ rmjax {shlex.join(argv)}", flush=True)
+def job(name: str, run, cls: type, keys: dict, log: dict):
+    """Run one job on the config ``keys`` give (printed first as the command's key=value form)."""
+    config = rconfig.validate(rconfig.apply(cls(), None, []), name)
+    for key, value in keys.items():
+        rconfig.set_key(config, key, list(value) if isinstance(value, tuple) else value, name)
+    config = rconfig.validate(config, name)
+    print(f"\n# {name}: {' '.join(f'{k}={v}' for k, v in keys.items())}", flush=True)
     t0 = time.perf_counter()
-    code = rmjax_main(argv)
-    if code:
-        raise SystemExit(f"stage {name} failed (exit {code})")
+    result = run(config)
     seconds = time.perf_counter() - t0
-    log.setdefault("commands", {})[name] = {"argv": ["rmjax", *argv], "seconds": round(seconds, 1)}
-    return seconds
+    log.setdefault("commands", {})[name] = {"config": rconfig.plain(config), "seconds": round(seconds, 1)}
+    return result
 
 
 def make_splits(cfg: dict, out: Path) -> dict:
@@ -94,39 +102,43 @@ def main(argv=None) -> int:
         data = {**splits, "llmbar": cfg["eval"]["llmbar"]}
         for name, path in feat.items():
             f = cfg["features"] | cfg.get("features_" + name, {})
+            keys = {"model.name": model, "data.path": data[name], "out": str(path), "progress": False,
+                    **{FEATURE_KEYS[k]: v for k, v in f.items()}}
             done = (path / "metadata.json").exists() and json.loads((path / "metadata.json").read_text())["status"] == "complete"
-            argv = ["features", "--model", model, "--data", data[name], "--out", str(path),
-                    *[x for k, v in f.items() for x in (f"--{k.replace('_', '-')}", str(v))], "--no-progress"]
             if done:
-                print(f"\n{path}: complete (rmjax {shlex.join(argv)})")
+                print(f"\n{path}: complete")
                 continue
-            command(argv, log, f"features:{name}")
-            if not done:
-                meta = json.loads((path / "metadata.json").read_text())
-                log.setdefault("features", {})[name] = {"counts": meta["counts"], "throughput": meta["throughput"]}
+            meta = job(f"features:{name}", features.run, features.FeaturesConfig, keys, log)
+            log.setdefault("features", {})[name] = {"counts": meta["counts"], "throughput": meta["throughput"]}
     if "regression" in todo:
         r = cfg["regression"]
-        command(["armorm", "regression", "--cache", str(feat["stage1"]), "--out", str(stage1),
-                 *[x for subset in cfg["splits"]["objectives"] for x in ("--pair-objective", f"{subset}={subset}")],
-                 "--verbosity", r["verbosity"], "--pair-loss", r.get("pair_loss", "ridge")], log, "regression")
+        job("regression", armorm_jobs.regression, armorm_jobs.RegressionConfig,
+            {"cache": str(feat["stage1"]), "out": str(stage1),
+             "pair_objectives": tuple(f"{subset}={subset}" for subset in cfg["splits"]["objectives"]),
+             "verbosity": r["verbosity"], "pair_loss": r.get("pair_loss", "ridge")}, log)
     if "debias" in todo:
-        command(["armorm", "debias", "--stage1", str(stage1), "--reference", str(feat["stage2"]), "--out", str(debias),
-                 "--verbosity", cfg["regression"]["verbosity"], "--threshold", str(cfg["debias"]["threshold"])],
-                log, "debias")
+        job("debias", armorm_jobs.debias, armorm_jobs.DebiasConfig,
+            {"stage1": str(stage1), "reference": str(feat["stage2"]), "out": str(debias),
+             "verbosity": cfg["regression"]["verbosity"], "threshold": cfg["debias"]["threshold"]}, log)
     if "gate" in todo:
-        command(["armorm", "gate", "--stage1", str(stage1), "--debias", str(debias), "--pairs", str(feat["stage2"]),
-                 "--out", str(gate), *[x for k, v in cfg["gate"].items() for x in (f"--{k.replace('_', '-')}", str(v))]],
-                log, "gate")
-    stages = ["--stage1", str(stage1), "--debias", str(debias), "--gate", str(gate)]
+        job("gate", lambda c: armorm_jobs.gate(c, log=print), armorm_jobs.GateConfig,
+            {"stage1": str(stage1), "debias": str(debias), "pairs": str(feat["stage2"]), "out": str(gate),
+             **{f"settings.{k}": v for k, v in cfg["gate"].items()}}, log)
+    stages = {"stages.stage1": str(stage1), "stages.debias": str(debias), "stages.gate": str(gate)}
     if "evaluate" in todo:
-        command(["armorm", "evaluate", *stages, "--cache", str(feat["heldout"]), str(feat["llmbar"]),
-                 "--out", str(stages_root / "eval.json")], log, "evaluate")
+        reports = job("evaluate", armorm_jobs.evaluate, armorm_jobs.EvaluateConfig,
+                      {**stages, "caches": (str(feat["heldout"]), str(feat["llmbar"])),
+                       "out": str(stages_root / "eval.json")}, log)
+        for cache, rep in reports.items():
+            lo, hi = rep["ci95"]
+            print(f"{cache}: accuracy {rep['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {rep['examples']} examples")
     if "export" in todo:
-        command(["armorm", "export", *stages, "--model", model, "--out", str(final)], log, "export")
+        job("export", armorm_jobs.export, armorm_jobs.ExportConfig, {**stages, "model": model, "out": str(final)}, log)
     if args.check_export:
-        command(["eval-rm", "--model", str(final), "--data", "llmbar:Natural",
-                 "--max-length", str(cfg["features_llmbar"]["max_length"]), "--out", str(stages_root / "eval_rm_natural.json")],
-                log, "check-export")
+        job("check-export", eval_rm.run, eval_rm.EvalConfig,
+            {"model.name": str(final), "data.paths": ("llmbar:Natural",),
+             "data.max_length": cfg["features_llmbar"]["max_length"], "out": str(stages_root / "eval_rm_natural.json")},
+            log)
         exported = json.loads((stages_root / "eval_rm_natural.json").read_text())["subsets"]["Natural"]
         cached = json.loads((stages_root / "eval.json").read_text())[str(feat["llmbar"])]["subsets"].get("Natural")
         log["check_export"] = {"eval_rm_natural": exported, "cached_natural": cached}

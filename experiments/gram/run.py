@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from rmjax.data.records import read_records
+from rmjax.jobs import score
 
 
 def _armorm_driver():
@@ -36,7 +37,7 @@ def _armorm_driver():
     return module
 
 
-command = _armorm_driver().command  # print, run and time one rmjax command (the ArmoRM driver's)
+job = _armorm_driver().job  # print, run and time one rmjax job (the ArmoRM driver's)
 
 STAGES = ("data", "pretrain", "finetune", "finetune_only", "evaluate")
 
@@ -64,6 +65,9 @@ def make_splits(cfg: dict, out: Path) -> dict[str, str]:
 
 
 def train(config: str, overrides: list[str], log: dict, name: str) -> Path:
+    import time
+
+    from rmjax.train import loop
     from rmjax.train.config import load_config
 
     run = load_config(config, overrides)
@@ -71,7 +75,11 @@ def train(config: str, overrides: list[str], log: dict, name: str) -> Path:
     if (Path(run.run_dir) / "result.json").exists() and final.exists():
         print(f"\n{run.run_dir}: complete (rmjax train --config {config} {shlex.join(overrides)})")
     else:
-        command(["train", "--config", config, *overrides, "--no-progress"], log, name)
+        print(f"\n# {name}: rmjax train --config {config} {shlex.join(overrides)}", flush=True)
+        t0 = time.perf_counter()
+        loop.run(run, progress=False)
+        log.setdefault("commands", {})[name] = {"config": config, "overrides": overrides,
+                                                "seconds": round(time.perf_counter() - t0, 1)}
     log.setdefault("runs", {})[name] = {"config": config, "overrides": overrides,
                                         "result": json.loads((Path(run.run_dir) / "result.json").read_text()),
                                         "resolved": yaml.safe_load((Path(run.run_dir) / "config.yaml").read_text())}
@@ -111,9 +119,10 @@ def main(argv=None) -> int:
                 continue
             for dname, source in ev["data"].items():
                 out = root / "eval" / f"{name}_{dname}"
-                argv = ["score", "--judge", judge, "--judge-template", "gram", "--data", source, "--sample",
-                        str(ev["sample"]), "--max-length", str(ev["max_length"]), "--out", str(out), "--no-progress"]
-                command(argv, log, f"evaluate:{name}:{dname}")
+                job(f"evaluate:{name}:{dname}", score.run, score.ScoreConfig,
+                    {"model.judge": judge, "model.judge_template": "gram", "data.path": source,
+                     "data.sample": ev["sample"], "data.max_length": ev["max_length"], "out": str(out),
+                     "progress": False}, log)
                 meta = json.loads((out / "metadata.json").read_text())
                 results.setdefault(name, {})[dname] = {**meta["summary"], "out": str(out)}
         (root / "results.md").write_text(markdown(results))

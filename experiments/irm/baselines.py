@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from rmjax.scoring.compute import pairwise_accuracy, wilson
+from rmjax.metrics import pairwise_accuracy, wilson
 
 
 def accuracy(margins) -> dict:

@@ -33,11 +33,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+
+from rmjax import config as rconfig
+from rmjax.errors import RmjaxError
+from rmjax.jobs import vocab_scan
+from rmjax.train import config as tconfig
+from rmjax.train import loop
+from rmjax.jobs.vocab_scan import VocabScanConfig
 
 
 def source_tag(source: str) -> str:
@@ -73,11 +79,13 @@ def value_scores(root: Path, done: list[tuple[dict, Path]], prompt_keys: list[st
         if not target.exists():
             print(f"value scores: {run_dir}", flush=True)
             scan = root / "value_scan" / name
-            cmd = [sys.executable, "-m", "rmjax.cli", "vocab-scan", "--model", "", "--rm", str(run_dir / "final"),
-                   "--mode", "words", "--words", "big2_nouns", "--out", str(scan)]
-            if prompt_keys:
-                cmd += ["--prompt-keys", *prompt_keys]
-            if subprocess.run(cmd).returncode != 0:
+            config = rconfig.load(VocabScanConfig, None, ["model.name=", f"rm={run_dir / 'final'}", "mode=words",
+                                                          "words=big2_nouns", f"out={scan}"])
+            config.prompt_keys = tuple(prompt_keys or ())
+            try:
+                vocab_scan.run(config)
+            except RmjaxError as e:
+                print(f"value scores of {run_dir} failed: {e}", flush=True)
                 failed.append(str(run_dir))
                 continue
             (scan / "words_rm.csv").replace(target)
@@ -116,7 +124,7 @@ def trajectories(root: Path, done: list[tuple[dict, Path]], prompt_keys: list[st
             if not target.exists():
                 print(f"trajectory: {run_dir} step {step}", flush=True)
                 if keys["model"] not in bases:
-                    bases[keys["model"]] = load_model(keys["model"], dtype="float32", lm_head=False)
+                    bases[keys["model"]] = load_model(keys["model"], lm_head=False)
                 model = checkpoint_model(run_dir, step, bases[keys["model"]])
                 table = word_scores(model, prompts, lexicon.words, run.data.template, "plain", rm=True)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -166,8 +174,11 @@ def main(argv=None) -> int:
             print(f"skip (complete): {run_dir}")
         else:
             print(f"run: {run_dir}", flush=True)
-            cmd = [sys.executable, "-m", "rmjax.cli", "train", "--config", args.base, "--no-progress", *overrides]
-            if subprocess.run(cmd).returncode != 0 or not result_file.exists():
+            try:
+                loop.run(tconfig.load_config(args.base, overrides), progress=False)
+            except RmjaxError as e:
+                print(f"run {run_dir} failed: {e}", flush=True)
+            if not result_file.exists():
                 failed.append(str(run_dir))
                 continue
         done.append((keys, run_dir))

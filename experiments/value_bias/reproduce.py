@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from rmjax.cli import main as rmjax_main
+from rmjax.analysis.cli import print_result
+from rmjax.analysis.pipeline import run_value_bias
 from rmjax.data.preferences import bundled_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,15 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for dictionary in args.dictionaries:
         scores = args.scores or bundled_path("rm_scores", SCORES_FOR[dictionary])
-        command = ["value-bias", "--scores", str(scores), "--dictionary", dictionary,
-                   "--out", str(args.out / dictionary), "--permutations", str(args.permutations),
-                   "--seed", str(args.seed), *(["--no-figures"] if args.no_figures else [])]
-        print(f"$ rmjax {' '.join(command)}", file=sys.stderr)
+        out = args.out / dictionary
+        print(f"value bias (rmjax value-bias --scores {scores} --dictionary {dictionary} --out {out} "
+              f"--permutations {args.permutations} --seed {args.seed}{' --no-figures' if args.no_figures else ''})",
+              file=sys.stderr)
         start = time.perf_counter()
-        code = rmjax_main(command)
-        print(f"{dictionary}: exit {code} after {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        if code:
-            return code
+        result = run_value_bias(scores, dictionary, out, permutations=args.permutations, seed=args.seed,
+                                figures=not args.no_figures,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print_result(result, out, start)
+        print(f"{dictionary}: done after {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -39,13 +39,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rmjax.analysis.pipeline import run_value_bias
-    from rmjax.analysis.report import markdown_table, panel_sentences, paper_direction
 
     start = time.perf_counter()
     result = run_value_bias(
         args.scores, args.dictionary, args.out, families_file=args.families, permutations=args.permutations,
         seed=args.seed, top_k=args.top_k, keep_valence=args.keep_valence, common_prompts=args.common_prompts,
         figures=not args.no_figures, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print_result(result, args.out, start)
+    return 0
+
+
+def print_result(result, out, start: float) -> None:
+    """The comparison table, its sentences and the paper's direction, as the command prints them."""
+    from rmjax.analysis.report import markdown_table, panel_sentences, paper_direction
+
     print()
     if result.comparison is not None:
         print(markdown_table(result.comparison))
@@ -57,6 +64,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{direction}")
     if result.warnings:
         print(f"\n{len(result.warnings)} warning(s); see report.md")
-    print(f"\nwrote {len(result.files)} files to {args.out} in {time.perf_counter() - start:.1f} s "
+    print(f"\nwrote {len(result.files)} files to {out} in {time.perf_counter() - start:.1f} s "
           "(smaller rank = better; rank 1 = highest score)")
-    return 0

@@ -27,6 +27,7 @@ from rmjax.analysis.dictionary import Dictionary
 from rmjax.analysis.notes import examples, warn
 from rmjax.analysis.scores import RESPONSE_COLUMN, prompt_framing
 from rmjax.errors import DataError
+from rmjax.metrics import fdr_bh
 
 MATCHES = ("exact", "folded")
 
@@ -113,17 +114,6 @@ def anova(cells: pd.DataFrame) -> pd.DataFrame:
     table = sm.stats.anova_lm(fit, typ=2).rename(columns={"PR(>F)": "p_value"})
     table.index = [i.replace("C(", "").replace(")", "") for i in table.index]
     return table.rename_axis("term").reset_index()
-
-
-def fdr_bh(p_values) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (the step-up procedure, monotone, at most 1)."""
-    p = np.asarray(p_values, float)
-    order = np.argsort(p)
-    scaled = p[order] * len(p) / np.arange(1, len(p) + 1)
-    adjusted = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
-    out = np.empty_like(adjusted)
-    out[order] = adjusted
-    return out
 
 
 def stars(p: float) -> str:

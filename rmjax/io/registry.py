@@ -15,10 +15,10 @@ import importlib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from rmjax import runs
 from rmjax.errors import CheckpointError
 from rmjax.io.gguf import GGUF_MAGIC, GGUFCheckpoint
 from rmjax.io.hf_checkpoint import CONFIG_FILE, HFCheckpoint
@@ -63,19 +63,13 @@ def _sidecar(target: Path) -> Path:
 
 
 def _write_atomically(target: Path, write: Callable) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename over ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    """``write(file)`` into ``target`` atomically (``rmjax.runs.atomic_write``), readable by all: the
+    cache is shared like any download."""
+    def to(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
             write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; the cache is shared like any download
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    runs.atomic_write(target, to, mode=0o644)
 
 
 def _record_verified(target: Path, sha256: str) -> None:

@@ -10,12 +10,39 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from rmjax.config import knob
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_BACKENDS = ("auto", "blockwise", "naive", "cudnn", "splash")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Numerics:
+    """How a model runs, as opposed to what it is: declared once here, carried by every ``ModelConfig``,
+    set from a job's config (``rmjax.config``: the ``model`` section) and its command-line flags."""
+
+    dtype: str = knob("float32", "compute dtype of matmuls and activations", DTYPES)
+    param_dtype: str = knob("float32", "dtype the weights are kept in (master weights when training)", DTYPES)
+    remat: str = knob("none", "activation rematerialisation of each layer in the backward pass",
+                      REMAT_POLICIES)
+    attention: str = knob("auto", "attention kernel (rmjax.models.attention): auto picks what can run "
+                                  "(cudnn on GPU, splash on TPU where they apply, else blockwise); naive is "
+                                  "the O(T^2) reference", ATTENTION_BACKENDS)
+    attention_block_q: int = knob(512, "blockwise kernel: query block size (an upper bound)")
+    attention_block_k: int = knob(512, "blockwise kernel: key block size (an upper bound)")
+
+    def numerics(self) -> dict:
+        """These fields alone (e.g. of a subclass), as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Numerics)}
+
+    def check(self) -> list[tuple[bool, str]]:
+        return [(self.attention_block_q > 0 and self.attention_block_k > 0,
+                 "attention_block_q and attention_block_k must be positive")]
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Numerics):
     family: str
     vocab_size: int
     hidden_size: int
@@ -49,15 +76,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    # Numerics and memory.
-    dtype: str = "float32"  # compute dtype of matmuls/activations
-    param_dtype: str = "float32"
-    remat_policy: str = "none"
-    # Attention kernel (rmjax.models.attention): auto | blockwise | naive | cudnn | splash, and the
-    # blockwise kernel's query / key block sizes (upper bounds; blocks are evened out over T).
-    attention: str = "auto"
-    attention_block_q: int = 512
-    attention_block_k: int = 512
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -66,8 +84,8 @@ class ModelConfig:
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise ValueError(
                 f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} not in {REMAT_POLICIES}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention {self.attention!r} not in {ATTENTION_BACKENDS}")
         if self.attention_block_q < 1 or self.attention_block_k < 1:

@@ -18,13 +18,13 @@ import jax
 import numpy as np
 from flax import linen as nn
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from rmjax import sharding as shd
 from rmjax.errors import CheckpointError, ConfigError
 from rmjax.models import checkpoint_keys as ck
 from rmjax.models import config_from_hf, family_of
-from rmjax.models.config import ModelConfig
+from rmjax.models.config import ModelConfig, Numerics
 from rmjax.models.attention import check_backend
 from rmjax.models.transformer import abstract_params
 
@@ -41,7 +41,8 @@ _STRIP_PREFIXES = (("model.language_model.", "model."), ("language_model.model."
                    ("language_model.lm_head.", "lm_head."))
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """A checkpoint tensor name with a multimodal wrapper's prefix mapped to the text model's."""
     for old, new in _STRIP_PREFIXES:
         if name.startswith(old):
             return new + name[len(old):]
@@ -54,7 +55,7 @@ def plan(names: list[str], table: ck.KeyTable, config: ModelConfig) -> tuple[dic
     targets: dict[str, dict[int | None, tuple[str, Any]]] = {}
     unmatched = []
     for name in names:
-        canon = _canonical(name)
+        canon = canonical_name(name)
         for rx, target, tf in compiled:
             m = rx.match(canon)
             if m:
@@ -84,7 +85,7 @@ def _without_missing_lm_head(ckpt: Checkpoint, config: ModelConfig) -> ModelConf
     missing one stays an error)."""
     if not config.untied_lm_head:
         return config
-    names = [_canonical(n) for n in ckpt.tensor_names()]
+    names = [canonical_name(n) for n in ckpt.tensor_names()]
     if any(n == "lm_head.weight" for n in names):
         return config
     head = any(re.match(p, n) for n in names for p in (r"score\.weight$", *ck.HEAD_TENSORS))
@@ -178,10 +179,6 @@ def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 class StateDictCheckpoint:
     """An in-memory checkpoint: an HF config dict plus {HF name: array} (e.g. a torch state_dict)."""
 
@@ -202,24 +199,23 @@ class StateDictCheckpoint:
         return np.asarray(t, dtype=np.float32)
 
 
-def load_model(name_or_path: str, *, mesh: Mesh | None = None, strategy: str = "fsdp",
-               dtype: str = "float32", param_dtype: str = "float32", remat_policy: str = "none",
-               attention: str = "auto", attention_block_q: int = 512, attention_block_k: int = 512,
-               lm_head: bool = True, with_tokenizer: bool = True, verbose: bool = False):
-    """Registry name, HF checkpoint dir or .gguf path -> LoadedModel (config, params, tokenizer).
-    ``attention`` picks the attention backend (see ``rmjax.models.attention``). ``lm_head=False``
-    leaves out an untied LM head (a reward head on the hidden states needs none; an untied reward
-    checkpoint without one loads without it in any case)."""
+def load_model(name_or_path: str, numerics: Numerics | None = None, *, mesh: Mesh | None = None,
+               strategy: str = "fsdp", lm_head: bool = True, with_tokenizer: bool = True, verbose: bool = False):
+    """Registry name, HF checkpoint dir or .gguf path -> LoadedModel (config, params, tokenizer, reward
+    head). ``numerics`` (``rmjax.models.config.Numerics``, or a ``ModelSection`` that extends it) sets
+    how the model runs: dtypes, rematerialisation, the attention kernel. ``lm_head=False`` leaves out
+    an untied LM head (a reward head on the hidden states needs none; an untied reward checkpoint
+    without one loads without it in any case)."""
     from rmjax.io import registry  # io depends on nothing in models; keep the import one-way at load
     from rmjax.models.transformer import LoadedModel
 
     source = registry.resolve_model(name_or_path)
     ckpt = registry.open_checkpoint(source)
+    overrides = (numerics or Numerics()).numerics()
+    if not lm_head:
+        overrides["lm_head"] = False
     config, params, score = load_params(ckpt, mesh=mesh, strategy=strategy, source=str(source.path),
-                                        verbose=verbose, dtype=dtype, param_dtype=param_dtype,
-                                        remat_policy=remat_policy, attention=attention,
-                                        attention_block_q=attention_block_q, attention_block_k=attention_block_k,
-                                        **({} if lm_head else {"lm_head": False}))
+                                        verbose=verbose, **overrides)
     from rmjax.heads.reward import read_head  # the head of a reward checkpoint (None for a causal LM)
     reward = read_head(ckpt, score, source.path if source.kind == "hf" else None, str(source.path))
     tokenizer = None

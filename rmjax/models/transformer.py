@@ -231,8 +231,8 @@ class Decoder(nn.Module):
         shared, per_layer = attention_inputs(c, input_ids.shape, attention_mask, positions, segment_ids, kv_cache,
                                              branch_ids)
         block = Block
-        if c.remat_policy != "none":
-            block = nn.remat(Block, policy=_REMAT[c.remat_policy], prevent_cse=False, static_argnums=())
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False, static_argnums=())
         layers = nn.scan(
             block,
             variable_axes={"params": 0},

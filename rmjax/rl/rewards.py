@@ -35,15 +35,6 @@ def token_utility(ids: np.ndarray, per_token: float = 1.0, cap: int | None = Non
     return reward
 
 
-def text_reward(score_texts: Callable, decode: Callable) -> Callable:
-    """reward(sample) = ``score_texts(prompt_indices, texts)``, texts the decoded completions: a
-    reward model with its own tokenizer and chat template scores the text, never the policy's ids."""
-    def reward(prompt_indices, samples) -> np.ndarray:
-        return np.asarray(score_texts(prompt_indices, decode(samples)), np.float32)
-
-    return reward
-
-
 def rm_reward(rm_loaded, prompts, decode: Callable, settings=None) -> Callable:
     """reward(sample) = an rmjax reward model's score of the decoded reply to its prompt: the RM
     renders (prompt messages, reply text) with its own tokenizer and chat template and runs the one

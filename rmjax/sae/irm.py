@@ -5,7 +5,7 @@ orders responses like the true reward model.
     fit_irm(features [N, F], reward [N]) ridge (``rmjax.heads.probe.ridge_select``) on a training part;
                                          Kendall tau, pairwise agreement and R^2 on held-out rows; the
                                          features that carry the weight
-    kendall_tau(a, b)                    tau-b (ties corrected), exact
+    kendall_tau(a, b)                    tau-b (ties corrected; rmjax.metrics)
     pairwise_agreement(a, b)             the fraction of pairs a orders as b does (ties in a: 0.5)
 
 Both rank statistics are exact over all N (N - 1) / 2 pairs, computed in row blocks: O(N^2) time
@@ -21,7 +21,7 @@ import numpy as np
 
 from rmjax.errors import ConfigError, DataError
 from rmjax.heads.probe import L2_GRID, ridge_select
-from rmjax.scoring.compute import pairwise_wins
+from rmjax.metrics import kendall_tau, pairwise_wins
 
 POOLINGS = ("mean", "sum", "max")
 
@@ -47,25 +47,9 @@ def _pair_blocks(a: np.ndarray, b: np.ndarray, block: int = 512) -> Iterator[tup
         yield da[upper], db[upper]
 
 
-def kendall_tau(a, b) -> float:
-    """Kendall's tau-b of two score arrays: (concordant - discordant) / sqrt((P - ties in a) * (P - ties
-    in b)) over the P pairs; NaN when either array is constant."""
-    a, b = _ranked(a, b)
-    concordant = discordant = tied_a = tied_b = pairs = 0
-    for da, db in _pair_blocks(a, b):
-        s = np.sign(da) * np.sign(db)
-        concordant += int(np.sum(s > 0))
-        discordant += int(np.sum(s < 0))
-        tied_a += int(np.sum(da == 0))
-        tied_b += int(np.sum(db == 0))
-        pairs += len(da)
-    denominator = np.sqrt(float(pairs - tied_a) * float(pairs - tied_b))
-    return float((concordant - discordant) / denominator) if denominator > 0 else float("nan")
-
-
 def pairwise_agreement(a, b) -> float:
     """Over the pairs that ``b`` (the reference, e.g. the true reward) orders, the fraction that
-    ``a`` orders the same way, a tie in ``a`` counting 0.5 (``rmjax.scoring.compute.pairwise_wins``
+    ``a`` orders the same way, a tie in ``a`` counting 0.5 (``rmjax.metrics.pairwise_wins``
     of a's margin in b's direction); pairs tied in b are left out. NaN when b is constant."""
     a, b = _ranked(a, b)
     wins = pairs = 0.0

@@ -266,13 +266,13 @@ def activation_scale(x) -> float:
 
 def save_sae(path: Path | str, params: model.Params, config: SAEConfig) -> Path:
     """params and config in one .npz (written atomically)."""
-    from rmjax.scoring.output import _atomic_write
+    from rmjax.runs import atomic_write
 
     path = Path(path)
     arrays = {name: np.asarray(v, np.float32) for name, v in params.items()}
     buffer = io.BytesIO()
     np.savez(buffer, config=np.array(json.dumps(dataclasses.asdict(config))), **arrays)
-    _atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     return path
 
 

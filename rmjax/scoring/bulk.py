@@ -13,9 +13,7 @@ command skips finished shards and gives exactly the rows of an uninterrupted run
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
-import time
 from typing import Any
 
 import jax
@@ -25,9 +23,10 @@ from rmjax.data import batching, judge
 from rmjax.data.batching import Encoded
 from rmjax.data.chat import template_name
 from rmjax.data.records import Record
+from rmjax import metrics
 from rmjax.errors import ConfigError, DataError
-from rmjax.scoring import compute, packing
 from rmjax.heads.reward import pooled_response
+from rmjax.scoring import compute, packing
 from rmjax.scoring.engine import judge_fn, pad_batch, paired_score_fn, rm_fn, score_fn
 
 
@@ -321,7 +320,7 @@ class Scorer:
         if rec.kind == "pair":
             row[f"{prefix}margin"] = float(scores[0] - scores[1])
         elif rec.kind == "best_of_n":
-            row[f"{prefix}best_of_n"] = float(compute.best_of_n_scores(scores[None])[0])
+            row[f"{prefix}best_of_n"] = float(metrics.best_of_n_scores(scores[None])[0])
 
 
 def judge_columns(logits: np.ndarray) -> dict[str, float]:
@@ -344,14 +343,14 @@ def summarise(rows: list[dict]) -> dict:
     out: dict[str, Any] = {"examples": len(rows)}
     judged = [r for r in rows if r.get("judge_p_chosen") is not None]
     if judged:
-        out["judge_p_chosen_accuracy"] = compute.pairwise_accuracy([r["judge_p_chosen"] - 0.5 for r in judged])
+        out["judge_p_chosen_accuracy"] = metrics.pairwise_accuracy([r["judge_p_chosen"] - 0.5 for r in judged])
         out["judge_mean_position_bias"] = float(np.mean([r["judge_position_bias"] for r in judged]))
     for prefix, name in (("", "implicit"), ("rm_", "rm"), ("judge_", "judge")):
         margins = np.array([r[f"{prefix}margin"] for r in rows if r.get(f"{prefix}margin") is not None], np.float64)
         margins = margins[~np.isnan(margins)]  # other rows have no margin
         if len(margins):
-            out[f"{name}_pairwise_accuracy"] = compute.pairwise_accuracy(margins)
-            out[f"{name}_pairwise_accuracy_ci95"] = list(compute.wilson(out[f"{name}_pairwise_accuracy"],
+            out[f"{name}_pairwise_accuracy"] = metrics.pairwise_accuracy(margins)
+            out[f"{name}_pairwise_accuracy_ci95"] = list(metrics.wilson(out[f"{name}_pairwise_accuracy"],
                                                                         len(margins)))
             out[f"{name}_mean_margin"] = float(margins.mean())
             out[f"{name}_pairs"] = int(len(margins))
@@ -361,17 +360,6 @@ def summarise(rows: list[dict]) -> dict:
             out[f"{name}_best_of_n_accuracy"] = float(best.mean())
             out[f"{name}_best_of_n_examples"] = int(len(best))
     return out
-
-
-def shard_ranges(n: int, shard_size: int) -> list[range]:
-    return [range(k * shard_size, min(n, (k + 1) * shard_size)) for k in range(math.ceil(n / shard_size))]
-
-
-def progress_line(done: int, total: int, tokens: int, t0: float) -> str:
-    elapsed = max(time.perf_counter() - t0, 1e-9)
-    rate = done / elapsed
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    return f"{done}/{total} examples | {rate:.2f} ex/s | {tokens / elapsed:.0f} tok/s | ETA {eta:.0f}s"
 
 
 def log(msg: str) -> None:

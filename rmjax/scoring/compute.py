@@ -7,8 +7,6 @@ scan, training and evaluation):
     shared_layers(params_a, params_b, ...)    how many lower layers two models share exactly (run once)
     implicit_rewards(policy, reference, ...)  beta * (log pi - log pi_ref) per response
     judge_margin(logits)                      a generative judge's verdict log-odds over both candidate orders
-    pairwise_wins / best_of_n_scores          accuracy per example: ties 0.5; RewardBench 2's best-of-N rule
-    wilson                                    the 95% Wilson interval of an accuracy
 
 A *stats function* ``stats(params, config, batch, head, with_tokens, token_chunk) -> dict`` runs a
 model over one batch layout (``rmjax.scoring.engine``: prompt KV cache; ``rmjax.scoring.packing``:
@@ -17,7 +15,6 @@ packed prompt trees) and returns per-sequence arrays.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import jax
@@ -123,34 +120,3 @@ def judge_margin(logits):
     labels]: chosen is shown first (label 0) in order 0 and second (label 1) in order 1."""
     z = np.asarray(logits, np.float64)
     return 0.5 * ((z[..., 0, 0] - z[..., 0, 1]) + (z[..., 1, 1] - z[..., 1, 0]))
-
-
-def pairwise_wins(margins):
-    """1 where chosen beats rejected (margin > 0), 0.5 on a tie, 0 otherwise (numpy or jax)."""
-    xp = jnp if isinstance(margins, jax.Array) else np
-    return xp.where(margins > 0, 1.0, xp.where(margins == 0, 0.5, 0.0))
-
-
-def wilson(mean: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a mean of n scores in [0, 1]."""
-    if n == 0:
-        return float("nan"), float("nan")
-    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
-    return (0.0 if mean <= 0 else lo), (1.0 if mean >= 1 else hi)
-
-
-def pairwise_accuracy(margins) -> float:
-    margins = np.asarray(margins, np.float64)
-    return float(pairwise_wins(margins).mean()) if len(margins) else float("nan")
-
-
-def best_of_n_scores(scores: np.ndarray) -> np.ndarray:
-    """RewardBench 2's rule per example, scores [N, R] with the chosen response in column 0:
-    1 / (number of responses tied at the maximum) when the chosen one is a maximum, else 0. With
-    R = 2 this is pairwise accuracy with ties 0.5."""
-    scores = np.asarray(scores, np.float64)
-    top = scores.max(axis=1, keepdims=True)
-    at_max = scores == top
-    return np.where(at_max[:, 0], 1.0 / at_max.sum(axis=1), 0.0)

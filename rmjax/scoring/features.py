@@ -45,8 +45,9 @@ from rmjax.data.chat import template_name
 from rmjax.data.records import Record, Share, rating_matrix
 from rmjax.errors import DataError, RmjaxError
 from rmjax.heads.reward import pooled_response
+from rmjax.runs import fsync_path, write_json
 from rmjax.scoring import compute
-from rmjax.scoring.output import ScoreWriter, _fsync_path, _write_json, finished_metadata
+from rmjax.scoring.output import ScoreWriter, finished_metadata
 
 ARRAYS = ("response", "gate")
 GATING_RULE = "the token that closes the last user turn (rmjax.data.chat.gate_offset)"
@@ -95,7 +96,7 @@ class FeatureWriter(ScoreWriter):
             shape, chunks = self._shape(name)
             self.features_root.mkdir(parents=True, exist_ok=True)
             if not (self.features_root / ".zgroup").exists():
-                _write_json(self.features_root / ".zgroup", {"zarr_format": 2})
+                write_json(self.features_root / ".zgroup", {"zarr_format": 2}, sort_keys=True)
             spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.features_root / name)}}
             if (self.features_root / name / ".zarray").exists():
                 store = ts.open(spec, open=True).result()
@@ -123,8 +124,8 @@ class FeatureWriter(ScoreWriter):
         for name in ARRAYS:  # durable before the part names the shard done
             for path in sorted((self.features_root / name).rglob("*")):
                 if path.is_file():
-                    _fsync_path(path)
-            _fsync_path(self.features_root / name)
+                    fsync_path(path)
+            fsync_path(self.features_root / name)
         return super().write_shard(shard, rows, skipped=skipped)
 
 

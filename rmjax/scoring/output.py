@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rmjax import runs
 from rmjax.errors import ConfigError, DataError, RmjaxError
 
 FORMAT = "rmjax-scores/1"
@@ -38,7 +38,7 @@ RESERVED_KEYS = ("format", "settings", *LAYOUT_KEYS, "num_shards", "versions", "
                  "completed", "counts", "skipped")
 _PART = re.compile(r"part-(\d{5,})\.parquet")
 _TOKEN_SHARD = re.compile(r"shard-(\d{5,})")
-# ".<name>.<pid>.tmp", made by _atomic_write for the writer's own names
+# ".<name>.<pid>.tmp", made by rmjax.runs.atomic_write for the writer's own names
 _TEMP = re.compile(r"\.(metadata\.json|scores\.parquet|examples\.parquet|part-\d{5,}\.parquet|\.zgroup)\.\d+\.tmp")
 _STREAM = re.compile(r"[A-Za-z0-9_]+")
 TokenLogprobs = np.ndarray | Mapping[str, np.ndarray]  # one unnamed stream, or named streams
@@ -46,28 +46,8 @@ TokenLogprobs = np.ndarray | Mapping[str, np.ndarray]  # one unnamed stream, or 
 
 # ---------------------------------------------------------------- durable files
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync, rename over ``path``, fsync the directory: ``path`` is old or whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", "utf-8"))
+    runs.write_json(path, data, sort_keys=True)
 
 
 def _canonical(value: Any, what: str) -> Any:
@@ -155,8 +135,8 @@ class ShardArrays:
         store.write(data).result()
         for path in sorted(self.shard_path(shard).rglob("*")):  # durable before the part names it
             if path.is_file():
-                _fsync_path(path)
-        _fsync_path(self.shard_path(shard))
+                runs.fsync_path(path)
+        runs.fsync_path(self.shard_path(shard))
 
     def open_array(self, shard: int):
         import tensorstore as ts
@@ -349,7 +329,7 @@ class ScoreWriter:
             {"rmjax.shard": str(shard), "rmjax.skipped": json.dumps(skipped, sort_keys=True)})
         import pyarrow.parquet as pq
 
-        _atomic_write(self.part_path(shard), lambda tmp: pq.write_table(table, tmp))
+        runs.atomic_write(self.part_path(shard), lambda tmp: pq.write_table(table, tmp))
         return self.part_path(shard)
 
     def _check_indices(self, shard: int, expected: range, rows: list[dict], skipped: dict[int, str]) -> None:
@@ -418,7 +398,7 @@ class ScoreWriter:
             raise RmjaxError(f"{self.parts_dir}: the parts hold {len(index)} rows and {len(skipped)} skipped "
                              f"examples for {self.num_examples} examples, or repeat an index; delete the parts "
                              "and re-run")
-        _atomic_write(self.scores_path, lambda tmp: pq.write_table(table, tmp))
+        runs.atomic_write(self.scores_path, lambda tmp: pq.write_table(table, tmp))
         self.metadata.update(extra)
         self.metadata.update({
             "status": "complete", "completed": _now(),

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax import runs
 from rmjax.errors import ConfigError, DataError, RmjaxError
 from rmjax.heads.armorm import ArmoRMGatingHead, verbosity_transform_matrix
 from rmjax.heads.probe import L2_GRID, logistic_select, ridge_select
@@ -52,9 +52,8 @@ REGRESSION_FILE, TRANSFORM_FILE, GATE_FILE = "regression.safetensors", "transfor
 def _save(path: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    runs.atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+                                                  str(tmp)))
 
 
 def _load(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -66,17 +65,7 @@ def _load(path: Path, what: str) -> dict[str, np.ndarray]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(type(x))
+    runs.write_json(path, data)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -415,9 +404,8 @@ def gate(stage1_dir: Path | str, debias_dir: Path | str | None, pairs, out_dir: 
             history.append({"step": i + 1, "loss": float(loss), "batch_accuracy": float(acc)})
             log(f"gate: step {i + 1}/{s.steps} loss {float(loss):.4f} batch accuracy {float(acc):.3f}")
         if (i + 1) % s.save_every == 0 or i + 1 == s.steps:
-            tmp = state_path.with_name(f".{state_path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(serialization.to_bytes({"params": p, "opt": opt, "step": i + 1}))
-            os.replace(tmp, state_path)
+            state = serialization.to_bytes({"params": p, "opt": opt, "step": i + 1})
+            runs.atomic_write(state_path, lambda tmp: tmp.write_bytes(state))
     head = {"regression_layer": {"kernel": w}, "gating": jax.device_get(p), "reward_transform": np.asarray(transform)}
     settings_out = gate_settings(stage1["objectives"], s)
     margins = np.asarray(_scores(head, settings_out, gate_x, diff))
@@ -487,7 +475,7 @@ def cache_scores(head: dict, settings: dict, cache) -> np.ndarray:
 def evaluate(head: dict, settings: dict, cache) -> dict:
     """Accuracy per subset with Wilson 95% intervals (``rmjax.train.evaluate``) of the pairs and
     best-of-N records of ``cache`` (ties 0.5; RewardBench 2's best-of-N rule)."""
-    from rmjax.scoring.compute import best_of_n_scores
+    from rmjax.metrics import best_of_n_scores
     from rmjax.train.evaluate import accuracy_report
 
     keep = cache.kinds != "single"

@@ -45,7 +45,7 @@ def checkpoint_model(run_dir: str | Path, step: int, base=None):
     if step not in saved_steps(run_dir):
         raise ConfigError(f"{run_dir}: no checkpoint of step {step} (saved: {saved_steps(run_dir)}); set "
                           "train.keep_checkpoints: 0 to keep every saved step")
-    base = base or load_model(run.model.name, dtype="float32", lm_head=False)  # scalar / multi_objective heads
+    base = base or load_model(run.model.name, lm_head=False)  # scalar / multi_objective heads
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
     state = manager.restore(step, args=ocp.args.StandardRestore())
     trainable = jax.tree.map(np.asarray, state["params"])

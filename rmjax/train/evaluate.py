@@ -19,11 +19,11 @@ import dataclasses
 import jax
 import numpy as np
 
-from rmjax import benchmarks
+from rmjax import metrics
 from rmjax import sharding as shd
-from rmjax.benchmarks import accuracy_report, load_categories, markdown  # noqa: F401 (re-exported)
+from rmjax.benchmarks import load_categories, markdown  # noqa: F401 (re-exported)
+from rmjax.metrics import accuracy_report, wilson  # noqa: F401 (re-exported)
 from rmjax.scoring import compute
-from rmjax.scoring.compute import wilson  # noqa: F401 (re-exported: the interval of every report)
 from rmjax.train import batches as tbatches
 
 
@@ -71,13 +71,13 @@ def example_score(kind: str, out: dict, **kw) -> tuple[float, float]:
     if kind == "judge":
         z = out["logits"]  # [2 orders, 2 labels]; chosen is label 0 first, then label 1
         margin = compute.judge_margin(z)
-        return float(compute.pairwise_wins(np.float64(margin))), float(margin)
+        return float(metrics.pairwise_wins(np.float64(margin))), float(margin)
     s = response_scores(kind, out, **kw)
-    return float(compute.best_of_n_scores(s[None])[0]), float(s[0] - s[1:].max())
+    return float(metrics.best_of_n_scores(s[None])[0]), float(s[0] - s[1:].max())
 
 
 def ratings_report(outputs: list[dict], examples: list, objectives: tuple[str, ...]) -> dict:
     """Masked MSE and Pearson correlation per objective of a multi-objective regression."""
     pred = np.stack([o["rewards"][0] for o in outputs])
     target = np.array([[np.nan if v is None else v for v in e.targets] for e in examples], np.float64)
-    return benchmarks.ratings_report(pred, target, objectives)
+    return metrics.ratings_report(pred, target, objectives)

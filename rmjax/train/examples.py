@@ -172,7 +172,7 @@ def load_sets(run, tokenizer, trees: str, log=None) -> tuple[ExampleSet, Example
     log = log or (lambda m: print(m, file=sys.stderr))
     d = run.data
     train_report, eval_report = RecordReport(), RecordReport()
-    options = {"columns": d.columns, "ratings": d.ratings}
+    options = d.read_options()
     records = read_inputs(d.train, d.on_error, train_report, **options)
     if d.eval:
         evals = read_inputs(d.eval, d.on_error, eval_report, **options)

@@ -40,7 +40,7 @@ from rmjax.heads.armorm import RELEASED_ARCHITECTURE
 from rmjax.heads.reward import GATE_FILE
 from rmjax.io import adapters
 from rmjax.models import family_of
-from rmjax.models.loading import _canonical
+from rmjax.models.loading import canonical_name
 from rmjax.train import params as tparams
 
 JUDGE_TEMPLATE_FILE = "judge_template.txt"
@@ -64,7 +64,7 @@ def _matches(ckpt):
     """(HF name, rmjax param path, layer or None, transform) of every base tensor the table knows."""
     table = _table(ckpt)
     for name in ckpt.tensor_names():
-        canon = _canonical(name)
+        canon = canonical_name(name)
         for rx, target, tf in table:
             m = rx.match(canon)
             if m:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rmjax import losses
+from rmjax import losses, metrics
 from rmjax.errors import ConfigError
 from rmjax.heads.armorm import ArmoRMGatingHead
 from rmjax.heads.judge import verdict_logits
@@ -52,7 +52,7 @@ class Context:
 
     backbone: Any  # the decoder params (LoRA merged)
     config: Any  # ModelConfig
-    run: Any  # RunConfig
+    run: Any  # TrainConfig
     statics: dict  # per-run constants: judge label token ids, objective count
     reference_hidden: Callable | None = None  # () -> the frozen reference's hidden states (dpo)
 
@@ -202,7 +202,7 @@ def judge_loss(out: dict, batch: dict, run) -> tuple[jax.Array, dict]:
     loss = losses.label_smoothed_ce(lp, label, run.loss.label_smoothing, w)
     right = jnp.take_along_axis(logits, label[:, None], axis=1)[:, 0]
     wrong = jnp.take_along_axis(logits, 1 - label[:, None], axis=1)[:, 0]
-    return loss, {"accuracy": losses.weighted_mean(compute.pairwise_wins(right - wrong), w)}
+    return loss, {"accuracy": losses.weighted_mean(metrics.pairwise_wins(right - wrong), w)}
 
 
 def nll_outputs(head: dict, hidden, batch: dict, ctx: Context) -> dict:

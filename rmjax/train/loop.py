@@ -24,18 +24,19 @@ import numpy as np
 
 from rmjax import distributed
 from rmjax import sharding as shd
+from rmjax.config import plain
 from rmjax.data import judge
 from rmjax.errors import ConfigError
+from rmjax.train.config import TrainConfig, save_config
 from rmjax.train import batches as tbatches
 from rmjax.train import evaluate as tevaluate
 from rmjax.train import examples as texamples
 from rmjax.train import heads as theads
 from rmjax.train import params as tparams
 from rmjax.train import step as tstep
-from rmjax.train.config import RunConfig, plain, save_config
 
 
-def check_run_dir(run: RunConfig, overwrite: bool) -> Path:
+def check_run_dir(run: TrainConfig, overwrite: bool) -> Path:
     run_dir = Path(run.run_dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
@@ -80,16 +81,16 @@ class MetricsLog:
         self.tb.flush()
 
 
-def layout_for(run: RunConfig, entry, pad_id: int, mesh, packed: bool | None = None, side: str = "right",
+def layout_for(run: TrainConfig, entry, pad_id: int, mesh, packed: bool | None = None, side: str = "right",
                num_objectives: int = 0) -> tbatches.Layout:
     local_shards = max(1, shd.batch_shards(mesh) // jax.process_count())
-    return tbatches.Layout(packed=run.train.pack if packed is None else packed, trees=entry.trees,
+    return tbatches.Layout(packed=run.batch.layout == "packed" if packed is None else packed, trees=entry.trees,
                            targets=entry.targets, pad_id=pad_id,
-                           pack_length=run.train.pack_length or 2 * run.data.max_length,
+                           pack_length=run.row_length,
                            row_multiple=local_shards, side=side, num_objectives=num_objectives)
 
 
-def model_params(run: RunConfig, loaded, entry, mesh, extra: dict) -> dict:
+def model_params(run: TrainConfig, loaded, entry, mesh, extra: dict) -> dict:
     """The full params {'backbone', 'head'[, 'lora'][, 'reference']} of a run before training."""
     rng = jax.random.key(run.train.seed)
     replicated = shd.replicated(mesh)
@@ -110,7 +111,7 @@ def model_params(run: RunConfig, loaded, entry, mesh, extra: dict) -> dict:
     return full
 
 
-def head_extras(run: RunConfig, loaded, mesh, train_set) -> dict:
+def head_extras(run: TrainConfig, loaded, mesh, train_set) -> dict:
     """What a head's init needs beyond the backbone: a loaded score head, the objective count, a
     frozen regression (armorm), a reference model (dpo)."""
     from rmjax.models.loading import load_model
@@ -119,7 +120,7 @@ def head_extras(run: RunConfig, loaded, mesh, train_set) -> dict:
     if run.head.kind == "armorm" and run.head.regression_from:
         extra["regression"] = load_model(run.head.regression_from, with_tokenizer=False).score_head
     if run.loss.kind == "dpo" and run.loss.reference:
-        ref = load_model(run.loss.reference, mesh=mesh, strategy=run.mesh.strategy, **run.model.load_options())
+        ref = load_model(run.loss.reference, run.model, mesh=mesh, strategy=run.mesh.strategy)
         from rmjax.scoring.bulk import same_tokenizer
         if not same_tokenizer(ref.tokenizer, loaded.tokenizer):
             raise ConfigError(f"loss.reference={run.loss.reference!r} has another tokenizer than model.name; "
@@ -128,14 +129,14 @@ def head_extras(run: RunConfig, loaded, mesh, train_set) -> dict:
     return extra
 
 
-def statics_for(run: RunConfig, tokenizer, objectives: tuple[str, ...]) -> dict:
+def statics_for(run: TrainConfig, tokenizer, objectives: tuple[str, ...]) -> dict:
     out: dict = {"objectives": objectives}
     if run.head.kind == "judge":
         out["label_ids"] = judge.label_ids(tokenizer, run.head.judge_labels, run.data.template)
     return out
 
 
-def evaluate(eval_fn, trainable, frozen, data: texamples.ExampleSet, layout, mesh, run: RunConfig,
+def evaluate(eval_fn, trainable, frozen, data: texamples.ExampleSet, layout, mesh, run: TrainConfig,
              batch_size: int) -> dict:
     """Accuracy (pairs, best-of-N, judge; ties 0.5) per subset, the MSE per objective (ratings), or
     the held-out NLL per reply token (lm: pair pretraining)."""
@@ -174,7 +175,7 @@ def token_counts(examples: list, plan: list, layout: tbatches.Layout, accum: int
     return out
 
 
-def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) the run; returns the final metrics. ``stop_after`` ends early (tests)."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
@@ -185,8 +186,8 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     run_dir = check_run_dir(run, overwrite)
     log = (lambda m: print(m, file=sys.stderr)) if distributed.is_main_process() else (lambda m: None)
     mesh = shd.make_mesh(shd.MeshConfig.for_strategy(run.mesh.strategy, **run.mesh.sizes()))
-    loaded = load_model(run.model.name, mesh=mesh, strategy=run.mesh.strategy, lm_head=theads.uses_lm_head(run),
-                        **run.model.load_options())
+    loaded = load_model(run.model.name, run.model, mesh=mesh, strategy=run.mesh.strategy,
+                        lm_head=theads.uses_lm_head(run))
     config, tok = loaded.config, loaded.tokenizer
     entry = theads.entry(run)
     train_set, eval_set = distributed.on_every_process(
@@ -207,7 +208,7 @@ def train(run: RunConfig, overwrite: bool = False, progress: bool = True, stop_a
     del trainable, full
     log(f"params: {tparams.count(state.params) / 1e6:.2f}M trainable, {tparams.count(frozen) / 1e6:.1f}M frozen "
         f"on mesh {shd.describe(mesh)} ({run.mesh.strategy}); {run.head.kind} head, {run.loss.kind} loss, "
-        f"{'packed prompt trees' if run.train.pack else 'padded rows'}")
+        f"{'packed prompt trees' if run.batch.layout == 'packed' else 'padded rows'}")
 
     options = ocp.CheckpointManagerOptions(max_to_keep=run.train.keep_checkpoints or None,
                                            enable_async_checkpointing=True)

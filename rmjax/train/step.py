@@ -26,7 +26,7 @@ from rmjax import sharding as shd
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import forward, layer_range
 from rmjax.train import params as tparams
-from rmjax.train.config import RunConfig
+from rmjax.train.config import TrainConfig
 from rmjax.train.heads import Context, HeadEntry
 
 
@@ -39,7 +39,7 @@ class TrainState:
     skipped: jax.Array  # count of steps skipped for non-finite loss/gradients
 
 
-def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
+def make_optimizer(run: TrainConfig) -> optax.GradientTransformation:
     o = run.optim
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=o.lr, warmup_steps=max(o.warmup_steps, 1),
@@ -48,7 +48,7 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-def frozen_layers(config: ModelConfig, run: RunConfig) -> int:
+def frozen_layers(config: ModelConfig, run: TrainConfig) -> int:
     """The lower layers nothing trains (last_k, or LoRA on the last layers only): run once, no backward."""
     if run.train.trainable == "last_k":
         return config.num_layers - run.train.last_k
@@ -87,13 +87,13 @@ def hidden_states(backbone: dict, config: ModelConfig, batch: dict, n_frozen: in
     return forward(params, cfg, batch["input_ids"], mask, residual_in=residual, **inputs).hidden
 
 
-def backbone_of(full: dict, run: RunConfig) -> dict:
+def backbone_of(full: dict, run: TrainConfig) -> dict:
     if "lora" not in full:
         return full["backbone"]
     return tparams.apply_lora(full["backbone"], full["lora"], run.train.lora_alpha / max(run.train.lora_rank, 1))
 
 
-def outputs(trainable: dict, frozen: dict, batch: dict, *, config: ModelConfig, run: RunConfig, entry: HeadEntry,
+def outputs(trainable: dict, frozen: dict, batch: dict, *, config: ModelConfig, run: TrainConfig, entry: HeadEntry,
             statics: dict) -> dict:
     """Per-slot outputs of the head on this batch (see ``rmjax.train.heads``)."""
     full = tparams.merge(trainable, frozen)
@@ -113,7 +113,7 @@ def outputs(trainable: dict, frozen: dict, batch: dict, *, config: ModelConfig, 
     return entry.outputs(full.get("head", {}), hidden, batch, ctx)
 
 
-def loss_fn(trainable: dict, frozen: dict, batch: dict, *, entry: HeadEntry, run: RunConfig, **kw):
+def loss_fn(trainable: dict, frozen: dict, batch: dict, *, entry: HeadEntry, run: TrainConfig, **kw):
     out = outputs(trainable, frozen, batch, entry=entry, run=run, **kw)
     loss, metrics = entry.loss(out, batch, run)
     return loss.astype(jnp.float32), metrics
@@ -174,7 +174,7 @@ def shardings_of(tree: Any) -> Any:
 
 
 def make_train_step(state: TrainState, frozen: dict, mesh, keys: tuple[str, ...], *, config: ModelConfig,
-                    run: RunConfig, optimizer: optax.GradientTransformation, entry: HeadEntry,
+                    run: TrainConfig, optimizer: optax.GradientTransformation, entry: HeadEntry,
                     statics: dict | None = None) -> Callable:
     """Jit ``train_step`` once: state in/out keep their shardings, the state buffer is donated."""
     kw = dict(config=config, run=run, entry=entry, statics=statics or {})
@@ -185,7 +185,7 @@ def make_train_step(state: TrainState, frozen: dict, mesh, keys: tuple[str, ...]
 
 
 def make_eval_step(trainable: dict, frozen: dict, mesh, keys: tuple[str, ...], *, config: ModelConfig,
-                   run: RunConfig, entry: HeadEntry, statics: dict | None = None) -> Callable:
+                   run: TrainConfig, entry: HeadEntry, statics: dict | None = None) -> Callable:
     """Per-slot head outputs (replicated) for one batch of [R, ...] arrays."""
     kw = dict(config=config, run=run, entry=entry, statics=statics or {})
     fn = lambda t, f, b: outputs(t, f, b, **kw)  # noqa: E731
