@@ -38,6 +38,7 @@ from rmjax.errors import ConfigError
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import forward, unembedding_matrix
 from rmjax.rl.sampling import SampleConfig, Samples, generate, left_pad
+from rmjax.train import trainer
 from rmjax.scoring.logprobs import token_logprobs
 from rmjax.train import params as tparams
 
@@ -156,8 +157,6 @@ def train_rloo(backbone: dict, config: ModelConfig, prompts: list[np.ndarray], r
     ``reward_fn(prompt_indices [B*K], samples: Samples) -> rewards [B*K]`` (numpy, host side)."""
     import orbax.checkpoint as ocp
 
-    from rmjax.train.loop import MetricsLog
-
     if len(prompts) < 1:
         raise ConfigError("RLOO needs at least one prompt")
     run_dir = Path(rc.run_dir)
@@ -179,7 +178,7 @@ def train_rloo(backbone: dict, config: ModelConfig, prompts: list[np.ndarray], r
         state = manager.restore(start, args=ocp.args.StandardRestore(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)))
         log(f"resumed from step {start}")
-    metrics_log = MetricsLog(run_dir, start)
+    metrics_log = trainer.MetricsLog(run_dir, start)
     step_fn = make_step(config, rc, optimizer)
     merge = jax.jit(lambda params, frozen: policy_params(params, frozen, rc))
     sc = SampleConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
@@ -188,7 +187,9 @@ def train_rloo(backbone: dict, config: ModelConfig, prompts: list[np.ndarray], r
     width = max(len(p) for p in prompts)
     k = rc.samples_per_prompt
     history, t0 = [], time.perf_counter()
-    for s in range(start, rc.steps if stop_after is None else min(rc.steps, stop_after)):
+
+    def step(state, s: int):
+        """Sample, reward, update (no update from a batch with undefined rewards; the run goes on)."""
         chosen = np.repeat(plan[s], k)
         ids, mask = left_pad([prompts[i] for i in chosen], pad_id, length=width)
         samples = generate(merge(state.params, frozen), config, ids, mask, jax.random.fold_in(jax.random.key(rc.seed), s),
@@ -198,7 +199,7 @@ def train_rloo(backbone: dict, config: ModelConfig, prompts: list[np.ndarray], r
             raise ConfigError(f"step {s + 1}: the reward function returned shape {rewards.shape}; it must give "
                               f"one reward per sample ({len(chosen)})")
         bad = int(np.sum(~np.isfinite(rewards)))
-        if bad:  # no update from a batch with undefined rewards; the run goes on
+        if bad:
             log(f"step {s + 1}: {bad} of {len(rewards)} rewards are not finite; step skipped (no update)")
             values = {"skipped": 1.0, "nonfinite_rewards": float(bad)}
         else:
@@ -209,16 +210,22 @@ def train_rloo(backbone: dict, config: ModelConfig, prompts: list[np.ndarray], r
             values["skipped"] = 0.0
         values["stopped"] = float(np.mean(np.asarray(samples.stopped)))
         history.append({"step": s + 1, **values})
-        metrics_log.write(s + 1, "train", values)
-        done = s + 1 - start
-        rate = done * len(chosen) * rc.max_new_tokens / (time.perf_counter() - t0)
-        if not bad:
-            log(f"step {s + 1}/{rc.steps}: reward {values['reward']:.3f}, KL {values['kl']:.3f}, entropy "
-                f"{values['entropy']:.2f}, length {values['length']:.1f}, stopped {values['stopped']:.2f}; "
-                f"{rate:.0f} sampled tok/s, ETA {(rc.steps - s - 1) * (time.perf_counter() - t0) / done / 60:.1f} min")
-        if (s + 1) % rc.save_every == 0 or s + 1 == rc.steps:
-            manager.save(s + 1, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
+        return state, values
+
+    def report(done: int, state, values: dict) -> None:
+        if values["skipped"]:
+            return
+        ran = done - start
+        rate = ran * rc.prompts_per_step * k * rc.max_new_tokens / (time.perf_counter() - t0)
+        log(f"step {done}/{rc.steps}: reward {values['reward']:.3f}, KL {values['kl']:.3f}, entropy "
+            f"{values['entropy']:.2f}, length {values['length']:.1f}, stopped {values['stopped']:.2f}; "
+            f"{rate:.0f} sampled tok/s, ETA {(rc.steps - done) * (time.perf_counter() - t0) / ran / 60:.1f} min")
+
+    end = rc.steps if stop_after is None else min(rc.steps, stop_after)
+    state = trainer.fit(state, step, start=start, end=end, hooks=[
+        trainer.MetricsHook(metrics_log, 1), trainer.Every(1, report),
+        trainer.CheckpointHook(lambda done, st: manager.save(done, args=ocp.args.StandardSave(st)), rc.save_every,
+                               finish=manager.wait_until_finished, last=rc.steps)])
     return {"params": state.params, "frozen": frozen, "history": history}
 
 

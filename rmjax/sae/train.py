@@ -39,6 +39,7 @@ import optax
 
 from rmjax.errors import ConfigError, DataError
 from rmjax.sae import model
+from rmjax.train import trainer
 
 METRICS = ("loss", "mse", "fvu", "l0", "l1")
 
@@ -201,27 +202,32 @@ def train_sae(data: Any, config: SAEConfig, init_params: model.Params | None = N
             raise ConfigError(f"init_params are an SAE of width {model.width(params)} with "
                               f"{model.num_features(params)} features (tied={model.is_tied(params)}); the config "
                               f"asks for d={config.d}, num_features={config.num_features}, tied={config.tied}")
-    step = step_fn(config.kind, config.k, float(config.l1_coef), float(config.lr))
+    update = step_fn(config.kind, config.k, float(config.l1_coef), float(config.lr))
     zeros = lambda: jnp.zeros(config.num_features, jnp.int32)  # noqa: E731
     state = {"params": params, "opt": _optimizer(config.lr).init(params), "fired": zeros(), "fired_log": zeros(),
              "sums": _zero_sums()}
     rng = np.random.default_rng([config.seed, 1])
     history: dict[str, list[dict]] = {"metrics": [], "resampled": []}
-    x, since_log = first, 0
-    for i in range(1, config.steps + 1):
-        if i > 1:
-            x = next(stream, None)
-            if x is None:
-                raise DataError(f"the activation stream ended after {i - 1} of SAEConfig.steps={config.steps} "
-                                f"steps (batch_size={config.batch_size}); give more batches (e.g. more epochs "
-                                "of ActivationCache.batches) or lower steps")
-        state = step(state, x)
+    since_log = 0
+
+    def sae_step(state: dict, s: int) -> tuple[dict, dict]:
+        """Update on the next batch; every log_every steps average the metrics (and reset the sums);
+        every resample_every steps resample the features that never fired."""
+        nonlocal since_log
+        i = s + 1
+        x = first if i == 1 else next(stream, None)
+        if x is None:
+            raise DataError(f"the activation stream ended after {i - 1} of SAEConfig.steps={config.steps} "
+                            f"steps (batch_size={config.batch_size}); give more batches (e.g. more epochs "
+                            "of ActivationCache.batches) or lower steps")
+        state = update(state, x)
         since_log += 1
-        if i % config.log_every == 0 or i == config.steps:
+        entry: dict = {}
+        if trainer.due(i, config.log_every, config.steps):
             sums, fired_log = jax.device_get((state["sums"], state["fired_log"]))
-            entry = {"step": i, **{name: float(sums[name]) / since_log for name in METRICS},
-                     "dead_fraction": float(np.mean(fired_log == 0))}
-            history["metrics"].append(entry)
+            entry = {name: float(sums[name]) / since_log for name in METRICS}
+            entry["dead_fraction"] = float(np.mean(fired_log == 0))
+            history["metrics"].append({"step": i, **entry})
             state = {**state, "sums": _zero_sums(), "fired_log": zeros()}
             since_log = 0
         if config.resample_every and i % config.resample_every == 0 and i < config.steps:
@@ -231,6 +237,9 @@ def train_sae(data: Any, config: SAEConfig, init_params: model.Params | None = N
                 state = {**state, "params": params, "opt": opt}
                 history["resampled"].append({"step": i, "features": int(dead.sum())})
             state = {**state, "fired": zeros()}
+        return state, entry
+
+    state = trainer.fit(state, sae_step, start=0, end=config.steps)
     return jax.device_get(state["params"]), history
 
 

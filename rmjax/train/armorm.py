@@ -42,6 +42,7 @@ from rmjax import runs
 from rmjax.errors import ConfigError, DataError, RmjaxError
 from rmjax.heads.armorm import ArmoRMGatingHead, verbosity_transform_matrix
 from rmjax.heads.probe import L2_GRID, logistic_select, ridge_select
+from rmjax.train import trainer
 
 # The authors' stage-2 defaults (stage-2_train.py) and verbosity penalty grid.
 PENALTY_GRID = (0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6,
@@ -389,23 +390,30 @@ def gate(stage1_dir: Path | str, debias_dir: Path | str | None, pairs, out_dir: 
         return -jnp.mean(jax.nn.log_sigmoid(margin)), jnp.mean(margin > 0)
 
     @jax.jit
-    def step(p, opt, i):
+    def update(p, opt, i):
         key_batch, key_drop = jax.random.split(jax.random.fold_in(base, i))
         idx = jax.random.randint(key_batch, (s.batch_size,), 0, x_train.shape[0])  # with replacement
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, x_train[idx], d_train[idx], key_drop)
         updates, opt = tx.update(grads, opt, p)
-        return optax.apply_updates(p, updates), opt, loss, acc
+        return optax.apply_updates(p, updates), opt, {"loss": loss, "batch_accuracy": acc}
+
+    def gate_step(po, i: int):
+        p, opt, metrics = update(*po, i)
+        return (p, opt), metrics
 
     history = []
-    p, opt = state["params"], state["opt"]
-    for i in range(int(state["step"]), s.steps):
-        p, opt, loss, acc = step(p, opt, i)
-        if (i + 1) % s.log_every == 0 or i + 1 == s.steps:
-            history.append({"step": i + 1, "loss": float(loss), "batch_accuracy": float(acc)})
-            log(f"gate: step {i + 1}/{s.steps} loss {float(loss):.4f} batch accuracy {float(acc):.3f}")
-        if (i + 1) % s.save_every == 0 or i + 1 == s.steps:
-            state = serialization.to_bytes({"params": p, "opt": opt, "step": i + 1})
-            runs.atomic_write(state_path, lambda tmp: tmp.write_bytes(state))
+
+    def record_metrics(done: int, _state, metrics: dict) -> None:
+        loss, acc = float(metrics["loss"]), float(metrics["batch_accuracy"])
+        history.append({"step": done, "loss": loss, "batch_accuracy": acc})
+        log(f"gate: step {done}/{s.steps} loss {loss:.4f} batch accuracy {acc:.3f}")
+
+    def save(done: int, po) -> None:
+        data = serialization.to_bytes({"params": po[0], "opt": po[1], "step": done})
+        runs.atomic_write(state_path, lambda tmp: tmp.write_bytes(data))
+
+    p, _ = trainer.fit((state["params"], state["opt"]), gate_step, start=int(state["step"]), end=s.steps,
+                       hooks=[trainer.Every(s.log_every, record_metrics), trainer.CheckpointHook(save, s.save_every)])
     head = {"regression_layer": {"kernel": w}, "gating": jax.device_get(p), "reward_transform": np.asarray(transform)}
     settings_out = gate_settings(stage1["objectives"], s)
     margins = np.asarray(_scores(head, settings_out, gate_x, diff))

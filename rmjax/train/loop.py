@@ -34,6 +34,7 @@ from rmjax.train import examples as texamples
 from rmjax.train import heads as theads
 from rmjax.train import params as tparams
 from rmjax.train import step as tstep
+from rmjax.train import trainer
 
 
 def check_run_dir(run: TrainConfig, overwrite: bool) -> Path:
@@ -55,30 +56,6 @@ def check_run_dir(run: TrainConfig, overwrite: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(run, saved)
     return run_dir
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard; on resume, lines past the restored step are dropped."""
-
-    def __init__(self, run_dir: Path, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        self.tb = None
-        if distributed.is_main_process():
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, step: int, kind: str, values: dict) -> None:
-        if not distributed.is_main_process():
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
-        self.tb.flush()
 
 
 def layout_for(run: TrainConfig, entry, pad_id: int, mesh, packed: bool | None = None, side: str = "right",
@@ -178,7 +155,6 @@ def token_counts(examples: list, plan: list, layout: tbatches.Layout, accum: int
 def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) the run; returns the final metrics. ``stop_after`` ends early (tests)."""
     import orbax.checkpoint as ocp
-    from tqdm import tqdm
 
     from rmjax.models.loading import load_model
 
@@ -235,7 +211,7 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
     log(f"tokens over {len(plan)} steps: packed {counts['packed_padded']} (real {counts['packed_real']}), "
         f"unpacked {counts['unpacked_padded']} (real {counts['unpacked_real']}): packing computes "
         f"{counts['packed_over_unpacked']:.2f}x the tokens of padded rows")
-    metrics_log = MetricsLog(run_dir, start)
+    metrics_log = trainer.MetricsLog(run_dir, start)
     with shd.activate(mesh, run.mesh.strategy):
         train_fn = tstep.make_train_step(state, frozen, mesh, layout.keys, config=config, run=run,
                                          optimizer=optimizer, entry=entry, statics=statics)
@@ -243,40 +219,41 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
                                        entry=entry, statics=statics)
     batch_iter = batch_iterator(plan, train_set.examples, layout, accum, start)
     b_sharding = tstep.batch_shardings(mesh, layout.keys)
+    tokens = {"count": 0, "since": time.perf_counter()}
 
-    bar = tqdm(total=run.train.steps, initial=start, disable=not progress or not distributed.is_main_process(),
-               desc="train", unit="step", file=sys.stderr)
-    t_last, tokens, last_eval = time.perf_counter(), 0, {}
-    end = run.train.steps if stop_after is None else min(run.train.steps, stop_after)
-    for step in range(start, end):
+    def step(state, s: int):
         host, real_tokens = next(batch_iter)
-        tokens += real_tokens
+        tokens["count"] += real_tokens
         arrays = {k: jax.make_array_from_process_local_data(b_sharding[k], v) for k, v in host.items()}
         with shd.activate(mesh, run.mesh.strategy):
-            state, metrics = train_fn(state, frozen, arrays)
-        done = step + 1
-        if done % run.train.log_every == 0 or done == end:
-            values = {k: float(v) for k, v in metrics.items()}
-            elapsed = time.perf_counter() - t_last
-            values["tokens_per_s"] = tokens / max(elapsed, 1e-9)  # sequence tokens (prompt once per response)
-            t_last, tokens = time.perf_counter(), 0
-            metrics_log.write(done, "train", values)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
-            if values["skipped"]:
-                log(f"step {done}: non-finite loss or gradient; update skipped")
-        if done % run.train.eval_every == 0 or done == run.train.steps:
-            with shd.activate(mesh, run.mesh.strategy):
-                last_eval = evaluate(eval_fn, state.params, frozen, eval_set, layout, mesh, run,
-                                     run.train.batch_size)
-            metrics_log.write(done, "eval", last_eval)
-            if last_eval and finite(state.params):
-                score = last_eval[score_key]
-                best.save(done, args=ocp.args.StandardSave(state.params), metrics={"score": score})
-                best.wait_until_finished()  # two managers must not write the same step at once
-        if done % run.train.save_every == 0 or done == run.train.steps:
-            save_checkpoint(manager, done, state, log)
-        bar.update(1)
-    bar.close()
+            return train_fn(state, frozen, arrays)
+
+    def with_throughput(done: int, values: dict) -> dict:
+        now = time.perf_counter()
+        values["tokens_per_s"] = tokens["count"] / max(now - tokens["since"], 1e-9)  # prompt once per response
+        tokens.update(count=0, since=now)
+        if values["skipped"]:
+            log(f"step {done}: non-finite loss or gradient; update skipped")
+        return values
+
+    def evaluation(state) -> dict:
+        with shd.activate(mesh, run.mesh.strategy):
+            return evaluate(eval_fn, state.params, frozen, eval_set, layout, mesh, run, run.train.batch_size)
+
+    def keep_best(done: int, state, result: dict) -> None:
+        if result and finite(state.params):
+            best.save(done, args=ocp.args.StandardSave(state.params), metrics={"score": result[score_key]})
+            best.wait_until_finished()  # two managers must not write the same step at once
+
+    end = run.train.steps if stop_after is None else min(run.train.steps, stop_after)
+    evals = trainer.EvalHook(evaluation, run.train.eval_every, metrics_log, keep_best, last=run.train.steps)
+    state = trainer.fit(state, step, start=start, end=end, hooks=[
+        trainer.MetricsHook(metrics_log, run.train.log_every, with_throughput),
+        evals,
+        trainer.CheckpointHook(lambda done, st: save_checkpoint(manager, done, st, log), run.train.save_every,
+                               last=run.train.steps),
+        trainer.ProgressHook(run.train.steps, "train", progress)])
+    last_eval = evals.last_result
     manager.wait_until_finished()
     best.wait_until_finished()
     result = {"step": int(state.step), "skipped_steps": int(state.skipped), "eval": last_eval,
