@@ -10,6 +10,7 @@ import os
 
 import jax
 
+from rmjax.data.records import read_share as read
 from rmjax.errors import RmjaxError
 
 _CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
@@ -148,7 +149,6 @@ def exchange(what: str, fn) -> list:
 def read_share(path, **kwargs):
     """This process's share of the records of ``path`` (``rmjax.data.records.read_share``): it parses
     only its part of the input; the processes exchange what makes the result equal one process's."""
-    from rmjax.data.records import read_share as read
 
     return read(path, process=(jax.process_index(), jax.process_count()), exchange=exchange, **kwargs)
 

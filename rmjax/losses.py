@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rmjax.errors import ConfigError, DataError
+from rmjax.metrics import pairwise_wins
 
 Array = jax.Array
 ArrayLike = Any  # jax.Array, numpy array or Python scalar
@@ -124,7 +125,6 @@ def masked_mse(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None
 def pairwise_metrics(r_chosen: ArrayLike, r_rejected: ArrayLike,
                      weights: ArrayLike | None = None) -> dict[str, Array]:
     """``accuracy`` (chosen > rejected; ties count 0.5) and ``mean_margin`` (mean r_chosen - r_rejected)."""
-    from rmjax.metrics import pairwise_wins
 
     gap = _reward_gap(r_chosen, r_rejected, None)
     wins = pairwise_wins(gap).astype(gap.dtype)

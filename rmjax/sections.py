@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from rmjax import sharding as shd
 from rmjax.config import knob
 from rmjax.data.chat import TEMPLATE_CHOICES
+from rmjax.data.records import parse_columns
+from rmjax.errors import ConfigError
 from rmjax.models.config import Numerics
 from rmjax.sharding import RULES
 
@@ -42,9 +45,6 @@ class DataSection:
                                   "transcripts), raw (the bare prompt), or a built-in", TEMPLATE_CHOICES)
 
     def check(self) -> list[tuple[bool, str]]:
-        from rmjax.data.records import parse_columns
-        from rmjax.errors import ConfigError
-
         try:
             parse_columns(self.columns)
             columns_ok, message = True, ""
@@ -99,7 +99,6 @@ class MeshSection:
 
     def mesh(self, devices=None):
         """The mesh (None for strategy none)."""
-        from rmjax import sharding as shd
 
         if self.strategy == "none":
             return None

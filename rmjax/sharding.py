@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rmjax.errors import ConfigError
 

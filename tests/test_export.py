@@ -10,16 +10,16 @@ import torch
 
 from hf_models import jit_forward, save_tiny_checkpoint
 from rmjax.cli import main
-from rmjax.data import judge
+from rmjax.data import judge_prompts
 from rmjax.data.chat import render
 from rmjax.metrics import best_of_n_scores
 from rmjax.models.loading import load_model
-from rmjax.train import heads as theads
+from rmjax.train import objectives as tobjectives
 from rmjax.train import loop as tloop
 from rmjax.train import params as tparams
 from rmjax.train.config import load_config
 from rmjax.data.records import read_records
-from rmjax.train import batches as tbatches
+from rmjax.train import plan as tplan
 from rmjax.train import step as tstep
 from rmjax.train.export import export_run, load_head
 from rmjax.train import examples as texamples
@@ -38,10 +38,10 @@ def data(tmp_path_factory):
 
 
 def _arrays(examples, run, pad_id):
-    entry = theads.entry(run)
-    layout = tbatches.Layout(packed=True, trees=entry.trees, targets=entry.targets, pad_id=pad_id,
+    entry = tobjectives.entry(run)
+    layout = tplan.Layout(packed=True, trees=entry.trees, targets=entry.targets, pad_id=pad_id,
                              pack_length=2 * run.data.max_length)
-    return tbatches.arrays(examples, layout, tbatches.shapes([examples], layout))
+    return tplan.arrays(examples, layout, tplan.shapes([examples], layout))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def trained(base, tmp_path, *overrides, objectives=()):
     """A run's params as if trained (random head, LoRA away from zero), exported to tmp_path/final."""
     run = load_config(None, [f"model.name={base}", f"run_dir={tmp_path}", "train.lora_rank=4", *overrides])
     loaded = load_model(str(base))
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
     d = loaded.config.hidden_size
     rng = np.random.default_rng(0)
     extra = {"num_objectives": len(objectives), "score_head": None,
@@ -136,7 +136,7 @@ def test_multi_objective_and_armorm_exports(base, tmp_path):
     run = load_config(None, [f"model.name={base}", "head.kind=armorm", "head.gate_hidden=8", "head.gate_layers=1",
                              "train.trainable=head", "data.max_length=96"])
     examples = texamples.build(RECORDS[:1], loaded.tokenizer, run, "pairs", names).examples
-    kw = dict(config=loaded.config, run=run, entry=theads.entry(run), statics={})
+    kw = dict(config=loaded.config, run=run, entry=tobjectives.entry(run), statics={})
     arrays, slots = _arrays(examples, run, loaded.tokenizer.pad_id)
     want = tstep.outputs({"head": full["head"]}, {"backbone": full["backbone"]}, arrays, **kw)["reward"]
     np.testing.assert_allclose(got, np.asarray(want).reshape(-1)[slots[0]], rtol=1e-5, atol=1e-5)
@@ -159,10 +159,10 @@ def test_judge_and_dpo_policies_export_as_causal_lms(base, tmp_path, overrides):
     wins = []
     if kind == "judge":  # the verdict log-odds for chosen in both orders, by transformers on the export
         assert settings["labels"] == ["Y", "N"] and settings["judge_template"] == "rmjax"
-        labels = judge.label_ids(tok, ("Y", "N"))
+        labels = judge_prompts.label_ids(tok, ("Y", "N"))
         for rec, row in zip(RECORDS, report["per_example"]):
             z = []
-            for ids in judge.judge_sequences(tok, rec, ("Y", "N"), "model", judge.judge_template("rmjax")):
+            for ids in judge_prompts.judge_sequences(tok, rec, ("Y", "N"), "model", judge_prompts.judge_template("rmjax")):
                 with torch.no_grad():
                     last = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
                 z.append(last[list(labels)])
@@ -224,7 +224,7 @@ def test_a_reward_head_trains_where_transformers_reads_the_export(tmp_path_facto
                              "data.max_length=96"])
     examples = texamples.build(RECORDS[:1], loaded.tokenizer, run, "pairs").examples
     arrays, slots = _arrays(examples, run, loaded.tokenizer.pad_id)
-    kw = dict(config=loaded.config, run=run, entry=theads.entry(run), statics={})
+    kw = dict(config=loaded.config, run=run, entry=tobjectives.entry(run), statics={})
     trained_rewards = np.asarray(tstep.outputs({"head": full["head"]}, {"backbone": full["backbone"]}, arrays,
                                                **kw)["reward"]).reshape(-1)[slots[0]]
     model = hf(final)

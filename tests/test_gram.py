@@ -11,11 +11,11 @@ import torch
 from hf_models import save_tiny_checkpoint
 from rmjax import losses
 from rmjax.cli import main
-from rmjax.data import judge
+from rmjax.data import judge_prompts
 from rmjax.data.records import Record, read_records
 from rmjax.errors import ConfigError
 from rmjax.models import unembed
-from rmjax.scoring.engine import reference_hidden
+from rmjax.scoring.kv_path import reference_hidden
 from rmjax.models.loading import load_model
 from rmjax.train import examples as texamples
 from rmjax.train.config import load_config
@@ -54,20 +54,20 @@ def test_templates_and_labels_are_checked(tiny, tmp_path):
         path = tmp_path / "t.txt"
         path.write_text(text)
         with pytest.raises(ConfigError, match=rf"{path}: .*{match}"):
-            judge.judge_template(str(path))
+            judge_prompts.judge_template(str(path))
         with pytest.raises(ConfigError, match=r"head.judge_template"):
             load_config(None, ["head.kind=judge", "loss.kind=ce", f"head.judge_template={path}"])
     with pytest.raises(ConfigError, match="neither a built-in template"):
-        judge.judge_template("no-such-template")
+        judge_prompts.judge_template("no-such-template")
     path.write_text('Judge {question}\n1: {response_a}\n2: {response_b}\nJSON {"verdict": ...}')
-    assert judge.fill(judge.judge_template(str(path)), question="q", response_a="a", response_b="b") == \
+    assert judge_prompts.fill(judge_prompts.judge_template(str(path)), question="q", response_a="a", response_b="b") == \
         'Judge q\n1: a\n2: b\nJSON {"verdict": ...}'  # other braces stay
-    a, b = judge.label_ids(tok, ("A", "B"))
+    a, b = judge_prompts.label_ids(tok, ("A", "B"))
     assert tok.decode([a]) == "A" and tok.decode([b]) == "B"
     with pytest.raises(ConfigError, match=r"judge label 'Assistant A is better' is not a single token"):
-        judge.label_ids(tok, ("Assistant A is better", "B"))
+        judge_prompts.label_ids(tok, ("Assistant A is better", "B"))
     with pytest.raises(ConfigError, match="start with the same token"):
-        judge.label_ids(tok, ("A", "A"))
+        judge_prompts.label_ids(tok, ("A", "A"))
 
 
 def test_pair_pretraining_writes_both_answers_in_a_random_order(tiny):
@@ -90,9 +90,9 @@ def test_pair_pretraining_writes_both_answers_in_a_random_order(tiny):
 
 def naive_judge(loaded, rec, labels=("A", "B"), template="gram"):
     """Verdict-token logits [2 orders, 2] from a full forward of each rendered judge prompt."""
-    ids = judge.label_ids(loaded.tokenizer, labels)
+    ids = judge_prompts.label_ids(loaded.tokenizer, labels)
     out = []
-    for seq in judge.judge_sequences(loaded.tokenizer, rec, labels, "model", judge.TEMPLATES[template]):
+    for seq in judge_prompts.judge_sequences(loaded.tokenizer, rec, labels, "model", judge_prompts.TEMPLATES[template]):
         h = reference_hidden(loaded.params, loaded.config, seq)[-1]
         out.append(np.asarray(unembed(loaded.params, loaded.config, h))[list(ids)])
     return np.stack(out)

@@ -11,8 +11,8 @@ from jax.test_util import check_grads
 from rmjax import pooling
 from rmjax import sharding as shd
 from rmjax.errors import ConfigError, DataError
+from rmjax.regression import L2_GRID, logistic_select, pairwise_logistic_fit, ridge_fit, ridge_predict, ridge_select
 from rmjax.heads import (
-    L2_GRID,
     ArmoRMGatingHead,
     ArmoRMHead,
     GenerativeJudgeHead,
@@ -22,12 +22,7 @@ from rmjax.heads import (
     debias_rewards,
     judge_preference,
     linear_params_from_torch,
-    logistic_select,
-    pairwise_logistic_fit,
     probe_params,
-    ridge_fit,
-    ridge_predict,
-    ridge_select,
     select_layer,
     verbosity_transform_matrix,
 )

@@ -10,7 +10,7 @@ from rmjax.models.loading import StateDictCheckpoint, load_params
 from rmjax.data.batching import BUCKETS, Encoded
 from rmjax.heads.reward import HeadSpec
 from rmjax.scoring import compute, packing
-from rmjax.scoring.engine import naive_response_logprobs, reference_hidden
+from rmjax.scoring.kv_path import naive_response_logprobs, reference_hidden
 
 
 @pytest.fixture(scope="module", params=["llama_gqa_tied", "gemma2_softcap_window", "gemma3_window"])

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from hf_models import jit_forward, save_tiny_checkpoint
-from rmjax.data import judge
+from rmjax.data import judge_prompts
 from rmjax.data.chat import render
 from rmjax.data.records import read_records
 from rmjax.models import unembed
 from rmjax.models.loading import load_model
-from rmjax.train import batches as tbatches
+from rmjax.train import plan as tplan
 from rmjax.train import examples as texamples
-from rmjax.train import heads as theads
+from rmjax.train import objectives as tobjectives
 from rmjax.train import loop as tloop
 from rmjax.train import params as tparams
 from rmjax.train import step as tstep
@@ -49,7 +49,7 @@ def trained(base, run_dir, *overrides):
     run = load_config(None, [f"model.name={base}", f"run_dir={run_dir}", "train.trainable=lora", "train.lora_rank=4",
                              "data.max_length=96", *overrides])
     loaded = load_model(str(base))
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "tensor", "sequence"))
     full = tloop.model_params(run, loaded, entry, mesh, {"num_objectives": 0, "score_head": None})
     rng = np.random.default_rng(0)
@@ -60,12 +60,12 @@ def trained(base, run_dir, *overrides):
 
 def rmjax_outputs(run, full, loaded, records, statics):
     """Per record the head's outputs from the train step's own forward (LoRA unmerged, packed trees)."""
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
     examples = texamples.build(records, loaded.tokenizer, run, entry.trees).examples
     assert len(examples) == len(records)
-    layout = tbatches.Layout(packed=True, trees=entry.trees, targets=entry.targets, pad_id=loaded.tokenizer.pad_id,
+    layout = tplan.Layout(packed=True, trees=entry.trees, targets=entry.targets, pad_id=loaded.tokenizer.pad_id,
                              pack_length=2 * run.data.max_length)
-    arrays, slots = tbatches.arrays(examples, layout, tbatches.shapes([examples], layout))
+    arrays, slots = tplan.arrays(examples, layout, tplan.shapes([examples], layout))
     trainable, frozen = tparams.split(full, "lora")
     out = tstep.outputs(trainable, frozen, arrays, config=loaded.config, run=run, entry=entry, statics=statics)
     flat = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in out.items()}
@@ -111,10 +111,10 @@ def test_causal_lm_adapter_loads_in_peft_with_rmjax_outputs(base, records, tmp_p
 
     tok = loaded.tokenizer
     if kind == "judge":  # the verdict logits (Y, N) at the end of each order's judge prompt
-        labels = judge.label_ids(tok, ("Y", "N"))
+        labels = judge_prompts.label_ids(tok, ("Y", "N"))
         outs = rmjax_outputs(run, full, loaded, records, {"label_ids": labels})
         for rec, out in zip(records, outs):
-            seqs = judge.judge_sequences(tok, rec, ("Y", "N"), "model", judge.judge_template("rmjax"))
+            seqs = judge_prompts.judge_sequences(tok, rec, ("Y", "N"), "model", judge_prompts.judge_template("rmjax"))
             z = np.stack([logits(model, seq)[-1, list(labels)] for seq in seqs])
             np.testing.assert_allclose(z, np.asarray(out["logits"]).reshape(2, 2), atol=1e-4)
     else:  # the response log-probs of the policy (the adapter on) and of the reference (the adapter off)

@@ -10,7 +10,7 @@ from hf_models import build
 from rmjax import losses
 from rmjax.errors import ConfigError
 from rmjax.models import forward, unembed
-from rmjax.scoring.engine import reference_hidden
+from rmjax.scoring.kv_path import reference_hidden
 from rmjax.models.loading import StateDictCheckpoint, load_params
 from rmjax.rl import rewards, rloo, sampling
 from rmjax.rl.sampling import SampleConfig

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from rmjax.data.records import RecordReport
-from rmjax.train import batches as tbatches
+from rmjax.train import plan as tplan
 from rmjax.train.config import load_config
 from rmjax.train.examples import read_inputs, split_holdout
 
@@ -41,8 +41,8 @@ def test_two_fractions_train_on_different_numbers_of_distinct_pairs(tmp_path):
         run = load_config(SWEEP.with_name("base.yaml"), overrides)
         train_records, _ = split_holdout(records, run)
         examples = [_example(10 + i % 50) for i in range(len(train_records))]
-        steps = tbatches.planned_steps(run.train, len(examples))
-        plan = tbatches.plan(examples, run.train.batch_size, steps, run.data.shuffle_seed + run.train.seed,
+        steps = tplan.planned_steps(run.train, len(examples))
+        plan = tplan.plan(examples, run.train.batch_size, steps, run.data.shuffle_seed + run.train.seed,
                              run.data.max_length)
         seen[keys["fraction"]] = (len(train_records), steps, len(np.unique(np.concatenate(plan))))
     (n_quarter, steps_quarter, distinct_quarter), (n_full, steps_full, distinct_full) = seen[0.25], seen[1.0]
@@ -56,11 +56,11 @@ def test_two_fractions_train_on_different_numbers_of_distinct_pairs(tmp_path):
 
 def test_planned_steps_rule():
     train = types.SimpleNamespace(steps=100, epochs=0.0, batch_size=8)
-    assert tbatches.planned_steps(train, 1000) == 100
+    assert tplan.planned_steps(train, 1000) == 100
     train.epochs = 2
-    assert tbatches.planned_steps(train, 1001) == 251  # ceil(2 x 1001 / 8)
+    assert tplan.planned_steps(train, 1001) == 251  # ceil(2 x 1001 / 8)
     train.epochs = 0.001
-    assert tbatches.planned_steps(train, 10) == 1
+    assert tplan.planned_steps(train, 10) == 1
 
 
 def save_run(model_dir, run_dir, steps=(2, 4), seed=0):
@@ -72,7 +72,7 @@ def save_run(model_dir, run_dir, steps=(2, 4), seed=0):
 
     from rmjax import sharding as shd
     from rmjax.models.loading import load_model
-    from rmjax.train import heads as theads
+    from rmjax.train import objectives as tobjectives
     from rmjax.train import loop
     from rmjax.train import params as tparams
     from rmjax.train import step as tstep
@@ -84,7 +84,7 @@ def save_run(model_dir, run_dir, steps=(2, 4), seed=0):
     run_dir = loop.check_run_dir(run, overwrite=False)
     mesh = shd.make_mesh(shd.MeshConfig(strategy="fsdp", fsdp=-1))
     loaded = load_model(str(model_dir), mesh=mesh, strategy="fsdp")
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
     full = loop.model_params(run, loaded, entry, mesh, {"score_head": None, "num_objectives": 0})
     trainable, frozen = tparams.split(full, "lora")
     state = tstep.create_state(trainable, tstep.make_optimizer(run), mesh)

@@ -16,7 +16,7 @@ from hf_models import save_tiny_checkpoint
 from rmjax.cli import main
 from rmjax.data.chat import render
 from rmjax.models.loading import load_model
-from rmjax.scoring.engine import naive_response_logprobs, reference_hidden
+from rmjax.scoring.kv_path import naive_response_logprobs, reference_hidden
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def test_cross_family_scores_both_real_models(tmp_path, capsys):
 
 
 def test_token_logprobs_stored_and_equal_naive(models, data, tmp_path, capsys):
-    from rmjax.scoring.output import read_token_logprobs
+    from rmjax.runs import read_token_logprobs
 
     out = tmp_path / "tok"
     assert main(args(models, data, out, "--token-logprobs", "--rm", "")) == 0

@@ -97,6 +97,25 @@ def test_packages_import_each_other_one_way_only():
     assert not circles, f"import circles between packages: {sorted(circles)}"
 
 
+def test_rmjax_imports_sit_at_module_top_unless_a_comment_says_why():
+    """A function-level import of rmjax hides a dependency from the reader; the few that stay (a heavy
+    optional library, a late import that keeps two modules from importing each other at load) say why
+    on the line above."""
+    unexplained = []
+    for path in ROOT.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        for parent in ast.walk(tree):
+            if isinstance(parent, ast.Module) or (isinstance(parent, ast.If) and "TYPE_CHECKING" in ast.unparse(parent.test)):
+                continue
+            for node in ast.iter_child_nodes(parent):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and "rmjax" in ast.unparse(node):
+                    above = lines[node.lineno - 2].strip()  # a comment, or the import before it (one block)
+                    if not above.startswith(("#", "from rmjax")):
+                        unexplained.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    assert not unexplained, f"function-level rmjax imports without a comment saying why: {unexplained}"
+
+
 def test_no_private_name_is_imported_across_packages():
     crossing = [(a, b, n) for a, b, names in _imports() for n in names
                 if n.startswith("_") and not n.startswith("__") and _package(a) != _package(b)]

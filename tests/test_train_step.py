@@ -10,8 +10,8 @@ from rmjax import sharding as shd
 from rmjax.data.batching import Encoded
 from rmjax.data.records import Record
 from rmjax.models.loading import StateDictCheckpoint, load_params
-from rmjax.train import batches as tbatches
-from rmjax.train import heads as theads
+from rmjax.train import plan as tplan
+from rmjax.train import objectives as tobjectives
 from rmjax.train import params as tparams
 from rmjax.train import step as tstep
 from rmjax.train.config import load_config
@@ -45,16 +45,16 @@ def overrides(*extra):
 
 
 def host_batch(exs, packed, mesh, side="right", accum=2):
-    layout = tbatches.Layout(packed=packed, trees="pairs", targets=False, pad_id=0, pack_length=48,
+    layout = tplan.Layout(packed=packed, trees="pairs", targets=False, pad_id=0, pack_length=48,
                              row_multiple=shd.batch_shards(mesh), side=side)
     micro = np.array_split(np.arange(len(exs)), accum)
-    return layout, tbatches.step_arrays(exs, micro, layout)
+    return layout, tplan.step_arrays(exs, micro, layout)
 
 
 def params_on(ckpt, mesh, strategy, mode, **model_kw):
     config, backbone, _ = load_params(ckpt, mesh=mesh, strategy=strategy, **model_kw)
     rep = shd.replicated(mesh)
-    head = theads.init_scalar(jax.random.key(1), config.hidden_size, None, {})
+    head = tobjectives.init_scalar(jax.random.key(1), config.hidden_size, None, {})
     full = {"backbone": backbone, "head": jax.device_put(head, rep)}
     if mode == "lora":
         lora = tparams.init_lora(backbone, 4, jax.random.key(2))
@@ -71,7 +71,7 @@ def loss_and_grads(ckpt, strategy, mode, packed, exs, run, side="right", **model
     trainable, frozen = tparams.split(full, mode, run.train.last_k)
     layout, host = host_batch(exs, packed, mesh, side)
     sh = tstep.batch_shardings(mesh, layout.keys)
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
 
     def total(t, f, b):
         def one(i):
@@ -128,13 +128,13 @@ def test_packed_equals_unpacked_for_lora_last_k_and_left_padding(tiny):
 def test_packing_computes_fewer_tokens_and_keeps_every_pair():
     exs = examples(32, seed=5)
     mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
-    packed = tbatches.Layout(packed=True, trees="pairs", targets=False, pad_id=0, pack_length=48)
-    flat = tbatches.Layout(packed=False, trees="pairs", targets=False, pad_id=0, pack_length=48)
-    t_packed, t_flat = tbatches.tokens(exs, packed), tbatches.tokens(exs, flat)
+    packed = tplan.Layout(packed=True, trees="pairs", targets=False, pad_id=0, pack_length=48)
+    flat = tplan.Layout(packed=False, trees="pairs", targets=False, pad_id=0, pack_length=48)
+    t_packed, t_flat = tplan.tokens(exs, packed), tplan.tokens(exs, flat)
     assert t_packed["real"] == sum(e.tree.tree_length for e in exs)  # the prompt once per tree
     assert t_flat["real"] == sum(e.tree.unshared_tokens for e in exs)
     assert t_packed["padded"] < t_flat["padded"]
-    a, _ = tbatches.arrays(exs, packed, tbatches.shapes([exs], packed))
+    a, _ = tplan.arrays(exs, packed, tplan.shapes([exs], packed))
     n_pairs = sum(len(e.pairs) for e in exs)
     assert a["pair_weight"][:n_pairs].min() > 0 and not a["pair_weight"][n_pairs:].any()
     del mesh
@@ -149,7 +149,7 @@ def run_steps(ckpt, strategy, mode, n_steps=3, single=False):
     trainable, frozen = tparams.split(full, mode, 1)
     opt = tstep.make_optimizer(run)
     layout, host = host_batch(examples(16, seed=1), True, mesh)
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
     with shd.activate(mesh, strategy):
         state = tstep.create_state(trainable, opt, mesh)
         fn = tstep.make_train_step(state, frozen, mesh, layout.keys, config=config, run=run, optimizer=opt,
@@ -197,7 +197,7 @@ def test_nan_batch_is_skipped(tiny):
     before = np.asarray(state.params["head"]["score"]["kernel"])
     layout, host = host_batch(examples(8), True, mesh, accum=1)
     fn = tstep.make_train_step(state, frozen, mesh, layout.keys, config=config, run=run, optimizer=opt,
-                               entry=theads.entry(run))
+                               entry=tobjectives.entry(run))
     state, metrics = fn(state, frozen, host)
     assert int(metrics["skipped"]) == 1 and int(state.skipped) == 1 and int(state.step) == 1
     np.testing.assert_array_equal(np.asarray(state.params["head"]["score"]["kernel"]), before)

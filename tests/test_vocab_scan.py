@@ -5,7 +5,7 @@ import pytest
 
 from hf_models import save_tiny_checkpoint
 from rmjax.models.loading import load_model
-from rmjax.scoring.engine import naive_response_logprobs
+from rmjax.scoring.kv_path import naive_response_logprobs
 from rmjax.scoring.vocab_scan import (log_ratio_table, mixture_weighted_log_ratio, mwlr_table, next_token_table,
                                       normalise, scan_responses, token_responses, word_mwlr, word_responses)
 
@@ -110,7 +110,7 @@ def test_mwlr_table_and_word_means_over_case_and_space_variants():
 
 
 def test_scan_builds_its_jitted_function_once_per_model(tiny):
-    from rmjax.scoring.engine import score_fn
+    from rmjax.scoring.kv_path import score_fn
 
     fn = score_fn(tiny.config)
     assert score_fn(tiny.config) is fn  # one function per model, not per prompt

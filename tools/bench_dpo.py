@@ -53,15 +53,15 @@ def rmjax_side(loaded, examples, mesh, args, lora_layers: int, adapter_dir: str)
     import jax
 
     from rmjax.io import adapters, registry
-    from rmjax.train import batches as tbatches
-    from rmjax.train import heads as theads
+    from rmjax.train import plan as tplan
+    from rmjax.train import objectives as tobjectives
     from rmjax.train import loop as tloop
     from rmjax.train import params as tparams
     from rmjax.train import step as tstep
     from rmjax.train.export import LORA_MODULES, lora_to_peft
 
     run = run_config(args, lora_layers)
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
     full = tloop.model_params(run, loaded, entry, mesh, {})
     rng = np.random.default_rng(0)  # B off zero: the policy differs from the reference at the first step
     full["lora"] = jax.tree.map(lambda x: x + rng.normal(0, 0.02, x.shape).astype(np.float32), full["lora"])
@@ -71,9 +71,9 @@ def rmjax_side(loaded, examples, mesh, args, lora_layers: int, adapter_dir: str)
                            loaded.config)
     adapters.write(adapter_dir, tensors, rank=RANK, alpha=ALPHA, targets=list(LORA_MODULES.values()), base=MODEL,
                    task_type="CAUSAL_LM", layers=list(range(layers - adapted, layers)) if adapted < layers else None)
-    layout = tbatches.Layout(packed=True, trees="pairs", targets=True, pad_id=loaded.tokenizer.pad_id,
+    layout = tplan.Layout(packed=True, trees="pairs", targets=True, pad_id=loaded.tokenizer.pad_id,
                              pack_length=2 * args.max_length)
-    batch = tbatches.step_arrays(examples, [np.arange(len(examples))], layout)
+    batch = tplan.step_arrays(examples, [np.arange(len(examples))], layout)
     trainable, frozen = tparams.split(full, "lora", run.train.last_k, entry.frozen)
     opt = tstep.make_optimizer(run)
     state = tstep.create_state(trainable, opt, mesh)

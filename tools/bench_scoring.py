@@ -178,7 +178,7 @@ def bench_scan(sample: int) -> dict:
     from rmjax.io import registry
     from rmjax.models.loading import load_model
     from rmjax.scoring import vocab_scan as vs
-    from rmjax.scoring.engine import bucket
+    from rmjax.scoring.kv_path import bucket
     from rmjax.models import forward, unembed
 
     loaded = load_model("smollm2-135m-instruct")

@@ -78,14 +78,14 @@ def main() -> None:
 
     from rmjax import sharding as shd
     from rmjax.models.loading import load_model
-    from rmjax.train import heads as theads
+    from rmjax.train import objectives as tobjectives
     from rmjax.train.config import load_config
 
     mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
     loaded = load_model("smollm2-135m-instruct", mesh=mesh, strategy="dp")
     examples = sample_examples(loaded.tokenizer, args.data, args.pairs, args.max_length, args.long)
     seq_tokens = sum(e.tree.unshared_tokens for e in examples)
-    head = theads.init_scalar(jax.random.key(0), loaded.config.hidden_size, None, {})
+    head = tobjectives.init_scalar(jax.random.key(0), loaded.config.hidden_size, None, {})
     result = {**environment(), "benchmark": "train_step", "model": "smollm2-135m-instruct", "data": args.data,
               "long": args.long, "pairs": args.pairs, "max_length": args.max_length, "dtype": "float32",
               "last_k": LAST_K, "sequence_tokens_per_step": seq_tokens,
@@ -103,8 +103,8 @@ def main() -> None:
 def rmjax_step(mode, loaded, head, examples, mesh, args, packed: bool) -> tuple:
     import jax
 
-    from rmjax.train import batches as tbatches
-    from rmjax.train import heads as theads
+    from rmjax.train import plan as tplan
+    from rmjax.train import objectives as tobjectives
     from rmjax.train import params as tparams
     from rmjax.train import step as tstep
     from rmjax.train.config import load_config
@@ -112,10 +112,10 @@ def rmjax_step(mode, loaded, head, examples, mesh, args, packed: bool) -> tuple:
     run = load_config(None, [f"train.trainable={mode}", f"train.batch_size={len(examples)}", "train.grad_accum=1",
                              "model.dtype=float32", "optim.warmup_steps=1", "optim.lr=1e-5",
                              f"train.last_k={LAST_K}", f"data.max_length={args.max_length}"])
-    entry = theads.entry(run)
-    layout = tbatches.Layout(packed=packed, trees="pairs", targets=False, pad_id=loaded.tokenizer.pad_id,
+    entry = tobjectives.entry(run)
+    layout = tplan.Layout(packed=packed, trees="pairs", targets=False, pad_id=loaded.tokenizer.pad_id,
                              pack_length=2 * args.max_length)
-    batch = tbatches.step_arrays(examples, [np.arange(len(examples))], layout)
+    batch = tplan.step_arrays(examples, [np.arange(len(examples))], layout)
     trainable, frozen = tparams.split({"backbone": loaded.params, "head": head}, mode, LAST_K)
     opt = tstep.make_optimizer(run)
     state = tstep.create_state(jax.tree.map(lambda x: x.copy(), trainable), opt, mesh)

@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # statsmodels and SciPy load only when this runs, not at every `rmjax` start-up
     from rmjax.analysis.pipeline import run_value_bias
 
     start = time.perf_counter()
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 def print_result(result, out, start: float) -> None:
     """The comparison table, its sentences and the paper's direction, as the command prints them."""
+    # statsmodels and SciPy load only when this runs, not at every `rmjax` start-up
     from rmjax.analysis.report import markdown_table, panel_sentences, paper_direction
 
     print()

@@ -21,7 +21,9 @@ COLUMNS = ["model", "family", "framing", "n_words", "slope", "intercept", "r", "
 
 
 def zipf_frequency(word: str) -> float:
-    from wordfreq import zipf_frequency as lookup  # its word lists load on first use only
+    from wordfreq import (
+        zipf_frequency as lookup,  # its word lists load on first use only
+    )
 
     return float(lookup(word, "en"))
 

@@ -161,6 +161,7 @@ def plot(result: LogprobRanks, stem: Path) -> list[Path]:
     """The two models' cells per (framing row, category column); rank 1 (most probable) at the top."""
     from matplotlib.figure import Figure
 
+    # matplotlib loads only when a figure is drawn
     from rmjax.analysis.figures import save
 
     cells, (a, b) = result.cells, result.models

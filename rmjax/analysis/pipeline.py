@@ -17,6 +17,7 @@ from rmjax.analysis.families import assign_families, load_family_file
 from rmjax.analysis.frequency import frequency_bias
 from rmjax.analysis.mixed import fit_mixed_model
 from rmjax.analysis.notes import ValueBiasWarning, warn
+from rmjax.analysis.report import render_report
 from rmjax.analysis.scores import load_scores, prompt_framing
 from rmjax.analysis.similarity import mds_map, model_similarity
 from rmjax.errors import ConfigError
@@ -156,8 +157,6 @@ def run_value_bias(scores_dir: str | Path, dictionary: str | Path, out_dir: str 
         log.flush()
     result.warnings = log.messages
 
-    from rmjax.analysis.report import render_report
-
     progress("[8/8] writing report.md")
     files.append("report.md")
     (out / "report.md").write_text(render_report(result))
@@ -165,6 +164,7 @@ def run_value_bias(scores_dir: str | Path, dictionary: str | Path, out_dir: str 
 
 
 def _draw_figures(result: ValueBiasResult, out: Path) -> list[str]:
+    # matplotlib loads only when a figure is drawn
     from rmjax.analysis.figures import plot_mds, plot_panels, plot_similarity
 
     paths = plot_panels(result.cells, result.comparison, out / "panels", n_words=len(result.words))

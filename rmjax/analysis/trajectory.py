@@ -68,6 +68,7 @@ def plot_trajectory(points: pd.DataFrame, difference: pd.DataFrame, stem: Path) 
     """Rows: framings; left: each run's category rank over training; right: the family difference."""
     from matplotlib.figure import Figure
 
+    # matplotlib loads only when a figure is drawn
     from rmjax.analysis.figures import family_colours, save
 
     framings = [f for f in FRAMINGS if f in set(points["framing"])]

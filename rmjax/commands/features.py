@@ -4,7 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from rmjax.commands.options import NUMERICS_FLAGS, Flag, add_config_arguments, comma_list, config_from_args
+from rmjax.commands.options import (
+    NUMERICS_FLAGS,
+    Flag,
+    add_config_arguments,
+    comma_list,
+    config_from_args,
+)
+from rmjax.jobs import features
 from rmjax.jobs.features import FeaturesConfig
 
 FLAGS = {
@@ -31,8 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_features(args) -> int:
-    from rmjax.jobs import features
-
     config = config_from_args(FeaturesConfig, args)
     meta = features.run(config)
     print(json.dumps({"out": config.out, "counts": meta.get("counts"), "throughput": meta.get("throughput")},

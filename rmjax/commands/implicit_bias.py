@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
+    # statsmodels and matplotlib load only when this command runs, not for every `rmjax` start-up
     from rmjax.analysis.dictionary import load_dictionary
     from rmjax.analysis.logprob_ranks import logprob_ranks, plot, read_table
 

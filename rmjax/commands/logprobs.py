@@ -7,7 +7,13 @@ import sys
 
 import numpy as np
 
-from rmjax.commands.options import NUMERICS_FLAGS, Flag, add_config_arguments, config_from_args
+from rmjax.commands.options import (
+    NUMERICS_FLAGS,
+    Flag,
+    add_config_arguments,
+    config_from_args,
+)
+from rmjax.jobs import logprobs
 from rmjax.jobs.logprobs import LogprobsConfig
 
 FLAGS = {"--model": "model.name", "--prompt": "prompt", "--top": "top", "--chat": Flag("chat", action="store_true"),
@@ -22,8 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from rmjax.jobs import logprobs
-
     config = config_from_args(LogprobsConfig, args)
     text, top = logprobs.run(config)
     if config.json:

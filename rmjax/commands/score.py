@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from rmjax.commands.options import NUMERICS_FLAGS, Flag, add_config_arguments, comma_list, config_from_args
+from rmjax.commands.options import (
+    NUMERICS_FLAGS,
+    Flag,
+    add_config_arguments,
+    comma_list,
+    config_from_args,
+)
+from rmjax.jobs import score, vocab_scan
 from rmjax.jobs.score import ScoreConfig
 from rmjax.jobs.vocab_scan import VocabScanConfig
 
@@ -64,14 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_score(args) -> int:
-    from rmjax.jobs import score
-
     print(json.dumps(score.run(config_from_args(ScoreConfig, args)), indent=2))
     return 0
 
 
 def run_vocab_scan(args) -> int:
-    from rmjax.jobs import vocab_scan
-
     print(f"wrote {vocab_scan.run(config_from_args(VocabScanConfig, args))}")
     return 0

@@ -4,8 +4,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from rmjax.commands.options import NUMERICS_FLAGS, Flag, add_config_arguments, comma_list, config_from_args
+from rmjax.benchmarks import markdown
+from rmjax.commands.options import (
+    NUMERICS_FLAGS,
+    Flag,
+    add_config_arguments,
+    comma_list,
+    config_from_args,
+)
+from rmjax.io.adapters import merge
+from rmjax.jobs import eval_rm
 from rmjax.jobs.eval_rm import EvalConfig
+from rmjax.train import config as tconfig
+from rmjax.train import loop
 from rmjax.train.config import TrainConfig
 
 
@@ -54,9 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args) -> int:
-    from rmjax.train import config as tconfig
-    from rmjax.train import loop
-
     config = tconfig.validate(config_from_args(TrainConfig, args))
     result = loop.run(config, overwrite=args.overwrite, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
@@ -64,15 +72,10 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    from rmjax.benchmarks import markdown
-    from rmjax.jobs import eval_rm
-
     print(markdown(eval_rm.run(config_from_args(EvalConfig, args))))
     return 0
 
 
 def run_merge(args) -> int:
-    from rmjax.io.adapters import merge
-
     print(f"wrote {merge(args.model, args.out)}")
     return 0

@@ -165,7 +165,7 @@ class ArmoRMHead(nn.Module):
     """Regression layer + gate on backbone hidden states.
 
     ``gating`` carries the gate's settings (and ``num_objectives``). ArmoRM trains the regression
-    layer first (ridge regression, see ``rmjax.heads.probe.ridge_fit``) and then the gate alone with
+    layer first (ridge regression, see ``rmjax.regression.ridge_fit``) and then the gate alone with
     Bradley-Terry on ``score``; hence by default no gradient reaches the objective rewards from the
     score (``objective_gradient_from_gate=False``).
     """

@@ -6,7 +6,14 @@ one neutral form: an HF ``config.json``-style dict plus tensors named and laid o
 """
 from rmjax.io.gguf import SUPPORTED_ARCHITECTURES, GGUFCheckpoint
 from rmjax.io.hf_checkpoint import HFCheckpoint, load_hf_config
-from rmjax.io.registry import REGISTRY, ModelSource, cache_dir, load_tokenizer, open_checkpoint, resolve_model
+from rmjax.io.registry import (
+    REGISTRY,
+    ModelSource,
+    cache_dir,
+    load_tokenizer,
+    open_checkpoint,
+    resolve_model,
+)
 from rmjax.io.tokenizer import Tokenizer, check_vocab
 
 __all__ = [

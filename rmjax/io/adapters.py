@@ -132,6 +132,7 @@ def merge(model: str, out_dir: str | Path) -> Path:
     Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer files)."""
     from safetensors.numpy import save_file
 
+    # registry reads BASE+ADAPTER names through this module, so this one imports it late
     from rmjax.io import registry
 
     source = registry.resolve_model(model)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rmjax import runs
 from rmjax.errors import CheckpointError
+from rmjax.io import adapters
 from rmjax.io.gguf import GGUF_MAGIC, GGUFCheckpoint
 from rmjax.io.hf_checkpoint import CONFIG_FILE, HFCheckpoint
 from rmjax.io.tokenizer import Tokenizer
@@ -240,7 +241,6 @@ def resolve_model(name_or_path: str | Path | ModelSource) -> ModelSource:
 
 def _adapter_source(text: str) -> ModelSource | None:
     """``BASE+ADAPTER_DIR``, or an adapter directory whose config names its base."""
-    from rmjax.io import adapters
 
     pair = adapters.split_spec(text)
     if pair is None:
@@ -259,8 +259,7 @@ def _adapter_source(text: str) -> ModelSource | None:
 def open_checkpoint(source: str | Path | ModelSource):
     source = resolve_model(source)
     if source.kind == "adapter":
-        from rmjax.io.adapters import AdapterCheckpoint
-        return AdapterCheckpoint(open_checkpoint(source.base), source.path)
+        return adapters.AdapterCheckpoint(open_checkpoint(source.base), source.path)
     return GGUFCheckpoint(source.path) if source.kind == "gguf" else HFCheckpoint(source.path)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -31,9 +31,7 @@ from tokenizers import (
 from tokenizers import Tokenizer as Backend
 
 from rmjax.errors import CheckpointError, ConfigError, DataError
-
-if TYPE_CHECKING:
-    from rmjax.io.gguf import GGUFCheckpoint
+from rmjax.io.gguf import GGUFCheckpoint
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -203,7 +201,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, checkpoint: GGUFCheckpoint | str | Path) -> Tokenizer:
         """The tokenizer described by a GGUF file's ``tokenizer.*`` metadata."""
-        from rmjax.io.gguf import GGUFCheckpoint
 
         if not isinstance(checkpoint, GGUFCheckpoint):
             checkpoint = GGUFCheckpoint(checkpoint)

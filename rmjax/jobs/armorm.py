@@ -15,8 +15,11 @@ from pathlib import Path
 
 from rmjax.config import knob, section
 from rmjax.errors import ConfigError
-from rmjax.heads.probe import L2_GRID
+from rmjax.regression import L2_GRID
+from rmjax.scoring.features import FeatureCache
+from rmjax.train import armorm
 from rmjax.train.armorm import GateSettings
+from rmjax.train.export import export_released_armorm
 
 
 def _named(items: tuple[str, ...], what: str) -> dict[str, str]:
@@ -59,9 +62,6 @@ class RegressionConfig:
 
 
 def regression(config: RegressionConfig) -> dict:
-    from rmjax.scoring.features import FeatureCache
-    from rmjax.train import armorm
-
     return armorm.regression(FeatureCache(config.cache), config.out,
                              pair_objectives=_named(config.pair_objectives, "pair objective"),
                              verbosity=config.verbosity or None, ranges=_ranges(config.ranges), grid=tuple(config.grid),
@@ -81,9 +81,6 @@ class DebiasConfig:
 
 
 def debias(config: DebiasConfig) -> dict:
-    from rmjax.scoring.features import FeatureCache
-    from rmjax.train import armorm
-
     return armorm.debias(config.stage1, FeatureCache(config.reference), config.out, verbosity=config.verbosity,
                          threshold=config.threshold)
 
@@ -102,9 +99,6 @@ class GateConfig:
 
 
 def gate(config: GateConfig, log=None) -> dict:
-    from rmjax.scoring.features import FeatureCache
-    from rmjax.train import armorm
-
     return armorm.gate(config.stage1, config.debias or None, FeatureCache(config.pairs), config.out, config.settings,
                        log=log if config.progress else None)
 
@@ -130,9 +124,6 @@ class EvaluateConfig:
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    from rmjax.scoring.features import FeatureCache
-    from rmjax.train import armorm
-
     s = config.stages
     head, settings = armorm.load_stages(s.stage1, s.debias or None, s.gate)
     reports = {c: armorm.evaluate(head, settings, FeatureCache(c)) for c in config.caches}
@@ -153,9 +144,6 @@ class ExportConfig:
 
 
 def export(config: ExportConfig) -> Path:
-    from rmjax.train import armorm
-    from rmjax.train.export import export_released_armorm
-
     s = config.stages
     head, settings = armorm.load_stages(s.stage1, s.debias or None, s.gate)
     meta = {"stages": {"regression": s.stage1, "debias": s.debias or None, "gate": s.gate}}

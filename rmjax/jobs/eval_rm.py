@@ -27,11 +27,22 @@ from pathlib import Path
 import numpy as np
 
 from rmjax import benchmarks
+from rmjax import config as rconfig
 from rmjax.config import knob, section
 from rmjax.data.records import RecordReport
 from rmjax.errors import ConfigError, DataError, RmjaxError
-from rmjax.sections import DataSection, ScoringBatch
+from rmjax.heads.reward import export_settings, with_objective
 from rmjax.models.config import Numerics
+from rmjax.models.loading import load_model
+from rmjax.scoring.bulk import (
+    ModelSlot,
+    Scorer,
+    ScoreSettings,
+    judge_spec,
+    same_tokenizer,
+)
+from rmjax.sections import DataSection, ScoringBatch
+from rmjax.train.examples import read_inputs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +97,6 @@ _KEYWORDS = {"model": "model.name", "policy": "model.policy", "reference": "mode
 def eval_config(**kwargs) -> EvalConfig:
     """An ``EvalConfig`` from ``evaluate_rm``'s keywords (``pack_length`` 0: the KV layout, else packed
     rows of that length)."""
-    from rmjax import config as rconfig
 
     config = EvalConfig()
     pack = kwargs.pop("pack_length", None)
@@ -110,9 +120,6 @@ def evaluate_rm(model: str = "", log=None, **kwargs) -> dict:
 
 def model_slots(models: EvalModels, beta: float = 1.0):
     """(the scoring slots, the head kind, beta, a name) of an explicit or implicit reward model."""
-    from rmjax.heads.reward import export_settings, with_objective
-    from rmjax.models.loading import load_model
-    from rmjax.scoring.bulk import ModelSlot, judge_spec, same_tokenizer
 
     model, policy, reference = models.name, models.policy, models.reference
     loaded = load_model(model or policy, models)
@@ -149,8 +156,6 @@ def _scores(row: dict, names: tuple[str, ...], kind: str) -> np.ndarray:
 def run(config: EvalConfig, log=None) -> dict:
     """The report dict (``rmjax.benchmarks``), with the rewards of every example under ``per_example``;
     written to ``config.out`` (and .md, .rewards.jsonl) when given."""
-    from rmjax.scoring.bulk import ScoreSettings, Scorer
-    from rmjax.train.examples import read_inputs
 
     m, d, b = config.model, config.data, config.batch
     benchmark, beta, reduction, objective = config.benchmark, config.beta, config.reduction, m.objective or None

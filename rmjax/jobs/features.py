@@ -11,8 +11,13 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from rmjax import distributed
 from rmjax.config import knob, section
+from rmjax.data.records import RecordReport, input_fingerprint
 from rmjax.errors import RmjaxError
+from rmjax.io import registry
+from rmjax.models.loading import load_model
+from rmjax.scoring import features
 from rmjax.sections import DataSection, MeshSection, ModelSection, ScoringBatch
 
 
@@ -43,11 +48,6 @@ class FeaturesConfig:
 
 def run(config: FeaturesConfig) -> dict:
     """Cache the features (or resume); returns the cache's metadata."""
-    from rmjax import distributed
-    from rmjax.data.records import RecordReport, input_fingerprint
-    from rmjax.io import registry
-    from rmjax.models.loading import load_model
-    from rmjax.scoring import features
 
     distributed.maybe_initialize()
     d = config.data

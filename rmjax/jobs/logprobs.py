@@ -8,6 +8,10 @@ import numpy as np
 
 from rmjax.config import knob, section
 from rmjax.errors import RmjaxError
+from rmjax.models import forward
+from rmjax.models.loading import load_model
+from rmjax.models.transformer import unembedding_matrix
+from rmjax.scoring.logprobs import next_token_logprobs
 from rmjax.sections import ModelSection
 
 
@@ -24,10 +28,6 @@ class LogprobsConfig:
 
 
 def top_next_tokens(loaded, text: str, top: int, add_special_tokens: bool = True) -> list[dict]:
-    from rmjax.models import forward
-    from rmjax.models.transformer import unembedding_matrix
-    from rmjax.scoring.logprobs import next_token_logprobs
-
     ids = loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)
     if not ids:
         raise RmjaxError("the prompt encodes to no tokens; give a non-empty prompt")
@@ -47,7 +47,6 @@ def top_next_tokens(loaded, text: str, top: int, add_special_tokens: bool = True
 
 def run(config: LogprobsConfig) -> tuple[str, list[dict]]:
     """(the text the model read, the top tokens with their log-probs)."""
-    from rmjax.models.loading import load_model
 
     loaded = load_model(config.model.name, config.model)
     text, add_special = config.prompt, True

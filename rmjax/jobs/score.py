@@ -15,10 +15,17 @@ import json
 import sys
 import time
 
+from rmjax import distributed
+from rmjax import sharding as shd
 from rmjax.config import knob, section
+from rmjax.data.records import RecordReport, Share, input_fingerprint
 from rmjax.errors import RmjaxError
-from rmjax.sections import DataSection, MeshSection, ScoringBatch
+from rmjax.io.registry import resolve_model
 from rmjax.models.config import Numerics
+from rmjax.models.loading import load_model
+from rmjax.runs import RunWriter
+from rmjax.scoring import bulk
+from rmjax.sections import DataSection, MeshSection, ScoringBatch
 
 DEFAULT_POLICY, DEFAULT_REFERENCE, HELDOUT = "smollm2-135m-dpo-hh", "smollm2-135m-instruct", "heldout"
 RM_DEFAULT_DATA = "llmbar"  # what an RM or a judge alone scores by default (bundled, never trained on)
@@ -110,8 +117,6 @@ def resolve(config: ScoreConfig) -> ScoreConfig:
     if path == HELDOUT and not policy:
         path = RM_DEFAULT_DATA
     if path == HELDOUT:
-        from rmjax.io.registry import resolve_model
-
         source = resolve_model(policy) if policy else None
         held = source.path / HELDOUT_FILE if source is not None and source.kind == "adapter" else None
         if held is None or not held.exists():
@@ -154,12 +159,6 @@ def run(config: ScoreConfig) -> dict:
     import jax
     from tqdm import tqdm
 
-    from rmjax import distributed
-    from rmjax.data.records import RecordReport, Share, input_fingerprint
-    from rmjax.models.loading import load_model
-    from rmjax.scoring import bulk
-    from rmjax.scoring.output import ScoreWriter
-
     distributed.maybe_initialize()
     config = resolve(config)
     m, d, b = config.model, config.data, config.batch
@@ -181,7 +180,7 @@ def run(config: ScoreConfig) -> dict:
     meta = settings(config, input_fingerprint(d.path))
 
     def open_writer(overwrite: bool):  # process 0 opens (or resumes) the run before the others
-        return ScoreWriter(config.out, meta, num_examples=share.total, shard_size=config.shard_size,
+        return RunWriter(config.out, meta, num_examples=share.total, shard_size=config.shard_size,
                            token_logprobs=config.token_logprobs, overwrite=overwrite)
 
     writer = distributed.main_first(lambda first: open_writer(config.overwrite and first))
@@ -200,7 +199,6 @@ def run(config: ScoreConfig) -> dict:
     if config.mesh.strategy != "none":
         # several processes: each one scores its own shards with the models on its own devices, or
         # (mesh.scope global) all score every shard on one mesh over all of them
-        from rmjax import sharding as shd
         mesh = config.mesh.mesh(devices=None if together else distributed.own_devices())
         bulk.log(f"mesh {shd.describe(mesh)} ({config.mesh.strategy}) over "
                  f"{'every process' if together else 'this process'}'s devices")

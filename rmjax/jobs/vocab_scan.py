@@ -13,9 +13,13 @@ from pathlib import Path
 
 from rmjax.config import knob, section
 from rmjax.data.chat import TEMPLATE_CHOICES
+from rmjax.data.preferences import load_value_prompts
 from rmjax.errors import RmjaxError
-from rmjax.sections import ModelSection
+from rmjax.models.loading import load_model
+from rmjax.scoring import vocab_scan as vs
+from rmjax.scoring.bulk import same_tokenizer
 from rmjax.scoring.vocab_scan import MWLR_JOINS
+from rmjax.sections import ModelSection
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -47,10 +51,6 @@ class VocabScanConfig:
 
 def run(config: VocabScanConfig) -> Path:
     """Write the tables; returns the output directory."""
-    from rmjax.data.preferences import load_value_prompts
-    from rmjax.models.loading import load_model
-    from rmjax.scoring import vocab_scan as vs
-    from rmjax.scoring.bulk import same_tokenizer
 
     prompts = load_value_prompts(Path(config.prompts) if config.prompts else None)
     if config.prompt_keys:
@@ -109,9 +109,6 @@ def run(config: VocabScanConfig) -> Path:
 def _next_token_scan(config: VocabScanConfig, model, prompts: dict, out: Path) -> None:
     """Next-token tables in the analysis schema (``response`` + one column per prompt key; the token
     ids of each row in token_ids/); with a reference also the log-ratio implicit reward and MWLR."""
-    from rmjax.models.loading import load_model
-    from rmjax.scoring import vocab_scan as vs
-    from rmjax.scoring.bulk import same_tokenizer
 
     def write_table(table, name: str) -> None:
         _write_csv(table, out / f"{name}.csv")
@@ -144,6 +141,7 @@ def _write_csv(frame, path: Path) -> None:
 
 
 def _words(spec: str) -> list[str]:
+    # statsmodels and SciPy load only when this runs, not at every `rmjax` start-up
     from rmjax.analysis import load_dictionary
 
     return list(load_dictionary(spec).words)

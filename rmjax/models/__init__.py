@@ -7,8 +7,15 @@ from types import ModuleType
 from rmjax.errors import ConfigError
 from rmjax.models import gemma2, gemma3, llama, mistral, qwen2, qwen3
 from rmjax.models.config import ModelConfig
-from rmjax.models.transformer import (DecoderOutput, KVCache, abstract_params, forward, init_params,
-                                      unembed, unembedding_matrix)
+from rmjax.models.transformer import (
+    DecoderOutput,
+    KVCache,
+    abstract_params,
+    forward,
+    init_params,
+    unembed,
+    unembedding_matrix,
+)
 
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama,

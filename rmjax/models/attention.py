@@ -661,8 +661,12 @@ def _cudnn(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, win
 def _splash(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window: int | None,
             interpret: bool = False):
     """Pallas splash attention (TPU); one kernel per KV head group (MQA over its G query heads)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
 
     b, t, hkv, g, d = q.shape
     shape = (t, t)

@@ -22,11 +22,14 @@ from jax.sharding import Mesh, NamedSharding
 
 from rmjax import sharding as shd
 from rmjax.errors import CheckpointError, ConfigError
+from rmjax.heads.reward import read_head
+from rmjax.io import registry
+from rmjax.io.tokenizer import check_vocab
 from rmjax.models import checkpoint_keys as ck
 from rmjax.models import config_from_hf, family_of
-from rmjax.models.config import ModelConfig, Numerics
 from rmjax.models.attention import check_backend
-from rmjax.models.transformer import abstract_params
+from rmjax.models.config import ModelConfig, Numerics
+from rmjax.models.transformer import LoadedModel, abstract_params
 
 
 class Checkpoint(Protocol):
@@ -206,8 +209,6 @@ def load_model(name_or_path: str, numerics: Numerics | None = None, *, mesh: Mes
     how the model runs: dtypes, rematerialisation, the attention kernel. ``lm_head=False`` leaves out
     an untied LM head (a reward head on the hidden states needs none; an untied reward checkpoint
     without one loads without it in any case)."""
-    from rmjax.io import registry  # io depends on nothing in models; keep the import one-way at load
-    from rmjax.models.transformer import LoadedModel
 
     source = registry.resolve_model(name_or_path)
     ckpt = registry.open_checkpoint(source)
@@ -216,11 +217,9 @@ def load_model(name_or_path: str, numerics: Numerics | None = None, *, mesh: Mes
         overrides["lm_head"] = False
     config, params, score = load_params(ckpt, mesh=mesh, strategy=strategy, source=str(source.path),
                                         verbose=verbose, **overrides)
-    from rmjax.heads.reward import read_head  # the head of a reward checkpoint (None for a causal LM)
     reward = read_head(ckpt, score, source.path if source.kind == "hf" else None, str(source.path))
     tokenizer = None
     if with_tokenizer:
-        from rmjax.io.tokenizer import check_vocab
         tokenizer = registry.load_tokenizer(source)
         check_vocab(tokenizer, config.vocab_size, str(source.path))
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, score_head=score, source=source.name,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from rmjax.errors import ConfigError
 from rmjax.models import attention as attn
 from rmjax.models.config import ModelConfig
 
@@ -348,7 +349,6 @@ def unembedding_matrix(params, config: ModelConfig) -> jax.Array:
     if config.tie_embeddings:
         return params["embedding"]
     if not config.lm_head:
-        from rmjax.errors import ConfigError
         raise ConfigError("this model has no language-model head (an untied reward / classification checkpoint "
                           "ships none), so it gives rewards, not log-probs; for log-probs load the causal LM it "
                           "was trained from")

@@ -6,7 +6,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from rmjax.data.records import Record
 from rmjax.errors import ConfigError
+from rmjax.scoring import bulk
 
 
 def utility_token_ids(tokenizer, words: Iterable[str]) -> np.ndarray:
@@ -42,8 +44,6 @@ def rm_reward(rm_loaded, prompts, decode: Callable, settings=None) -> Callable:
     the RM's tokenizer may differ from the policy's. ``prompts[i]``: prompt i's messages
     [{"role", "content"}]; ``decode(samples)`` -> reply texts (``rloo.samples_text``). A sample the
     RM cannot score (too long with ``over_length='drop'``) gets NaN, so its batch is skipped."""
-    from rmjax.data.records import Record
-    from rmjax.scoring import bulk
 
     scorer = bulk.Scorer([bulk.ModelSlot("rm", rm_loaded)], settings or bulk.ScoreSettings())
 

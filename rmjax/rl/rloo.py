@@ -38,9 +38,9 @@ from rmjax.errors import ConfigError
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import forward, unembedding_matrix
 from rmjax.rl.sampling import SampleConfig, Samples, generate, left_pad
-from rmjax.train import trainer
 from rmjax.scoring.logprobs import token_logprobs
 from rmjax.train import params as tparams
+from rmjax.train import trainer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,19 @@ in LLMs").
     irm.py          per-response pooled features, the linear IRM fit (ridge, held-out Kendall tau,
                     pairwise agreement, R^2, top features), the rank statistics
 """
-from rmjax.sae.activations import ActivationCache, ActivationSettings, cache_activations, text_records
-from rmjax.sae.irm import IRMFit, fit_irm, kendall_tau, pairwise_agreement, response_features
+from rmjax.sae.activations import (
+           ActivationCache,
+           ActivationSettings,
+           cache_activations,
+           text_records,
+)
+from rmjax.sae.irm import (
+           IRMFit,
+           fit_irm,
+           kendall_tau,
+           pairwise_agreement,
+           response_features,
+)
 from rmjax.sae.matching import match_dictionaries, top_activations
 from rmjax.sae.train import SAEConfig, load_sae, save_sae, train_sae
 

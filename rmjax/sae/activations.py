@@ -7,7 +7,7 @@
             -> float32 rows, one per real token (or per response token), into one zarr array per shard
 
 Layer L's residual is computed by running only the first L layers (the rest of the stack would be
-discarded). Layout of ``out_dir`` (a ``ScoreWriter`` run of its own format, ``rmjax-activations/1``):
+discarded). Layout of ``out_dir`` (a ``RunWriter`` run of its own format, ``rmjax-activations/1``):
 
     metadata.json                     provenance and settings (model, data + fingerprint, layer,
                                       tokens kept, template, max length), status, counts, and
@@ -49,7 +49,7 @@ from rmjax.data.chat import template_name
 from rmjax.data.records import Record
 from rmjax.errors import ConfigError, DataError
 from rmjax.models.transformer import forward, layer_range
-from rmjax.scoring.output import ScoreWriter, ShardArrays, finished_metadata
+from rmjax.runs import RunWriter, ShardArrays, finished_metadata
 
 TOKENS = ("all", "response")
 POSITION_COLUMNS = ("example", "response", "position", "token")
@@ -120,8 +120,8 @@ class _ShardArrays(ShardArrays):
         return int(self.open_array(shard).shape[0])
 
 
-class ActivationWriter(ScoreWriter):
-    """The parts + metadata of ``ScoreWriter``, plus each shard's activation and position arrays."""
+class ActivationWriter(RunWriter):
+    """The parts + metadata of ``RunWriter``, plus each shard's activation and position arrays."""
 
     FORMAT = "rmjax-activations/1"
     REQUIRED = ("model", "data_hash", "layer", "tokens", "template", "max_length", "width")

@@ -2,7 +2,7 @@
 orders responses like the true reward model.
 
     response_features(cache, sae, ...)   per-token codes of an activation cache pooled per response [S, F]
-    fit_irm(features [N, F], reward [N]) ridge (``rmjax.heads.probe.ridge_select``) on a training part;
+    fit_irm(features [N, F], reward [N]) ridge (``rmjax.regression.ridge_select``) on a training part;
                                          Kendall tau, pairwise agreement and R^2 on held-out rows; the
                                          features that carry the weight
     kendall_tau(a, b)                    tau-b (ties corrected; rmjax.metrics)
@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from rmjax.errors import ConfigError, DataError
-from rmjax.heads.probe import L2_GRID, ridge_select
 from rmjax.metrics import kendall_tau, pairwise_wins
+from rmjax.regression import L2_GRID, ridge_select
+from rmjax.sae import model
 
 POOLINGS = ("mean", "sum", "max")
 
@@ -163,8 +164,6 @@ def response_features(cache, params, kind: str = "relu", k: int | None = None, p
     Prompt tokens (response -1) are not pooled. ``pooling``: mean | sum | max over the tokens;
     ``scale``: the factor the SAE's training rows were multiplied by (``activation_scale``)."""
     import pandas as pd
-
-    from rmjax.sae import model
 
     if pooling not in POOLINGS:
         raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")

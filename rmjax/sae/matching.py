@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from rmjax.errors import ConfigError, DataError
+from rmjax.sae.model import decoder
 
 STATUSES = ("shared", "moved", "vanished", "new")
 
@@ -33,7 +34,6 @@ STATUSES = ("shared", "moved", "vanished", "new")
 def _directions(dictionary, name: str) -> np.ndarray:
     """Unit decoder rows [F, D] of SAE params or of a decoder matrix."""
     if isinstance(dictionary, dict):
-        from rmjax.sae.model import decoder
         dictionary = decoder(dictionary)
     w = np.asarray(dictionary, np.float64)
     if w.ndim != 2 or not w.size:

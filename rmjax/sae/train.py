@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from rmjax.errors import ConfigError, DataError
+from rmjax.runs import atomic_write
 from rmjax.sae import model
 from rmjax.train import trainer
 
@@ -275,7 +276,6 @@ def activation_scale(x) -> float:
 
 def save_sae(path: Path | str, params: model.Params, config: SAEConfig) -> Path:
     """params and config in one .npz (written atomically)."""
-    from rmjax.runs import atomic_write
 
     path = Path(path)
     arrays = {name: np.asarray(v, np.float32) for name, v in params.items()}

@@ -19,15 +19,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from rmjax.data import batching, judge
+from rmjax import metrics
+from rmjax import sharding as shd
+from rmjax.data import batching, judge_prompts
 from rmjax.data.batching import Encoded
 from rmjax.data.chat import template_name
 from rmjax.data.records import Record
-from rmjax import metrics
 from rmjax.errors import ConfigError, DataError
 from rmjax.heads.reward import pooled_response
 from rmjax.scoring import compute, packing
-from rmjax.scoring.engine import judge_fn, pad_batch, paired_score_fn, rm_fn, score_fn
+from rmjax.scoring.kv_path import judge_fn, pad_batch, paired_score_fn, rm_fn, score_fn
 
 
 @dataclasses.dataclass
@@ -51,7 +52,7 @@ class ScoreSettings:
 
 @dataclasses.dataclass(frozen=True)
 class JudgeSpec:
-    """How a generative judge reads a pair (``rmjax.data.judge``)."""
+    """How a generative judge reads a pair (``rmjax.data.judge_prompts``)."""
 
     labels: tuple[str, str]  # verdicts for the first / second response shown
     label_ids: tuple[int, int]  # the token each verdict reply starts with
@@ -105,7 +106,7 @@ def encode(slot: ModelSlot, rec: Record, s: ScoreSettings) -> Encoded | str:
         return f"{rec.id}: the judge compares two responses; it scores pair records only"
     j = slot.judge
     try:
-        seqs = judge.judge_sequences(slot.tokenizer, rec, j.labels, slot_template(slot, s), j.template)
+        seqs = judge_prompts.judge_sequences(slot.tokenizer, rec, j.labels, slot_template(slot, s), j.template)
     except DataError as e:
         raise DataError(f"{rec.place or rec.id}: {e}") from None
     enc = batching.encode_sequences(seqs, 2 * s.max_length, s.over_length, name="judge ")  # it holds both responses
@@ -125,8 +126,8 @@ def judge_spec(name: str, loaded, labels: tuple[str, ...] = (), template: str = 
                           "score it with --rm")
     labels = tuple(labels or settings.get("labels") or ("A", "B"))
     chat = settings.get("template", chat)
-    text = judge.judge_template(template or judge.exported_template(name, settings))
-    return JudgeSpec(labels, judge.label_ids(loaded.tokenizer, labels, chat), text, chat)
+    text = judge_prompts.judge_template(template or judge_prompts.exported_template(name, settings))
+    return JudgeSpec(labels, judge_prompts.label_ids(loaded.tokenizer, labels, chat), text, chat)
 
 
 def batches(encoded: dict[int, Encoded], batch_size: int, buckets: tuple[int, ...]):
@@ -193,7 +194,6 @@ class Scorer:
         """Rows split over the mesh's data-parallel axes where they divide (else replicated)."""
         if self.mesh is None:
             return batch
-        from rmjax import sharding as shd
         if self.spans_processes:  # each process places the rows of its own devices
             return {k: jax.make_array_from_callback(v.shape, shd.batch_sharding(self.mesh, v.shape),
                                                     lambda index, v=v: v[index]) for k, v in batch.items()}
@@ -208,7 +208,6 @@ class Scorer:
     def _run(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
         if self.mesh is None:
             return self._run_batches(name, slot, encoded, out)
-        from rmjax import sharding as shd
         with shd.activate(self.mesh, self.strategy):
             return self._run_batches(name, slot, encoded, out)
 

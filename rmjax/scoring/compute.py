@@ -9,7 +9,7 @@ scan, training and evaluation):
     judge_margin(logits)                      a generative judge's verdict log-odds over both candidate orders
 
 A *stats function* ``stats(params, config, batch, head, with_tokens, token_chunk) -> dict`` runs a
-model over one batch layout (``rmjax.scoring.engine``: prompt KV cache; ``rmjax.scoring.packing``:
+model over one batch layout (``rmjax.scoring.kv_path``: prompt KV cache; ``rmjax.scoring.packing``:
 packed prompt trees) and returns per-sequence arrays.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@
             -> per example: final-normed hidden states at each response's last token and at the
                gating token, response lengths, ratings -> zarr arrays + one parquet part per shard
 
-Layout of ``out_dir`` (a ``ScoreWriter`` run of its own format, ``rmjax-features/1``):
+Layout of ``out_dir`` (a ``RunWriter`` run of its own format, ``rmjax-features/1``):
 
     metadata.json                 provenance: model (name and resolved source), data + fingerprint,
                                   template, gating rule, max length, dtype, objectives, versions,
@@ -40,14 +40,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax import sharding as shd
 from rmjax.data import batching
 from rmjax.data.chat import template_name
 from rmjax.data.records import Record, Share, rating_matrix
+from rmjax.distributed import exchange, main_first
 from rmjax.errors import DataError, RmjaxError
 from rmjax.heads.reward import pooled_response
-from rmjax.runs import fsync_path, write_json
+from rmjax.runs import RunWriter, finished_metadata, fsync_path, write_json
 from rmjax.scoring import compute
-from rmjax.scoring.output import ScoreWriter, finished_metadata
+from rmjax.scoring.packing import packed_hidden
 
 ARRAYS = ("response", "gate")
 GATING_RULE = "the token that closes the last user turn (rmjax.data.chat.gate_offset)"
@@ -63,8 +65,8 @@ class FeatureSettings:
     batch_tokens: int = 4096
 
 
-class FeatureWriter(ScoreWriter):
-    """The parts + metadata of ``ScoreWriter``, plus the two feature arrays (module docstring)."""
+class FeatureWriter(RunWriter):
+    """The parts + metadata of ``RunWriter``, plus the two feature arrays (module docstring)."""
 
     FORMAT = "rmjax-features/1"
     REQUIRED = ("model", "template", "dtype", "data_hash", "max_length", "width", "responses", "objectives")
@@ -134,7 +136,6 @@ class FeatureWriter(ScoreWriter):
 @functools.lru_cache(maxsize=None)
 def feature_fn(config) -> Callable:
     """jit'd (params, packed arrays) -> {"response", "gate"} [R, S, D] float32 per slot."""
-    from rmjax.scoring.packing import packed_hidden
 
     def fn(params, batch):
         hidden = packed_hidden(params, config, batch)  # after the final norm
@@ -158,7 +159,6 @@ class FeatureExtractor:
     def _place(self, batch: dict) -> dict:
         if self.mesh is None:
             return batch
-        from rmjax import sharding as shd
         return {k: jax.device_put(v, shd.batch_sharding(self.mesh, v.shape)) for k, v in batch.items()}
 
     def encode(self, records: list[Record]) -> tuple[dict[int, batching.Encoded], dict[int, str]]:
@@ -191,7 +191,6 @@ class FeatureExtractor:
             if self.mesh is None:
                 res = self.fn(self.loaded.params, pb.arrays)
             else:
-                from rmjax import sharding as shd
                 with shd.activate(self.mesh, self.strategy):
                     res = self.fn(self.loaded.params, self._place(pb.arrays))
             res = {k: np.asarray(jax.device_get(v)).reshape(-1, width) for k, v in res.items()}
@@ -253,7 +252,6 @@ def cache_features(records: list[Record] | Share, loaded, out_dir: Path | str, *
     source, data, data_hash, sample, ...) joins the settings that identify the run; re-running with
     the same ones resumes, other ones are refused.
     """
-    from rmjax.distributed import exchange, main_first
 
     if isinstance(records, Share):
         if records.shard_size != settings.shard_size:

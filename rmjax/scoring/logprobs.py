@@ -30,11 +30,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike, DTypeLike
 
 from rmjax.errors import DataError
-
 from rmjax.sharding import BATCH_MESH_AXES as BATCH_AXES  # noqa: E402
 from rmjax.sharding import SEQUENCE_MESH_AXIS as SEQUENCE_AXIS  # noqa: E402
 from rmjax.sharding import VOCAB_MESH_AXIS as VOCAB_AXIS  # noqa: E402

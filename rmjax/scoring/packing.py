@@ -6,7 +6,7 @@ model runs over the rows; only response tokens are unembedded (``target_*``, row
 heads and a judge's verdict logits are read at each response's last token (``seq_index``; a gated
 reward head also at its tree's gating token, ``seq_gate_index``).
 
-Compared with the KV-cache path (``rmjax.scoring.engine``, best for one prompt x many responses,
+Compared with the KV-cache path (``rmjax.scoring.kv_path``, best for one prompt x many responses,
 as in the vocabulary scan), packing removes the padding of length-bucketed batches: in HH-RLHF,
 responses of very different lengths share a batch, which leaves most of a padded batch empty.
 """

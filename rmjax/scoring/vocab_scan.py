@@ -31,7 +31,7 @@ from rmjax.errors import ConfigError
 from rmjax.heads.reward import pooled_response
 from rmjax.models.transformer import forward, unembedding_matrix
 from rmjax.pooling import gather_last
-from rmjax.scoring.engine import pad_batch, rm_fn, score_fn
+from rmjax.scoring.kv_path import pad_batch, rm_fn, score_fn
 from rmjax.scoring.logprobs import next_token_logprobs
 
 

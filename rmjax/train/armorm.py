@@ -40,9 +40,16 @@ import numpy as np
 
 from rmjax import runs
 from rmjax.errors import ConfigError, DataError, RmjaxError
-from rmjax.heads.armorm import ArmoRMGatingHead, verbosity_transform_matrix
-from rmjax.heads.probe import L2_GRID, logistic_select, ridge_select
+from rmjax.heads.armorm import (
+    ArmoRMGatingHead,
+    head_from_released,
+    released_from_head,
+    verbosity_transform_matrix,
+)
+from rmjax.metrics import best_of_n_scores
+from rmjax.regression import L2_GRID, logistic_select, ridge_select
 from rmjax.train import trainer
+from rmjax.train.evaluate import accuracy_report
 
 # The authors' stage-2 defaults (stage-2_train.py) and verbosity penalty grid.
 PENALTY_GRID = (0, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6,
@@ -417,7 +424,6 @@ def gate(stage1_dir: Path | str, debias_dir: Path | str | None, pairs, out_dir: 
     head = {"regression_layer": {"kernel": w}, "gating": jax.device_get(p), "reward_transform": np.asarray(transform)}
     settings_out = gate_settings(stage1["objectives"], s)
     margins = np.asarray(_scores(head, settings_out, gate_x, diff))
-    from rmjax.heads.armorm import released_from_head
     _save(out / GATE_FILE, {n: v for n, v in released_from_head(head).items() if n.startswith("gating.")})
     record = {"stage": "gate", **ident, "pairs_total": len(diff), "pairs_train": len(train), "pairs_val": len(val),
               "train_accuracy": float(np.mean(margins[train] > 0)),
@@ -453,7 +459,6 @@ def _scores(head: dict, settings: dict, gate_x: np.ndarray, rewards: np.ndarray)
 
 def load_stages(stage1_dir, debias_dir, gate_dir) -> tuple[dict, dict]:
     """(head params, head settings) from the three stage outputs."""
-    from rmjax.heads.armorm import head_from_released
 
     w, _ = load_regression(stage1_dir)
     record = _read_json(Path(gate_dir) / "stage2.json", "gate")
@@ -483,8 +488,6 @@ def cache_scores(head: dict, settings: dict, cache) -> np.ndarray:
 def evaluate(head: dict, settings: dict, cache) -> dict:
     """Accuracy per subset with Wilson 95% intervals (``rmjax.train.evaluate``) of the pairs and
     best-of-N records of ``cache`` (ties 0.5; RewardBench 2's best-of-N rule)."""
-    from rmjax.metrics import best_of_n_scores
-    from rmjax.train.evaluate import accuracy_report
 
     keep = cache.kinds != "single"
     if not keep.any():

@@ -17,6 +17,7 @@ import numpy as np
 
 from rmjax.errors import ConfigError
 from rmjax.heads.reward import linear_head
+from rmjax.models.loading import load_model
 from rmjax.train import params as tparams
 from rmjax.train.config import load_config
 
@@ -34,8 +35,6 @@ def checkpoint_model(run_dir: str | Path, step: int, base=None):
     """The run's model at ``step`` (a ``LoadedModel``); ``base``: the run's base model already loaded
     (fp32, with tokenizer), to load it once for many steps."""
     import orbax.checkpoint as ocp
-
-    from rmjax.models.loading import load_model
 
     run_dir = Path(run_dir)
     run = load_config(run_dir / "config.yaml")

@@ -15,8 +15,11 @@ from pathlib import Path
 
 from rmjax import config as rconfig
 from rmjax.config import knob, section
+from rmjax.data.judge_prompts import judge_template
+from rmjax.errors import ConfigError
 from rmjax.sections import BatchSection, DataSection, MeshSection, ModelSection
 from rmjax.sharding import RULES
+from rmjax.train.objectives import check_combination
 
 HEAD_KINDS = ("scalar", "multi_objective", "armorm", "judge", "lm")
 LOSS_KINDS = ("bt", "mse", "ce", "dpo", "nll")
@@ -34,14 +37,14 @@ class TrainData(DataSection):
 
 @dataclasses.dataclass(kw_only=True)
 class HeadSection:
-    kind: str = knob("scalar", "the head (rmjax.train.heads): scalar | multi_objective | armorm | judge | lm", HEAD_KINDS)
+    kind: str = knob("scalar", "the head (rmjax.train.objectives): scalar | multi_objective | armorm | judge | lm", HEAD_KINDS)
     objectives: tuple[str, ...] = knob((), "multi_objective / armorm: objective names (empty: from the data)")
     regression_from: str = knob("", "armorm: the multi_objective run's final/ dir (its frozen regression)")
     gate_hidden: int = knob(1024, "armorm: the gate's hidden width")
     gate_layers: int = knob(3, "armorm: the gate's hidden layers")
     gate_temperature: float = knob(10.0, "armorm: the gate's softmax temperature")
     judge_labels: tuple[str, ...] = knob(("A", "B"), "judge: the verdict tokens for the first / second response")
-    judge_template: str = knob("rmjax", "judge: rmjax | gram | a template file (rmjax.data.judge)")
+    judge_template: str = knob("rmjax", "judge: rmjax | gram | a template file (rmjax.data.judge_prompts)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -136,13 +139,10 @@ class TrainConfig:
 
 def validate(config: TrainConfig, where: str = "config") -> TrainConfig:
     """Every field and section checked, the head x loss combination trainable, the judge template readable."""
-    from rmjax.errors import ConfigError
-    from rmjax.train.heads import check_combination
 
     rconfig.validate(config, where)
     check_combination(config, where)
     if config.head.kind == "judge":
-        from rmjax.data.judge import judge_template
         try:
             judge_template(config.head.judge_template)
         except ConfigError as e:

@@ -24,10 +24,10 @@ from rmjax import sharding as shd
 from rmjax.benchmarks import load_categories, markdown  # noqa: F401 (re-exported)
 from rmjax.metrics import accuracy_report, wilson  # noqa: F401 (re-exported)
 from rmjax.scoring import compute
-from rmjax.train import batches as tbatches
+from rmjax.train import plan as tplan
 
 
-def outputs_per_example(eval_fn, trainable, frozen, examples: list, layout: tbatches.Layout, mesh,
+def outputs_per_example(eval_fn, trainable, frozen, examples: list, layout: tplan.Layout, mesh,
                         batch_size: int) -> list[dict[str, np.ndarray]]:
     """Per example {output name: [responses, ...]} from the eval step; batches of ``batch_size``
     examples sorted by length (the order does not change any output). With several processes each
@@ -39,8 +39,8 @@ def outputs_per_example(eval_fn, trainable, frozen, examples: list, layout: tbat
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         group = [examples[i] for i in idx]
-        sizes = tbatches.shapes([group], layout)
-        arrays, slots = tbatches.arrays(group, layout, sizes)
+        sizes = tplan.shapes([group], layout)
+        arrays, slots = tplan.arrays(group, layout, sizes)
         arrays = {k: jax.device_put(v, shd.batch_sharding(mesh, v.shape)) for k, v in arrays.items()}
         res = {k: np.asarray(v) for k, v in jax.device_get(eval_fn(trainable, frozen, arrays)).items()}
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in res.items()}

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from rmjax.data import batching, judge
+from rmjax.data import batching, judge_prompts
 from rmjax.data.chat import render
 from rmjax.data.records import Record, RecordReport, rating_matrix, read_records
 from rmjax.errors import DataError
@@ -91,8 +91,8 @@ def _judge_example(tokenizer, rec: Record, run) -> Example | str:
     if rec.responses[0] == rec.responses[1]:
         return f"{rec.id}: chosen and rejected are identical"
     d = run.data
-    seqs = judge.judge_sequences(tokenizer, rec, run.head.judge_labels, d.template,
-                                 judge.judge_template(run.head.judge_template))
+    seqs = judge_prompts.judge_sequences(tokenizer, rec, run.head.judge_labels, d.template,
+                                 judge_prompts.judge_template(run.head.judge_template))
     enc = batching.encode_sequences(seqs, 2 * d.max_length, d.over_length)  # the prompt holds both responses
     if isinstance(enc, str):
         return f"{rec.id}: {enc}"
@@ -105,7 +105,7 @@ def _lm_pairs_example(tokenizer, rec: Record, run) -> Example | str:
     if rec.kind != "pair":
         return f"{rec.id}: pair pretraining writes out two answers; give pair records"
     swap = bool(np.random.default_rng([run.data.shuffle_seed, rec.index]).integers(2))
-    prompt, text = judge.pair_text(rec, swap)
+    prompt, text = judge_prompts.pair_text(rec, swap)
     d = run.data
     p, r = render(tokenizer, prompt, text, d.template)
     kept = batching.truncate(p, [r], 2 * d.max_length, d.over_length)  # the reply holds both answers

@@ -34,13 +34,13 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from rmjax.data.judge import TEMPLATES, judge_template
+from rmjax.data.judge_prompts import TEMPLATES, judge_template
 from rmjax.errors import ConfigError
-from rmjax.heads.armorm import RELEASED_ARCHITECTURE
-from rmjax.heads.reward import GATE_FILE
-from rmjax.io import adapters
+from rmjax.heads.armorm import RELEASED_ARCHITECTURE, released_from_head
+from rmjax.heads.reward import GATE_FILE, export_settings
+from rmjax.io import adapters, registry
 from rmjax.models import family_of
-from rmjax.models.loading import canonical_name
+from rmjax.models.loading import canonical_name, load_model
 from rmjax.train import params as tparams
 
 JUDGE_TEMPLATE_FILE = "judge_template.txt"
@@ -167,8 +167,6 @@ def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | No
     import orbax.checkpoint as ocp
     from safetensors.numpy import save_file
 
-    from rmjax.io import registry
-
     statics = statics or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +228,6 @@ def host_copy(tree):
 def load_head(directory: str | Path, loaded) -> tuple[str, dict, dict]:
     """(head kind, head params, settings) of a loaded model: its reward head (``rmjax.heads.reward``:
     any released layout or rmjax export), else the causal LM's rmjax.json settings (judge, lm)."""
-    from rmjax.heads.reward import export_settings
 
     directory = Path(directory)
     settings = export_settings(directory if directory.is_dir() else None)
@@ -256,10 +253,6 @@ def export_released_armorm(head: dict, settings: dict, base_model: str, out_dir:
     tensors + ``regression_layer.weight``, ``reward_transform_matrix``, ``gating.*``), the tokenizer,
     and rmjax.json (base model, head settings, ``meta``). ``rmjax.heads.reward`` / ``rmjax eval-rm`` read it."""
     from safetensors.numpy import save_file
-
-    from rmjax.heads.armorm import released_from_head
-    from rmjax.io import registry
-    from rmjax.models.loading import load_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

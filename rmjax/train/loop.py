@@ -25,16 +25,19 @@ import numpy as np
 from rmjax import distributed
 from rmjax import sharding as shd
 from rmjax.config import plain
-from rmjax.data import judge
+from rmjax.data import judge_prompts
 from rmjax.errors import ConfigError
-from rmjax.train.config import TrainConfig, save_config
-from rmjax.train import batches as tbatches
+from rmjax.models.loading import load_model
+from rmjax.scoring.bulk import same_tokenizer
 from rmjax.train import evaluate as tevaluate
 from rmjax.train import examples as texamples
-from rmjax.train import heads as theads
+from rmjax.train import objectives as tobjectives
 from rmjax.train import params as tparams
+from rmjax.train import plan as tplan
 from rmjax.train import step as tstep
 from rmjax.train import trainer
+from rmjax.train.config import TrainConfig, save_config
+from rmjax.train.export import export_run
 
 
 def check_run_dir(run: TrainConfig, overwrite: bool) -> Path:
@@ -59,9 +62,9 @@ def check_run_dir(run: TrainConfig, overwrite: bool) -> Path:
 
 
 def layout_for(run: TrainConfig, entry, pad_id: int, mesh, packed: bool | None = None, side: str = "right",
-               num_objectives: int = 0) -> tbatches.Layout:
+               num_objectives: int = 0) -> tplan.Layout:
     local_shards = max(1, shd.batch_shards(mesh) // jax.process_count())
-    return tbatches.Layout(packed=run.batch.layout == "packed" if packed is None else packed, trees=entry.trees,
+    return tplan.Layout(packed=run.batch.layout == "packed" if packed is None else packed, trees=entry.trees,
                            targets=entry.targets, pad_id=pad_id,
                            pack_length=run.row_length,
                            row_multiple=local_shards, side=side, num_objectives=num_objectives)
@@ -91,14 +94,12 @@ def model_params(run: TrainConfig, loaded, entry, mesh, extra: dict) -> dict:
 def head_extras(run: TrainConfig, loaded, mesh, train_set) -> dict:
     """What a head's init needs beyond the backbone: a loaded score head, the objective count, a
     frozen regression (armorm), a reference model (dpo)."""
-    from rmjax.models.loading import load_model
 
     extra = {"score_head": loaded.score_head, "num_objectives": len(train_set.objectives)}
     if run.head.kind == "armorm" and run.head.regression_from:
         extra["regression"] = load_model(run.head.regression_from, with_tokenizer=False).score_head
     if run.loss.kind == "dpo" and run.loss.reference:
         ref = load_model(run.loss.reference, run.model, mesh=mesh, strategy=run.mesh.strategy)
-        from rmjax.scoring.bulk import same_tokenizer
         if not same_tokenizer(ref.tokenizer, loaded.tokenizer):
             raise ConfigError(f"loss.reference={run.loss.reference!r} has another tokenizer than model.name; "
                               "DPO compares log-probs of the same token ids, so use a reference with the same one")
@@ -109,7 +110,7 @@ def head_extras(run: TrainConfig, loaded, mesh, train_set) -> dict:
 def statics_for(run: TrainConfig, tokenizer, objectives: tuple[str, ...]) -> dict:
     out: dict = {"objectives": objectives}
     if run.head.kind == "judge":
-        out["label_ids"] = judge.label_ids(tokenizer, run.head.judge_labels, run.data.template)
+        out["label_ids"] = judge_prompts.label_ids(tokenizer, run.head.judge_labels, run.data.template)
     return out
 
 
@@ -137,14 +138,14 @@ def evaluate(eval_fn, trainable, frozen, data: texamples.ExampleSet, layout, mes
     return out
 
 
-def token_counts(examples: list, plan: list, layout: tbatches.Layout, accum: int) -> dict:
+def token_counts(examples: list, plan: list, layout: tplan.Layout, accum: int) -> dict:
     """Tokens the plan computes packed and unpacked (real = without padding)."""
     out = {"packed_padded": 0, "packed_real": 0, "unpacked_padded": 0, "unpacked_real": 0}
     for indices in plan:
         for mb in np.array_split(indices, accum):
             group = [examples[i] for i in mb]
             for packed in (True, False):
-                t = tbatches.tokens(group, tbatches.Layout(**{**layout.__dict__, "packed": packed}))
+                t = tplan.tokens(group, tplan.Layout(**{**layout.__dict__, "packed": packed}))
                 name = "packed" if packed else "unpacked"
                 out[f"{name}_padded"] += t["padded"]
                 out[f"{name}_real"] += t["real"]
@@ -156,20 +157,18 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
     """Train (or resume) the run; returns the final metrics. ``stop_after`` ends early (tests)."""
     import orbax.checkpoint as ocp
 
-    from rmjax.models.loading import load_model
-
     distributed.maybe_initialize()
     run_dir = check_run_dir(run, overwrite)
     log = (lambda m: print(m, file=sys.stderr)) if distributed.is_main_process() else (lambda m: None)
     mesh = shd.make_mesh(shd.MeshConfig.for_strategy(run.mesh.strategy, **run.mesh.sizes()))
     loaded = load_model(run.model.name, run.model, mesh=mesh, strategy=run.mesh.strategy,
-                        lm_head=theads.uses_lm_head(run))
+                        lm_head=tobjectives.uses_lm_head(run))
     config, tok = loaded.config, loaded.tokenizer
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
     train_set, eval_set = distributed.on_every_process(
         "reading the training data", lambda: texamples.load_sets(run, tok, entry.trees, log))
     log(f"data ({entry.trees}): train {train_set.summary()}; eval {eval_set.summary()}")
-    steps = tbatches.planned_steps(run.train, len(train_set.examples))
+    steps = tplan.planned_steps(run.train, len(train_set.examples))
     if steps != run.train.steps:  # train.epochs: the training length follows the data quantity
         run = dataclasses.replace(run, train=dataclasses.replace(run.train, steps=steps))
         log(f"train.epochs={run.train.epochs:g} over {len(train_set.examples)} examples at batch "
@@ -205,7 +204,7 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
     if micro % jax.process_count():
         raise ConfigError(f"micro-batch train.batch_size/train.grad_accum = {micro} must be a multiple of the "
                           f"{jax.process_count()} processes")
-    plan = tbatches.plan(train_set.examples, run.train.batch_size, run.train.steps,
+    plan = tplan.plan(train_set.examples, run.train.batch_size, run.train.steps,
                          run.data.shuffle_seed + run.train.seed, run.data.max_length)
     counts = token_counts(train_set.examples, plan, layout, accum)
     log(f"tokens over {len(plan)} steps: packed {counts['packed_padded']} (real {counts['packed_real']}), "
@@ -265,7 +264,6 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
               "truncated_examples": train_set.truncated + eval_set.truncated,
               "bad_records_skipped": len(train_set.skipped) + len(eval_set.skipped), "tokens": counts}
     if int(state.step) == run.train.steps:  # every process exports (a collective); one writes the files
-        from rmjax.train.export import export_run
         export_run(tparams.merge(state.params, frozen), loaded, run, run_dir / "final", statics)
         if distributed.is_main_process():
             (run_dir / "result.json").write_text(json.dumps(result, indent=2))
@@ -287,15 +285,15 @@ def save_checkpoint(manager, step: int, state, log) -> bool:
     return True
 
 
-def local_step(examples: list, indices: np.ndarray, layout: tbatches.Layout, accum: int
+def local_step(examples: list, indices: np.ndarray, layout: tplan.Layout, accum: int
                ) -> tuple[dict[str, np.ndarray], int]:
     """This process's arrays of one step ([accum, ...]) and the step's sequence tokens. Shapes are
     the same on every process (fitted to all processes' slices); pair indices are global."""
     micro = np.array_split(indices, accum)
     n_proc, me = jax.process_count(), jax.process_index()
-    slices = [[tbatches.process_slice(mb, p, n_proc) for mb in micro] for p in range(n_proc)]
-    sizes = tbatches.shapes([[examples[i] for i in s] for per in slices for s in per], layout)
-    host = tbatches.step_arrays(examples, slices[me], layout, sizes)
+    slices = [[tplan.process_slice(mb, p, n_proc) for mb in micro] for p in range(n_proc)]
+    sizes = tplan.shapes([[examples[i] for i in s] for per in slices for s in per], layout)
+    host = tplan.step_arrays(examples, slices[me], layout, sizes)
     if "pair_a" in host:  # local flat slots -> global: earlier processes' rows come first
         offset = me * sizes["rows"] * sizes["slots"]
         host["pair_a"] = host["pair_a"] + offset
@@ -305,7 +303,7 @@ def local_step(examples: list, indices: np.ndarray, layout: tbatches.Layout, acc
     return host, real
 
 
-def batch_iterator(plan: list, examples: list, layout: tbatches.Layout, accum: int, start: int):
+def batch_iterator(plan: list, examples: list, layout: tplan.Layout, accum: int, start: int):
     """grain pipeline over the plan, positioned at ``start`` (the iterator state is the step)."""
     import grain
 

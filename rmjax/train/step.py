@@ -4,8 +4,8 @@ and donation.
     step = make_train_step(...)            # jax.jit(in_shardings, out_shardings, donate_argnums=0)
     state, metrics = step(state, frozen, batch)
 
-The backbone runs once over the batch (packed prompt trees, or padded rows: ``rmjax.train.batches``);
-the head table entry (``rmjax.train.heads``) turns its hidden states into per-slot outputs and a
+The backbone runs once over the batch (packed prompt trees, or padded rows: ``rmjax.train.plan``);
+the head table entry (``rmjax.train.objectives``) turns its hidden states into per-slot outputs and a
 loss. Gradients are accumulated over micro-batches with ``lax.scan``; AdamW with warmup + cosine and
 global-norm clipping; compute in the model's dtype with fp32 master weights and an fp32 loss. A
 non-finite loss or gradient skips the update (state unchanged, ``skipped`` = 1) instead of
@@ -27,7 +27,7 @@ from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import forward, layer_range
 from rmjax.train import params as tparams
 from rmjax.train.config import TrainConfig
-from rmjax.train.heads import Context, HeadEntry
+from rmjax.train.objectives import Context, HeadEntry
 
 
 @jax.tree_util.register_dataclass
@@ -95,7 +95,7 @@ def backbone_of(full: dict, run: TrainConfig) -> dict:
 
 def outputs(trainable: dict, frozen: dict, batch: dict, *, config: ModelConfig, run: TrainConfig, entry: HeadEntry,
             statics: dict) -> dict:
-    """Per-slot outputs of the head on this batch (see ``rmjax.train.heads``)."""
+    """Per-slot outputs of the head on this batch (see ``rmjax.train.objectives``)."""
     full = tparams.merge(trainable, frozen)
     backbone = backbone_of(full, run)
     n_frozen = frozen_layers(config, run)

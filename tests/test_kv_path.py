@@ -6,7 +6,7 @@ import pytest
 from hf_models import build
 from rmjax.heads.reward import HeadSpec
 from rmjax.models.loading import StateDictCheckpoint, load_params
-from rmjax.scoring.engine import (
+from rmjax.scoring.kv_path import (
     Encoded,
     naive_response_logprobs,
     pad_batch,

@@ -42,8 +42,10 @@ from rmjax.errors import ConfigError
 from rmjax.heads.armorm import ArmoRMGatingHead
 from rmjax.heads.judge import verdict_logits
 from rmjax.heads.scalar import MultiObjectiveHead, ScalarHead
+from rmjax.models.transformer import unembedding_matrix
 from rmjax.scoring import compute
 from rmjax.scoring.logprobs import token_logprobs
+from rmjax.scoring.packing import target_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +143,6 @@ def judge_outputs(head: dict, hidden, batch: dict, ctx: Context) -> dict:
     """At each slot's last token: the verdict tokens' logits [R, S, 2] (either order gives the same
     log-odds); with ``loss.judge_normalize: vocab`` also their log-probs over the whole vocabulary."""
     pooled = _pooled(hidden, batch)
-    from rmjax.models.transformer import unembedding_matrix
     emb = unembedding_matrix(ctx.backbone, ctx.config)
     cap = ctx.config.final_logit_softcap
     out = {"logits": verdict_logits(pooled, emb, ctx.statics["label_ids"], cap)}
@@ -152,7 +153,6 @@ def judge_outputs(head: dict, hidden, batch: dict, ctx: Context) -> dict:
 
 
 def _sequence_logp(hidden, backbone, config, batch: dict) -> dict:
-    from rmjax.scoring.packing import target_logprobs
     lp = target_logprobs(hidden, backbone, config, batch)
     return compute.sequence_stats(lp, batch["target_valid"], batch["target_slot"], batch["seq_index"].shape[1])
 

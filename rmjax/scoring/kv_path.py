@@ -26,7 +26,7 @@ from rmjax.data.batching import BUCKETS, Encoded, bucket, pad_rows
 from rmjax.heads.judge import verdict_logits
 from rmjax.heads.reward import HeadSpec, reward_outputs
 from rmjax.models.config import ModelConfig
-from rmjax.models.transformer import KVCache, forward, unembedding_matrix
+from rmjax.models.transformer import KVCache, forward, unembed, unembedding_matrix
 from rmjax.pooling import gather_at, gather_last
 from rmjax.scoring import compute
 from rmjax.scoring.logprobs import token_logprobs
@@ -156,7 +156,6 @@ def reference_hidden(params, config: ModelConfig, ids) -> np.ndarray:
 def naive_response_logprobs(params, config: ModelConfig, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
     """Reference: one full forward over prompt+response (``reference_hidden``) and a full
     log_softmax (tests only)."""
-    from rmjax.models.transformer import unembed
 
     ids = np.concatenate([prompt, response]).astype(np.int32)[None]
     logits = unembed(params, config, jnp.asarray(reference_hidden(params, config, ids[0])))

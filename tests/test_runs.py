@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from rmjax.errors import ConfigError, DataError, RmjaxError
-from rmjax.scoring.output import ScoreWriter, read_token_logprobs
+from rmjax.runs import RunWriter, read_token_logprobs
 
 SETTINGS = {"models": {"policy": "smollm2-135m-instruct", "reference": None}, "beta": 0.1, "reduction": "sum",
             "template": "model", "dtype": "float32", "data_hash": "ab12"}
 
 
-def rows_for(writer: ScoreWriter, shard: int, skip: tuple[int, ...] = ()) -> list[dict]:
+def rows_for(writer: RunWriter, shard: int, skip: tuple[int, ...] = ()) -> list[dict]:
     return [{"index": i, "id": f"ex{i}", "score": i / 2} for i in writer.shard_range(shard) if i not in skip]
 
 
@@ -27,7 +27,7 @@ def scores(out: Path) -> list[dict]:
 
 
 def test_shards_in_any_order_finalize_in_index_order(tmp_path):
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=10, shard_size=4)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=10, shard_size=4)
     assert (w.num_shards, w.pending_shards(), w.shard_range(2)) == (3, [0, 1, 2], range(8, 10))
     for k in (2, 0, 1):
         w.write_shard(k, list(reversed(rows_for(w, k))))
@@ -39,7 +39,7 @@ def test_shards_in_any_order_finalize_in_index_order(tmp_path):
     assert meta["counts"] == {"examples": 10, "scored": 10, "skipped": 0, "shards": 3}
     assert set(meta["versions"]) == {"rmjax", "jax", "jaxlib", "python"} and meta["completed"] >= meta["created"]
     assert w.is_complete()
-    in_order = ScoreWriter(tmp_path / "again", SETTINGS, num_examples=10, shard_size=4)
+    in_order = RunWriter(tmp_path / "again", SETTINGS, num_examples=10, shard_size=4)
     for k in range(3):
         in_order.write_shard(k, rows_for(in_order, k))
     in_order.finalize({"accuracy": 0.75})
@@ -47,7 +47,7 @@ def test_shards_in_any_order_finalize_in_index_order(tmp_path):
 
 
 def test_skipped_examples_are_counted_and_listed(tmp_path):
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
     w.write_shard(0, rows_for(w, 0, skip=(1,)), skipped={1: "ex1: 9000 tokens > max length 4096"})
     w.write_shard(1, [], skipped={3: "a", 4: "b", 5: "c"})
     w.finalize()
@@ -65,7 +65,7 @@ def test_skipped_examples_are_counted_and_listed(tmp_path):
     ([0, 1, 2], {2: "x"}, "'both scored and skipped': [2]"),
 ])
 def test_a_shard_must_hold_exactly_its_examples(tmp_path, rows, skipped, problem):
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
     with pytest.raises(ValueError, match="shard 0 \\(examples 0..2\\)") as err:
         w.write_shard(0, [{"index": i} for i in rows], skipped=skipped)
     assert problem in str(err.value)
@@ -73,7 +73,7 @@ def test_a_shard_must_hold_exactly_its_examples(tmp_path, rows, skipped, problem
 
 
 def test_a_shard_is_written_once_and_finalize_waits_for_all(tmp_path):
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
     w.write_shard(1, rows_for(w, 1))
     with pytest.raises(RmjaxError, match="shard 1 is already written"):
         w.write_shard(1, rows_for(w, 1))
@@ -86,30 +86,30 @@ def test_a_shard_is_written_once_and_finalize_waits_for_all(tmp_path):
 
 
 def test_changed_settings_are_refused_and_nothing_is_lost(tmp_path):
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
     w.write_shard(0, rows_for(w, 0))
     before = (tmp_path / "metadata.json").read_bytes()
     changed = {**SETTINGS, "beta": 0.2, "models": {"policy": "other", "reference": None}}
     with pytest.raises(RmjaxError, match=r"different settings \(beta, models.policy\); use another --out, or "
                                          "--overwrite"):
-        ScoreWriter(tmp_path, changed, num_examples=6, shard_size=3)
+        RunWriter(tmp_path, changed, num_examples=6, shard_size=3)
     with pytest.raises(RmjaxError, match=r"different settings \(shard_size\)"):
-        ScoreWriter(tmp_path, SETTINGS, num_examples=6, shard_size=2)
+        RunWriter(tmp_path, SETTINGS, num_examples=6, shard_size=2)
     with pytest.raises(RmjaxError, match=r"different settings \(num_examples, token_logprobs\)"):
-        ScoreWriter(tmp_path, SETTINGS, num_examples=7, shard_size=3, token_logprobs=True)
+        RunWriter(tmp_path, SETTINGS, num_examples=7, shard_size=3, token_logprobs=True)
     assert (tmp_path / "metadata.json").read_bytes() == before
-    assert ScoreWriter(tmp_path, dict(reversed(SETTINGS.items())), num_examples=6, shard_size=3
+    assert RunWriter(tmp_path, dict(reversed(SETTINGS.items())), num_examples=6, shard_size=3
                        ).completed_shards() == {0}  # key order is not a difference
 
 
 def test_overwrite_replaces_only_the_writers_files(tmp_path):
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=4, shard_size=2, token_logprobs=True)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=4, shard_size=2, token_logprobs=True)
     for k in (0, 1):
         w.write_shard(k, rows_for(w, k), token_logprobs=[np.zeros(3)] * 2)
     w.finalize()
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "parts" / "README").write_text("also mine")
-    fresh = ScoreWriter(tmp_path, {**SETTINGS, "beta": 0.5}, num_examples=4, shard_size=2, overwrite=True)
+    fresh = RunWriter(tmp_path, {**SETTINGS, "beta": 0.5}, num_examples=4, shard_size=2, overwrite=True)
     assert fresh.completed_shards() == set() and not fresh.is_complete()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", "notes.txt", "parts"]
     assert [p.name for p in (tmp_path / "parts").iterdir()] == ["README"]
@@ -123,17 +123,17 @@ def test_foreign_or_orphaned_directories_are_refused(tmp_path):
     (tmp_path / "a" / "metadata.json").write_text('{"experiment": 3}')
     for overwrite in (False, True):
         with pytest.raises(RmjaxError, match="not the metadata of an rmjax score run"):
-            ScoreWriter(tmp_path / "a", SETTINGS, num_examples=1, overwrite=overwrite)
+            RunWriter(tmp_path / "a", SETTINGS, num_examples=1, overwrite=overwrite)
     (tmp_path / "b" / "parts").mkdir(parents=True)
     (tmp_path / "b" / "parts" / "part-00000.parquet").write_bytes(b"")
     with pytest.raises(RmjaxError, match="no metadata.json, so it is no run that can be resumed"):
-        ScoreWriter(tmp_path / "b", SETTINGS, num_examples=1)
+        RunWriter(tmp_path / "b", SETTINGS, num_examples=1)
     with pytest.raises(ConfigError, match=r"score settings lack \['data_hash'\]"):
-        ScoreWriter(tmp_path / "c", {k: v for k, v in SETTINGS.items() if k != "data_hash"}, num_examples=1)
+        RunWriter(tmp_path / "c", {k: v for k, v in SETTINGS.items() if k != "data_hash"}, num_examples=1)
 
 
 def test_resume_after_a_crash_removes_leftovers_and_completes(tmp_path):
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=9, shard_size=3, token_logprobs=True)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=9, shard_size=3, token_logprobs=True)
     for k in (0, 2):
         w.write_shard(k, rows_for(w, k), token_logprobs=[np.full(2, k, np.float32)] * 3)
     # what a kill mid-shard 1 leaves: a half-written temp part and a token array without its part
@@ -142,7 +142,7 @@ def test_resume_after_a_crash_removes_leftovers_and_completes(tmp_path):
     stray_meta = tmp_path / ".metadata.json.4242.tmp"
     stray_meta.write_text("{")
     w.tokens.write_shard(1, [np.ones(5)])
-    resumed = ScoreWriter(tmp_path, SETTINGS, num_examples=9, shard_size=3, token_logprobs=True)
+    resumed = RunWriter(tmp_path, SETTINGS, num_examples=9, shard_size=3, token_logprobs=True)
     assert resumed.completed_shards() == {0, 2} and resumed.pending_shards() == [1]
     assert not stray_part.exists() and not stray_meta.exists() and resumed.tokens.shards() == {0, 2}
     resumed.write_shard(1, rows_for(resumed, 1), token_logprobs=[np.full(4, 1, np.float32)] * 3)
@@ -150,14 +150,14 @@ def test_resume_after_a_crash_removes_leftovers_and_completes(tmp_path):
     got = scores(tmp_path)
     assert [r["index"] for r in got] == list(range(9)) and [r["id"] for r in got] == [f"ex{i}" for i in range(9)]
     assert read_token_logprobs(tmp_path, 4).tolist() == [1.0] * 4
-    again = ScoreWriter(tmp_path, SETTINGS, num_examples=9, shard_size=3, token_logprobs=True)
+    again = RunWriter(tmp_path, SETTINGS, num_examples=9, shard_size=3, token_logprobs=True)
     assert again.is_complete() and again.pending_shards() == []
 
 
 KILLED_WRITER = """
 import sys, numpy as np
-from rmjax.scoring.output import ScoreWriter
-w = ScoreWriter(sys.argv[1], {settings}, num_examples=4000, shard_size=100, token_logprobs=True)
+from rmjax.runs import RunWriter
+w = RunWriter(sys.argv[1], {settings}, num_examples=4000, shard_size=100, token_logprobs=True)
 rng = np.random.default_rng(0)
 for k in w.pending_shards():
     w.write_shard(k, [{{"index": i, "text": rng.bytes(20000).hex()}} for i in w.shard_range(k)],
@@ -176,7 +176,7 @@ def test_kill_9_mid_run_leaves_only_whole_parts(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=4000, shard_size=100, token_logprobs=True)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=4000, shard_size=100, token_logprobs=True)
     done = w.completed_shards()
     assert 3 <= len(done) < 40
     for k in done:
@@ -185,7 +185,7 @@ def test_kill_9_mid_run_leaves_only_whole_parts(tmp_path):
 
 
 def test_token_logprobs_round_trip_per_stream(tmp_path):
-    w = ScoreWriter(tmp_path, SETTINGS, num_examples=5, shard_size=2, token_logprobs=True)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=5, shard_size=2, token_logprobs=True)
     rng = np.random.default_rng(0)
     tokens = {0: {"chosen": rng.normal(size=3), "rejected": rng.normal(size=7)},
               1: {"chosen": rng.normal(size=1), "rejected": np.zeros(0)},
@@ -207,5 +207,5 @@ def test_token_logprobs_round_trip_per_stream(tmp_path):
     with pytest.raises(DataError, match="example 2 has no row; it was skipped"):
         read_token_logprobs(tmp_path, 2)
     with pytest.raises(ValueError, match="must be given with per-token arrays"):
-        ScoreWriter(tmp_path / "other", SETTINGS, num_examples=2, token_logprobs=True).write_shard(
+        RunWriter(tmp_path / "other", SETTINGS, num_examples=2, token_logprobs=True).write_shard(
             0, [{"index": 0}, {"index": 1}])

@@ -11,16 +11,16 @@ import pytest
 from hf_models import save_tiny_checkpoint
 from rmjax import losses
 from rmjax import sharding as shd
-from rmjax.data import judge
+from rmjax.data import judge_prompts
 from rmjax.data.records import Record
 from rmjax.errors import ConfigError, DataError
 from rmjax.heads.armorm import ArmoRMGatingHead
 from rmjax.models.loading import load_model
 from rmjax.models.transformer import unembed
-from rmjax.scoring.engine import naive_response_logprobs, reference_hidden
-from rmjax.train import batches as tbatches
+from rmjax.scoring.kv_path import naive_response_logprobs, reference_hidden
+from rmjax.train import plan as tplan
 from rmjax.train import examples as texamples
-from rmjax.train import heads as theads
+from rmjax.train import objectives as tobjectives
 from rmjax.train import loop as tloop
 from rmjax.train import params as tparams
 from rmjax.train import step as tstep
@@ -67,7 +67,7 @@ def records(kind: str) -> list[Record]:
 def setup(tiny, name):
     run = load_config(None, [*COMBOS[name], "train.lora_rank=4", "optim.lr=3e-3", "optim.warmup_steps=1",
                              "train.steps=10", "data.max_length=96", "model.dtype=float32"])
-    entry = theads.entry(run)
+    entry = tobjectives.entry(run)
     exs = texamples.build(records(entry.trees), tiny.tokenizer, run, entry.trees)
     assert len(exs) >= 4, exs.summary()
     mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
@@ -81,7 +81,7 @@ def setup(tiny, name):
         full["backbone"] = {**full["backbone"], "layers": jax.tree.map(lambda x: x.at[-1].add(0.02),
                                                                        full["backbone"]["layers"])}
     statics = tloop.statics_for(run, tiny.tokenizer, exs.objectives)
-    layout = tbatches.Layout(packed=True, trees=entry.trees, targets=entry.targets, pad_id=tiny.tokenizer.pad_id,
+    layout = tplan.Layout(packed=True, trees=entry.trees, targets=entry.targets, pad_id=tiny.tokenizer.pad_id,
                              pack_length=192, num_objectives=len(exs.objectives))
     return run, entry, exs, full, statics, layout, mesh
 
@@ -160,7 +160,7 @@ def test_head_outputs_and_loss_equal_naive_and_training_lowers_the_loss(tiny, na
     run, entry, exs, full, statics, layout, mesh = setup(tiny, name)
     trainable, frozen = tparams.split(full, run.train.trainable, run.train.last_k, entry.frozen)
     group = exs.examples[:5]
-    arrays, slots = tbatches.arrays(group, layout, tbatches.shapes([group], layout))
+    arrays, slots = tplan.arrays(group, layout, tplan.shapes([group], layout))
     kw = dict(config=tiny.config, run=run, entry=entry, statics=statics)
     out = jax.jit(lambda t, f, b: tstep.outputs(t, f, b, **kw))(trainable, frozen, arrays)
     flat = {k: np.asarray(v).reshape(-1, *np.asarray(v).shape[2:]) for k, v in out.items()}
@@ -189,7 +189,7 @@ def test_head_outputs_and_loss_equal_naive_and_training_lowers_the_loss(tiny, na
 def test_judge_trees_share_the_prompt_and_hold_both_orders(tiny):
     run = load_config(None, COMBOS["judge+ce"] + ["data.max_length=96"])
     rec = records("pairs")[0]
-    first, second = judge.judge_sequences(tiny.tokenizer, rec, ("A", "B"), "model", judge.TEMPLATES["rmjax"])
+    first, second = judge_prompts.judge_sequences(tiny.tokenizer, rec, ("A", "B"), "model", judge_prompts.TEMPLATES["rmjax"])
     ex = texamples.build([rec], tiny.tokenizer, run, "judge").examples[0]
     assert list(ex.tree.prompt) + list(ex.tree.responses[0]) == first
     assert list(ex.tree.prompt) + list(ex.tree.responses[1]) == second
@@ -215,7 +215,7 @@ def test_dpo_runs_frozen_lower_layers_once_for_policy_and_reference(tiny, name, 
     run, entry, exs, full, statics, layout, _ = setup(tiny, name)
     trainable, frozen = tparams.split(full, run.train.trainable, run.train.last_k, entry.frozen)
     group = exs.examples[:2]
-    arrays, _ = tbatches.arrays(group, layout, tbatches.shapes([group], layout))
+    arrays, _ = tplan.arrays(group, layout, tplan.shapes([group], layout))
     calls, real = [], tstep.forward
 
     def counted(params, cfg, *args, **kwargs):
@@ -236,4 +236,4 @@ def test_more_trained_layers_than_the_model_has_is_an_error(tiny, override):
     mesh = shd.make_mesh(shd.MeshConfig(strategy="dp", data=1), devices=jax.devices()[:1])
     field = override.split()[1].split("=")[0]
     with pytest.raises(ConfigError, match=rf"{field}=4 but .* has 3 layers; use at most 3"):
-        tloop.model_params(run, tiny, theads.entry(run), mesh, {})
+        tloop.model_params(run, tiny, tobjectives.entry(run), mesh, {})

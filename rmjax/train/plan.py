@@ -5,7 +5,7 @@ epoch, grouped by length bucket so that padded batches stay small). The data-ite
 just the step number, so a resumed run sees exactly the batches an uninterrupted run would; each
 process builds its own contiguous slice of every micro-batch.
 
-Arrays of one micro-batch (every head reads the same schema; ``rmjax.train.heads``):
+Arrays of one micro-batch (every head reads the same schema; ``rmjax.train.objectives``):
     packed (train.pack, the default): prompt trees in rows of at most ``pack_length`` tokens (per
         step, the ladder length that computes the fewest tokens) —
         input_ids, segment_ids, branch_ids, positions [R, L]  (``rmjax.data.batching.build_packed``)
