@@ -18,6 +18,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 import jax  # noqa: E402
 
+# The cache serves the subprocesses only: in this process, XLA:CPU's executable serialisation has
+# crashed a worker now and then (a segfault in put_executable_and_time while another thread ran),
+# and a crashed xdist worker can stall the whole run.
+jax.config.update("jax_enable_compilation_cache", False)
+
 # Eight fake CPU devices so every sharding strategy is exercised without an accelerator.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.steps=8", "train.save_every=2", "train.eval_every=4", "train.log_every=1",
              "train.batch_size=4", "train.trainable=lora", "train.lora_rank=4", "data.holdout=16",
              "data.train=hh-rlhf:harmless", "data.fraction=0.05", "data.max_length=128",
-             "model.dtype=float32", "optim.lr=1e-3"]
+             "model.dtype=float32", "optim.lr=1e-3", "train.eval_on_start=true"]
 
 
 def train_cmd(model_dir, run_dir):
@@ -78,6 +78,7 @@ def test_kill_and_resume_is_bit_identical(model_dir, tmp_path):
     r1 = json.loads((straight / "result.json").read_text())
     r2 = json.loads((resumed / "result.json").read_text())
     assert r1["eval"] == r2["eval"]
+    assert r1["eval_start"] == r2["eval_start"] and r1["eval_start"]["examples"] == r1["eval"]["examples"]  # read back on resume
 
     # the export is a real HF reward model: transformers loads it and gives rmjax's rewards
     from transformers import AutoModelForSequenceClassification

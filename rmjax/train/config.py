@@ -88,6 +88,8 @@ class TrainSection:
                                "layers below run once without a backward pass")
     seed: int = knob(0, "initialisation seed")
     eval_every: int = knob(50, "evaluate every n steps")
+    eval_on_start: bool = knob(False, "also evaluate the model before the first step (the untrained baseline; "
+                                      "result.json eval_start)")
     save_every: int = knob(50, "checkpoint every n steps")
     keep_checkpoints: int = knob(2, "checkpoints kept (0 = every one: checkpoint trajectories)")
     log_every: int = knob(10, "log metrics every n steps")

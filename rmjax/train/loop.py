@@ -134,7 +134,8 @@ def evaluate(eval_fn, trainable, frozen, data: texamples.ExampleSet, layout, mes
     report = tevaluate.accuracy_report(np.array([s for s, _ in scored]), [e.record.subset for e in data.examples])
     out = {"accuracy": report["accuracy"], "margin": float(np.mean([m for _, m in scored])),
            "examples": len(data), "ci95": report["ci95"]}
-    out.update({f"accuracy/{k}": v["accuracy"] for k, v in report["subsets"].items()})
+    for k, v in report["subsets"].items():
+        out.update({f"accuracy/{k}": v["accuracy"], f"examples/{k}": v["examples"], f"ci95/{k}": v["ci95"]})
     return out
 
 
@@ -157,6 +158,7 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
     """Train (or resume) the run; returns the final metrics. ``stop_after`` ends early (tests)."""
     import orbax.checkpoint as ocp
 
+    began = time.perf_counter()
     distributed.maybe_initialize()
     run_dir = check_run_dir(run, overwrite)
     log = (lambda m: print(m, file=sys.stderr)) if distributed.is_main_process() else (lambda m: None)
@@ -245,7 +247,8 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
             best.wait_until_finished()  # two managers must not write the same step at once
 
     end = run.train.steps if stop_after is None else min(run.train.steps, stop_after)
-    evals = trainer.EvalHook(evaluation, run.train.eval_every, metrics_log, keep_best, last=run.train.steps)
+    evals = trainer.EvalHook(evaluation, run.train.eval_every, metrics_log, keep_best, last=run.train.steps,
+                             at_start=run.train.eval_on_start)
     state = trainer.fit(state, step, start=start, end=end, hooks=[
         trainer.MetricsHook(metrics_log, run.train.log_every, with_throughput),
         evals,
@@ -262,7 +265,10 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
               "pair_presentations": int(sum(len(p) for p in plan)),
               "dropped_examples": len(train_set.dropped) + len(eval_set.dropped),
               "truncated_examples": train_set.truncated + eval_set.truncated,
-              "bad_records_skipped": len(train_set.skipped) + len(eval_set.skipped), "tokens": counts}
+              "bad_records_skipped": len(train_set.skipped) + len(eval_set.skipped), "tokens": counts,
+              "seconds": round(time.perf_counter() - began, 1)}  # this invocation: load, train, evaluate
+    if run.train.eval_on_start:
+        result["eval_start"] = evals.start_result or metrics_log.read(0, "eval")
     if int(state.step) == run.train.steps:  # every process exports (a collective); one writes the files
         export_run(tparams.merge(state.params, frozen), loaded, run, run_dir / "final", statics)
         if distributed.is_main_process():

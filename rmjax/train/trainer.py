@@ -31,7 +31,7 @@ Step = Callable[[Any, int], tuple[Any, dict]]
 class Hook:
     """Observes the loop; every method is optional."""
 
-    def begin(self, start: int, end: int) -> None:
+    def begin(self, start: int, end: int, state: Any) -> None:
         pass
 
     def after_step(self, step: int, state: Any, metrics: dict) -> None:
@@ -49,7 +49,7 @@ def due(step: int, every: int, end: int) -> bool:
 def fit(state: Any, step: Step, *, start: int, end: int, hooks: tuple[Hook, ...] | list[Hook] = ()) -> Any:
     """Run ``step`` for steps start .. end-1 with ``hooks``; returns the final state."""
     for hook in hooks:
-        hook.begin(start, end)
+        hook.begin(start, end, state)
     for s in range(start, end):
         state, metrics = step(state, s)
         for hook in hooks:
@@ -72,6 +72,15 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
 
+    def read(self, step: int, kind: str) -> dict:
+        """The values logged at ``step`` as ``kind`` ({} if none), e.g. a resumed run's start evaluation."""
+        if self.path.exists():
+            for ln in self.path.read_text().splitlines():
+                entry = json.loads(ln) if ln else {}
+                if entry.get("step") == step and entry.get("kind") == kind:
+                    return {k: v for k, v in entry.items() if k not in ("step", "kind")}
+        return {}
+
     def write(self, step: int, kind: str, values: dict) -> None:
         if not distributed.is_main_process():
             return
@@ -90,7 +99,7 @@ class Every(Hook):
     def __init__(self, every: int, fn: Callable[[int, Any, dict], None], last: int | None = None):
         self.every, self.fn, self.planned, self.last = every, fn, last, 0
 
-    def begin(self, start: int, end: int) -> None:
+    def begin(self, start: int, end: int, state: Any) -> None:
         self.last = self.planned if self.planned is not None else end
 
     def after_step(self, step: int, state: Any, metrics: dict) -> None:
@@ -110,11 +119,16 @@ class MetricsHook(Every):
 
 class EvalHook(Every):
     """``evaluate(state) -> metrics`` every ``every`` steps, written to ``log`` as "eval" and kept in
-    ``last``; ``after(step, state, metrics)`` (e.g. keep the best checkpoint) runs on each result."""
+    ``last_result``; ``after(step, state, metrics)`` (e.g. keep the best checkpoint) runs on each result.
+    ``at_start``: also evaluate the state a fresh run starts from (step 0; not ``after``), kept in
+    ``start_result`` — the untrained baseline."""
 
     def __init__(self, evaluate: Callable[[Any], dict], every: int, log: MetricsLog | None = None,
-                 after: Callable[[int, Any, dict], None] | None = None, last: int | None = None):
+                 after: Callable[[int, Any, dict], None] | None = None, last: int | None = None,
+                 at_start: bool = False):
         self.last_result: dict = {}
+        self.start_result: dict = {}
+        self.at_start, self.log, self.evaluate = at_start, log, evaluate
 
         def run(step: int, state: Any, _metrics: dict) -> None:
             self.last_result = evaluate(state)
@@ -123,6 +137,13 @@ class EvalHook(Every):
             if after is not None:
                 after(step, state, self.last_result)
         super().__init__(every, run, last)
+
+    def begin(self, start: int, end: int, state: Any) -> None:
+        super().begin(start, end, state)
+        if self.at_start and start == 0:
+            self.start_result = self.evaluate(state)
+            if self.log is not None:
+                self.log.write(0, "eval", self.start_result)
 
 
 class CheckpointHook(Every):
@@ -145,7 +166,7 @@ class ProgressHook(Hook):
     def __init__(self, total: int, desc: str = "train", enabled: bool = True):
         self.total, self.desc, self.enabled, self.bar = total, desc, enabled, None
 
-    def begin(self, start: int, end: int) -> None:
+    def begin(self, start: int, end: int, state: Any) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=self.total, initial=start, desc=self.desc, unit="step", file=sys.stderr,
