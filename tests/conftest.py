@@ -1,7 +1,10 @@
 import atexit
+import gc
 import os
 import shutil
 import tempfile
+
+import pytest
 
 # The tests' programs are tiny and many: compiling them, not running them, is most of the suite's
 # time, so XLA:CPU's LLVM back end skips its costly optimisations (about 30% less time on the train
@@ -18,12 +21,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 import jax  # noqa: E402
 
-# The cache serves the subprocesses only: in this process, XLA:CPU's executable serialisation has
-# crashed a worker now and then (a segfault in put_executable_and_time while another thread ran),
-# and a crashed xdist worker can stall the whole run.
+# The cache serves the subprocesses only: writing to it from a long-lived test worker adds to the
+# worker's live executables (see release_executables below).
 jax.config.update("jax_enable_compilation_cache", False)
 
 # Eight fake CPU devices so every sharding strategy is exercised without an accelerator.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def release_executables():
+    """Drop every compiled program after each test file. An xdist worker runs hundreds of tests, and
+    XLA:CPU keeps each live executable's machine code in its own memory mappings; a worker that kept
+    them all has crashed in compilation (a segfault in backend_compile_and_load) late in the run."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -8,6 +8,8 @@ import ast
 import contextlib
 import dataclasses
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,7 @@ def test_every_help_runs_and_every_flag_sets_a_key_of_its_config(words, parser):
         build_parser().parse_args([*words, "--help"])
     assert done.value.code == 0
     text = out.getvalue()
+    assert "flag::" not in text.lower() and "%%" not in text  # no internal names, no doubled percent signs
     specs = parser.get_default("flag_specs")
     if specs is None:  # a command over one library function without a config of its own
         return
@@ -46,6 +49,17 @@ def test_every_help_runs_and_every_flag_sets_a_key_of_its_config(words, parser):
     assert listed == [key for key, _, _ in rconfig.keys(cls)]  # every key, in order, with its default
     for flag, spec in specs.items():
         rconfig.set_key(cls(), spec.key, _default(cls, spec.key), flag)  # the key exists and takes its type
+
+
+SCRIPTS = sorted((ROOT.parent / "experiments").glob("*/*.py")) + [ROOT.parent / "tools" / "readme_tables.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[f"{p.parent.name}/{p.name}" for p in SCRIPTS])
+def test_every_experiment_driver_help_runs(script):
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage:") and "Traceback" not in done.stderr
 
 
 def _default(cls, key: str):

@@ -9,3 +9,8 @@ for cfg in scalar_bt multi_objective_mse armorm_bt judge_ce lm_dpo; do
     || { tail -20 "runs/rm_heads/$cfg.log.txt"; exit 1; }
   tail -3 "runs/rm_heads/$cfg.log.txt"
 done
+# the results README.md's table is rendered from (python tools/readme_tables.py)
+mkdir -p experiments/rm_heads/results
+for cfg in scalar_bt multi_objective_mse armorm_bt judge_ce lm_dpo; do
+  cp "runs/rm_heads/$cfg/result.json" "experiments/rm_heads/results/$cfg.json"
+done

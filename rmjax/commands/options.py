@@ -79,6 +79,8 @@ def add_config_arguments(p: argparse.ArgumentParser, cls: type, flags: dict[str,
                 kwargs["nargs"] = spec.nargs
             if spec.metavar is not None:
                 kwargs["metavar"] = spec.metavar
+            elif "choices" not in kwargs:  # the dest is internal (flag::--name): name the value after the flag
+                kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         p.add_argument(flag, **kwargs)
     p.set_defaults(flag_specs={k: (v if isinstance(v, Flag) else Flag(v)) for k, v in flags.items()}, job=cls)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
