@@ -21,6 +21,8 @@ _COMMANDS = (
     "rmjax.commands.score",
     "rmjax.commands.features",
     "rmjax.commands.armorm",
+    "rmjax.commands.sae",
+    "rmjax.commands.rloo",
     "rmjax.analysis.cli",
     "rmjax.commands.implicit_bias",
 )

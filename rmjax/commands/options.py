@@ -77,6 +77,7 @@ def add_config_arguments(p: argparse.ArgumentParser, cls: type, flags: dict[str,
                 kwargs["choices"] = f.metadata["choices"]
             if spec.nargs is not None:
                 kwargs["nargs"] = spec.nargs
+        if spec.action not in ("store_true", "store_false"):
             if spec.metavar is not None:
                 kwargs["metavar"] = spec.metavar
             elif "choices" not in kwargs:  # the dest is internal (flag::--name): name the value after the flag

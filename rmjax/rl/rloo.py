@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from rmjax import losses
+from rmjax.config import knob
 from rmjax.errors import ConfigError
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import forward, unembedding_matrix
@@ -43,31 +44,37 @@ from rmjax.train import params as tparams
 from rmjax.train import trainer
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RLOOConfig:
-    run_dir: str = "runs/rloo"
-    steps: int = 50
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 4  # K >= 2
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.05  # KL penalty
-    trainable: str = "lora"  # lora | full
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lr: float = 1e-4
-    clip_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 10
+    run_dir: str = knob("runs/rloo", "the run directory (settings, metrics.jsonl, checkpoints)")
+    steps: int = knob(50, "optimizer steps")
+    prompts_per_step: int = knob(8, "prompts per step")
+    samples_per_prompt: int = knob(4, "K samples per prompt (>= 2: the leave-one-out baseline)")
+    max_new_tokens: int = knob(32, "tokens sampled per reply at most")
+    temperature: float = knob(1.0, "sampling temperature")
+    top_p: float = knob(1.0, "nucleus sampling mass")
+    beta: float = knob(0.05, "KL penalty to the starting model")
+    trainable: str = knob("lora", "LoRA adapters on q/k/v/o or the full model", ("lora", "full"))
+    lora_rank: int = knob(8, "LoRA rank")
+    lora_alpha: float = knob(16.0, "LoRA alpha (scale alpha / rank)")
+    lr: float = knob(1e-4, "Adam learning rate")
+    clip_norm: float = knob(1.0, "global gradient-norm clip")
+    seed: int = knob(0, "prompt order and sampling keys")
+    save_every: int = knob(10, "steps between checkpoints")
 
     def __post_init__(self):
-        if self.trainable not in ("lora", "full"):
-            raise ConfigError(f"trainable={self.trainable!r}: RLOO trains 'lora' adapters or the 'full' model")
-        if self.samples_per_prompt < 2:
-            raise ConfigError(f"samples_per_prompt={self.samples_per_prompt}: the leave-one-out baseline needs >= 2")
-        if self.beta < 0:
-            raise ConfigError(f"beta={self.beta}: the KL penalty coefficient must be >= 0")
+        for ok, message in self.check():
+            if not ok:
+                raise ConfigError(message)
+
+    def check(self) -> list[tuple[bool, str]]:
+        return [(self.trainable in ("lora", "full"),
+                 f"trainable={self.trainable!r}: RLOO trains 'lora' adapters or the 'full' model"),
+                (self.samples_per_prompt >= 2,
+                 f"samples_per_prompt={self.samples_per_prompt}: the leave-one-out baseline needs >= 2"),
+                (self.beta >= 0, f"beta={self.beta}: the KL penalty coefficient must be >= 0"),
+                (min(self.steps, self.prompts_per_step, self.max_new_tokens, self.save_every) >= 1,
+                 "steps, prompts_per_step, max_new_tokens and save_every must be >= 1")]
 
 
 @jax.tree_util.register_dataclass

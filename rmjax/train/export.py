@@ -214,6 +214,24 @@ def export_run(full_params: dict, loaded, run, out_dir: Path, statics: dict | No
     return out_dir
 
 
+def export_policy(backbone: dict, loaded, base: str, out_dir: Path, meta: dict) -> Path:
+    """``out_dir/``: a complete HF ``*ForCausalLM`` directory of ``base``'s layout with ``backbone``'s
+    weights (e.g. an RL-tuned policy, adapters merged) and ``rmjax.json`` = ``meta``. One process."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = registry.open_checkpoint(registry.resolve_model(base))
+    tensors = hf_state_dict(jax.device_get(backbone), ckpt, loaded.config)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
+    pad_id = loaded.tokenizer.pad_id if loaded.tokenizer else None
+    (out_dir / "config.json").write_text(json.dumps(_hf_config(ckpt, "lm", 0, [], pad_id), indent=2))
+    (out_dir / "rmjax.json").write_text(json.dumps({"base_model": base, **meta}, indent=2))
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_hf(out_dir)
+    return out_dir
+
+
 def host_copy(tree):
     """NumPy copies of a pytree's arrays; arrays that span processes are gathered (a collective:
     every process must call it)."""
