@@ -80,9 +80,18 @@ def test_mesh_config_errors():
 
 
 def test_command_strategy_choices_are_the_rules_table():
-    from rmjax.commands.options import STRATEGY_CHOICES
+    import dataclasses
 
-    assert STRATEGY_CHOICES == ("none", *shd.RULES)
+    from rmjax.cli import build_parser
+    from rmjax.sections import MeshSection
+
+    field = {f.name: f for f in dataclasses.fields(MeshSection)}["strategy"]
+    assert field.metadata["choices"] == ("none", *shd.RULES)
+    # every command's --strategy offers exactly those
+    score = build_parser().parse_args(["score", "--strategy", "fsdp"])
+    assert getattr(score, "flag::--strategy") == "fsdp"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--strategy", "no_such_rule"])
 
 
 def test_mesh_axis_names_appear_only_in_the_rules_module():
