@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -253,6 +253,23 @@ def length_split() -> LengthSplit | None:
         return None
     return LengthSplit(group[0] if len(group) == 1 else group, math.prod(mesh.shape[a] for a in group),
                        tuple(mesh.shape.items()), rules)
+
+
+def per_device(fn: Callable, names: Sequence[Sequence[str | None]], *args):
+    """``fn(*args)`` run on each device's block under ``shard_map`` when the current context
+    (``activate``) spreads the arrays over several devices: for kernels XLA cannot partition
+    (Mosaic's). Array i is split as the rules split its logical axis ``names[i]`` (a dimension that
+    does not divide stays whole); the output is split like the first array. Without a mesh (or on
+    one device): ``fn(*args)``."""
+    from flax.linen import partitioning
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = tuple(partitioning.get_axis_rules())
+    if mesh.empty or mesh.size == 1 or not rules:
+        return fn(*args)
+    layout = LengthSplit(None, 1, tuple(mesh.shape.items()), rules)
+    specs = tuple(layout.spec(n, a.shape) for n, a in zip(names, args))
+    return jax.shard_map(fn, mesh=None, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
 def describe(mesh: Mesh) -> str:

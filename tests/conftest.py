@@ -19,6 +19,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# The tests run on CPU devices; the TPU compiler (libtpu, from the test extra) is used only to compile
+# for TPU topologies ahead of time (tests/test_tpu_aot.py), so no TPU backend is started, and libtpu
+# is told it has no TPU workers to look for.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 import jax  # noqa: E402
 
 # The cache serves the subprocesses only: writing to it from a long-lived test worker adds to the

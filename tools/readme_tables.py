@@ -76,7 +76,7 @@ def cpu_short() -> str:
     wins = round(ev["accuracy"] * ev["examples"])
     p = stats.binomtest(wins, ev["examples"], 0.5, alternative="greater").pvalue
     lines.append(f"| **all** | **{ev['examples']}** | **{_ci(ev['accuracy'], ev['ci95'])}** ({wins}/{ev['examples']}; one-sided "
-                 f"binomial p = {p:.3f} against chance) |")
+                 f"binomial p = {p:.2g} against chance) |")
     return "\n".join(lines) + _source(path)
 
 

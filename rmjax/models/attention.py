@@ -31,8 +31,12 @@ Backends (``spec.backend``):
                sequence per row with right padding, optional window, bf16/fp16, no soft-cap. Rows whose
                padding is not on the right take the blockwise path at run time.
     splash     the Pallas splash attention kernel (TPU) with segment ids: causal, packed segments,
-               optional window and soft-cap; no branches, no cached prefix.
+               optional window and soft-cap; no branches, no cached prefix. On a mesh it runs per device
+               under ``shard_map`` (rows and KV heads split as the rules split them).
     auto       cudnn on GPU and splash on TPU where their constraints hold, blockwise otherwise.
+
+The platform is that of the devices the program is compiled for (``target_platform``: the ambient
+mesh's, e.g. a TPU topology a CPU host compiles for ahead of time), not the host's default device.
 
 Context parallelism: when the current sharding rules split the logical ``length`` over a mesh axis
 (strategy ``fsdp_sp``), causal self-attention runs as a ring (``ring_attention``): each device keeps
@@ -124,18 +128,27 @@ def merge(out_a, lse_a, out_b, lse_b):
 
 
 # ----------------------------------------------------------------------------- backend choice
+def target_platform() -> str:
+    """The platform the program being traced is compiled for: that of the ambient mesh's devices
+    (``jax.set_mesh`` / ``rmjax.sharding.activate``; e.g. the TPU devices of a topology a CPU host
+    compiles for ahead of time), else the default device's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.devices()[0].platform
+
+
 def _device_reason(backend: str, dtype, softcap) -> str | None:
-    """What rules ``backend`` out on this machine for this model, whatever the call."""
-    platform = jax.devices()[0].platform
+    """What rules ``backend`` out on the target for this model, whatever the call."""
+    platform = target_platform()
     if backend == "cudnn":
         if platform != "gpu":
-            return f"cudnn attention needs an NVIDIA GPU (the default device is {platform})"
+            return f"cudnn attention needs an NVIDIA GPU (compiling for {platform})"
         if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
             return f"cudnn attention runs in bfloat16/float16, not {jnp.dtype(dtype)} (set the dtype to bfloat16)"
         if softcap:
             return "cudnn attention has no logit soft-capping (Gemma 2)"
     if backend == "splash" and platform != "tpu":
-        return f"splash attention needs a TPU (the default device is {platform})"
+        return f"splash attention needs a TPU (compiling for {platform})"
     return None
 
 
@@ -169,8 +182,7 @@ def resolve_backend(spec: AttentionSpec, q, k, q_tokens: Tokens) -> str:
             raise ConfigError(f"attention backend {spec.backend!r} cannot run here: {reason}; "
                               "use attention='auto' (picks what can) or 'blockwise'")
         return spec.backend
-    platform = jax.devices()[0].platform
-    preferred = {"gpu": "cudnn", "tpu": "splash"}.get(platform)
+    preferred = {"gpu": "cudnn", "tpu": "splash"}.get(target_platform())
     if preferred and unsupported_reason(preferred, spec, q, k, q_tokens) is None:
         return preferred
     return "blockwise"
@@ -684,6 +696,13 @@ def _splash(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, wi
         ids = sk.SegmentIds(q=seg, kv=seg)
         return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qr, kr, vr)
 
-    out = jax.vmap(one_row)(qs, kt, vt, q_tokens.segment.astype(jnp.int32))  # [B, Hkv, G, T, D]
+    # a Mosaic kernel is not partitioned by XLA: on a mesh it runs per device on its rows and KV heads
+    rows = ("batch", "kv_heads", None, None)
+    # Mosaic multiplies bf16 / fp16 operands at the default precision only: a global "highest"
+    # (jax_default_matmul_precision) would make the kernel fail to compile
+    precision = "default" if q.dtype in (jnp.bfloat16, jnp.float16) else None
+    with jax.default_matmul_precision(precision):
+        out = shd.per_device(jax.vmap(one_row), (rows + (None,), rows, rows, ("batch", None)),
+                             qs, kt, vt, q_tokens.segment.astype(jnp.int32))  # [B, Hkv, G, T, D]
     valid = (q_tokens.segment > 0)[:, :, None, None, None]
     return jnp.where(valid, out.transpose(0, 3, 1, 2, 4), 0).astype(q.dtype)
