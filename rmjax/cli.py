@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from rmjax import compilation
 from rmjax.errors import RmjaxError as UserError
 
 # (module, description) — the module defines register(subparsers) which adds its parser and sets
@@ -94,6 +95,7 @@ def restart_with_hugepages() -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line itself, not a call from Python
         restart_with_hugepages()
+        compilation.use_persistent_cache()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from rmjax import distributed
+from rmjax import compilation, distributed
 from rmjax import sharding as shd
 from rmjax.config import knob, section
 from rmjax.data.records import RecordReport, Share, input_fingerprint
@@ -238,7 +238,7 @@ def run(config: ScoreConfig) -> dict:
         summary["tokens_vs_unshared"] = scorer.real_tokens / max(scorer.naive_tokens, 1)
     summary["records_skipped"] = len(report.skipped)
     elapsed = time.perf_counter() - t0  # this invocation (a resumed run counts its own part)
-    summary["run"] = {"seconds": round(elapsed, 1), "tokens": int(scorer.real_tokens),
+    summary["run"] = {**compilation.stats(), "seconds": round(elapsed, 1), "tokens": int(scorer.real_tokens),
                       "tokens_per_s": round(scorer.real_tokens / max(elapsed, 1e-9), 1)}
     writer.finalize({"summary": summary, "settings_resolved": dataclasses.asdict(s)})
     if "implicit_pairwise_accuracy" in summary and m.reference:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmjax import distributed
+from rmjax import compilation, distributed
 from rmjax import sharding as shd
 from rmjax.config import plain
 from rmjax.data import judge_prompts
@@ -259,6 +259,7 @@ def run(run: TrainConfig, overwrite: bool = False, progress: bool = True, stop_a
     manager.wait_until_finished()
     best.wait_until_finished()
     result = {"step": int(state.step), "skipped_steps": int(state.skipped), "eval": last_eval,
+              "compilation": compilation.stats(),
               "head": run.head.kind, "loss": run.loss.kind, "objectives": list(train_set.objectives),
               "train_examples": len(train_set), "eval_examples": len(eval_set),
               "distinct_train_examples": int(len(np.unique(np.concatenate(plan)))),
