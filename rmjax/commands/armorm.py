@@ -15,7 +15,12 @@ import dataclasses
 import json
 import sys
 
-from rmjax.commands.options import Flag, add_config_arguments, config_from_args
+from rmjax.commands.options import (
+    Flag,
+    add_config_arguments,
+    config_from_args,
+    no_progress,
+)
 from rmjax.jobs import armorm as jobs
 from rmjax.train.armorm import GateSettings
 
@@ -43,8 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = stages.add_parser("gate", help="stage 2: the gating MLP trained with BT on cached preference pairs")
     flags = {"--stage1": "stage1", "--debias": "debias", "--pairs": "pairs", "--out": "out",
-             "--no-progress": Flag("progress", action="store_true", convert=lambda v: [("progress", not v)],
-                                   help="no training log")}
+             "--no-progress": no_progress("no training log")}
     flags.update({f"--{f.name.replace('_', '-')}": f"settings.{f.name}" for f in dataclasses.fields(GateSettings)})
     add_config_arguments(g, jobs.GateConfig, flags)
     g.set_defaults(func=run_gate)

@@ -5,24 +5,21 @@ import argparse
 import json
 
 from rmjax.commands.options import (
+    CORPUS_FLAGS,
     NUMERICS_FLAGS,
     Flag,
     add_config_arguments,
-    comma_list,
     config_from_args,
+    no_progress,
 )
 from rmjax.jobs import features
 from rmjax.jobs.features import FeaturesConfig
 
 FLAGS = {
-    "--model": "model.name", "--data": "data.path", "--split": "data.split", "--columns": "data.columns",
-    "--ratings": Flag("data.ratings", convert=comma_list("data.ratings"), metavar="A,B,..."),
-    "--sample": "data.sample", "--seed": "data.seed", "--template": "data.template",
-    "--max-length": "data.max_length", "--over-length": "data.over_length", "--on-error": "data.on_error",
+    **CORPUS_FLAGS,
     "--pack-length": "batch.row_length", "--batch-tokens": "batch.batch_tokens", "--shard-size": "shard_size",
     "--strategy": "mesh.strategy", "--out": "out", "--overwrite": Flag("overwrite", action="store_true"),
-    "--no-progress": Flag("progress", action="store_true", convert=lambda v: [("progress", not v)],
-                          help="no progress lines"),
+    "--no-progress": no_progress("no progress lines"),
     **NUMERICS_FLAGS,
 }
 

@@ -41,6 +41,21 @@ def comma_list(key: str) -> Callable[[str], list[tuple[str, Any]]]:
     return lambda value: [(key, tuple(x.strip() for x in value.split(",") if x.strip()))]
 
 
+def no_progress(help: str) -> Flag:
+    """``--no-progress``: sets the job's ``progress`` key to false."""
+    return Flag("progress", action="store_true", convert=lambda v: [("progress", not v)], help=help)
+
+
+# the model and corpus flags of a job that runs a model over records (model + a DataSection with
+# sample / seed, e.g. rmjax.jobs.features.FeaturesData)
+CORPUS_FLAGS = {
+    "--model": "model.name", "--data": "data.path", "--split": "data.split", "--columns": "data.columns",
+    "--ratings": Flag("data.ratings", convert=comma_list("data.ratings"), metavar="A,B,..."),
+    "--sample": "data.sample", "--seed": "data.seed", "--template": "data.template",
+    "--max-length": "data.max_length", "--over-length": "data.over_length", "--on-error": "data.on_error",
+}
+
+
 def _field(cls: type, key: str):
     obj: Any = cls()
     *parents, leaf = key.split(".")

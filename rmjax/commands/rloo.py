@@ -4,7 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from rmjax.commands.options import NUMERICS_FLAGS, Flag, add_config_arguments, comma_list, config_from_args
+from rmjax.commands.options import (
+    CORPUS_FLAGS,
+    NUMERICS_FLAGS,
+    Flag,
+    add_config_arguments,
+    comma_list,
+    config_from_args,
+    no_progress,
+)
 from rmjax.jobs import rloo as job
 
 
@@ -15,17 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "token reward (--words); the tuned policy goes to RUN_DIR/final "
                                    "(rmjax.jobs.rloo). Re-running the same command resumes it.")
     add_config_arguments(p, job.RLOOJobConfig, {
-        "--model": "model.name", "--data": "data.path", "--split": "data.split", "--columns": "data.columns",
-        "--sample": "data.sample", "--seed": "data.seed", "--template": "data.template",
-        "--max-length": "data.max_length", "--rm": Flag("reward.rm", convert=lambda v: [("reward.kind", "rm"),
+        # prompts only: no ratings, and a prompt too long is left out (data.over_length does not apply)
+        **{k: v for k, v in CORPUS_FLAGS.items() if k not in ("--ratings", "--over-length")}, "--rm": Flag("reward.rm", convert=lambda v: [("reward.kind", "rm"),
                                                                                          ("reward.rm", v)]),
         "--words": Flag("reward.words", convert=lambda v: [("reward.kind", "words"),
                                                           *comma_list("reward.words")(v)], metavar="W1,W2,..."),
         "--run-dir": "rloo.run_dir", "--steps": "rloo.steps", "--prompts-per-step": "rloo.prompts_per_step",
         "--k": "rloo.samples_per_prompt", "--new-tokens": "rloo.max_new_tokens", "--beta": "rloo.beta",
         "--trainable": "rloo.trainable", "--lr": "rloo.lr",
-        "--no-progress": Flag("progress", action="store_true", convert=lambda v: [("progress", not v)],
-                              help="no log line per step"),
+        "--no-progress": no_progress("no log line per step"),
         **NUMERICS_FLAGS})
     p.set_defaults(func=run)
 

@@ -8,10 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from rmjax.commands.options import NUMERICS_FLAGS, Flag, add_config_arguments, comma_list, config_from_args
+from rmjax.commands.options import (
+    CORPUS_FLAGS,
+    NUMERICS_FLAGS,
+    Flag,
+    add_config_arguments,
+    config_from_args,
+    no_progress,
+)
 from rmjax.jobs import sae as jobs
-
-NO_PROGRESS = Flag("progress", action="store_true", convert=lambda v: [("progress", not v)], help="no progress lines")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,13 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "response, position and token (rmjax.jobs.sae.run_activations). Re-running "
                                       "the same command resumes it.")
     add_config_arguments(a, jobs.ActivationsConfig, {
-        "--model": "model.name", "--data": "data.path", "--split": "data.split", "--columns": "data.columns",
-        "--ratings": Flag("data.ratings", convert=comma_list("data.ratings"), metavar="A,B,..."),
-        "--sample": "data.sample", "--seed": "data.seed", "--template": "data.template",
-        "--max-length": "data.max_length", "--over-length": "data.over_length", "--on-error": "data.on_error",
-        "--layer": "layer", "--tokens": "tokens", "--pack-length": "batch.row_length",
+        **CORPUS_FLAGS, "--layer": "layer", "--tokens": "tokens", "--pack-length": "batch.row_length",
         "--batch-tokens": "batch.batch_tokens", "--shard-size": "shard_size", "--out": "out",
-        "--overwrite": Flag("overwrite", action="store_true"), "--no-progress": NO_PROGRESS, **NUMERICS_FLAGS})
+        "--overwrite": Flag("overwrite", action="store_true"), "--no-progress": no_progress("no progress lines"), **NUMERICS_FLAGS})
     a.set_defaults(func=run_activations)
 
     t = stages.add_parser("train", help="train an SAE on an activation cache",

@@ -6,11 +6,12 @@ import argparse
 import json
 
 from rmjax.commands.options import (
+    CORPUS_FLAGS,
     NUMERICS_FLAGS,
     Flag,
     add_config_arguments,
-    comma_list,
     config_from_args,
+    no_progress,
 )
 from rmjax.jobs import score, vocab_scan
 from rmjax.jobs.score import ScoreConfig
@@ -25,15 +26,12 @@ def _pack_length(value: int) -> list:
 
 
 SCORE_FLAGS = {
-    "--data": "data.path", "--split": "data.split", "--columns": "data.columns",
-    "--ratings": Flag("data.ratings", convert=comma_list("data.ratings"), metavar="A,B,..."),
+    **{k: v for k, v in CORPUS_FLAGS.items() if k != "--model"},  # the models: --policy, --reference, --rm, --judge
     "--policy": "model.policy", "--reference": "model.reference", "--rm": "model.rm", "--judge": "model.judge",
     "--cross-family": Flag("model.cross_family", action="store_true"),
     "--judge-labels": Flag("model.judge_labels", nargs=2, metavar=("FIRST", "SECOND")),
     "--judge-template": "model.judge_template", "--beta": "beta", "--reduction": "reduction",
-    "--template": "data.template", "--reference-template": "reference_template", "--sample": "data.sample",
-    "--seed": "data.seed", "--max-length": "data.max_length", "--over-length": "data.over_length",
-    "--on-error": "data.on_error",
+    "--reference-template": "reference_template",
     "--pack-length": Flag("batch.row_length", convert=_pack_length, metavar="N",
                           help="packed rows of this many tokens (each prompt once, its responses as attention "
                                "branches); 0: the KV layout (prompts once, their responses on their KV cache)"),
@@ -41,8 +39,7 @@ SCORE_FLAGS = {
     "--shard-size": "shard_size", "--strategy": "mesh.strategy", "--mesh-scope": "mesh.scope",
     "--token-logprobs": Flag("token_logprobs", action="store_true"), "--out": "out",
     "--overwrite": Flag("overwrite", action="store_true"),
-    "--no-progress": Flag("progress", action="store_true", convert=lambda v: [("progress", not v)],
-                          help="no progress bar"),
+    "--no-progress": no_progress("no progress bar"),
     **NUMERICS_FLAGS,
 }
 

@@ -27,6 +27,12 @@ class FeaturesData(DataSection):
     sample: int = knob(0, "a fixed, seeded sample of this many records (0 = all)")
     seed: int = knob(0, "the sample's seed")
 
+    def provenance(self, model: str, report: RecordReport) -> dict:
+        """What identifies a cache of ``model`` over this corpus (a re-run with other values is refused)."""
+        return {"model": model, "model_source": str(registry.resolve_model(model).path), "data": self.path,
+                "split": self.split or None, "data_hash": input_fingerprint(self.path), "sample": self.sample,
+                "seed": self.seed, "on_error": self.on_error, "records_skipped": len(report.skipped)}
+
 
 @dataclasses.dataclass(kw_only=True)
 class FeaturesConfig:
@@ -65,9 +71,7 @@ def run(config: FeaturesConfig) -> dict:
     settings = features.FeatureSettings(template=d.template, max_length=d.max_length, over_length=d.over_length,
                                         shard_size=config.shard_size, pack_length=config.batch.row_length,
                                         batch_tokens=max(config.batch.batch_tokens, config.batch.row_length))
-    provenance = {"model": config.model.name, "model_source": str(registry.resolve_model(config.model.name).path),
-                  "data": d.path, "split": d.split or None, "data_hash": input_fingerprint(d.path),
-                  "sample": d.sample, "seed": d.seed, "on_error": d.on_error, "records_skipped": len(report.skipped)}
+    provenance = d.provenance(config.model.name, report)
 
     def progress(done: int, total: int, tok_s: float) -> None:
         if config.progress:

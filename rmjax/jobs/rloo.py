@@ -115,8 +115,7 @@ def run(config: RLOOJobConfig) -> dict:
               "steps": config.rloo.steps, "seconds": round(time.perf_counter() - t0, 1),
               "first": history[0] if history else None, "last": history[-1] if history else None,
               "skipped_steps": len(history) - len(trained)}
-    for name in ("reward", "kl", "length"):
-        if trained:
-            result[f"mean_{name}"] = float(np.mean([h[name] for h in trained]))
+    if trained:
+        result.update({f"mean_{name}": float(np.mean([h[name] for h in trained])) for name in ("reward", "kl", "length")})
     write_json(Path(config.rloo.run_dir) / "result.json", result)
     return result

@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from rmjax.config import knob, section
-from rmjax.data.records import RecordReport, input_fingerprint, read_records, sample_records
+from rmjax.data.records import (
+    RecordReport,
+    read_records,
+    sample_records,
+)
 from rmjax.errors import ConfigError, RmjaxError
-from rmjax.io import registry
 from rmjax.jobs.features import FeaturesData
 from rmjax.models.loading import load_model
 from rmjax.runs import write_json
@@ -64,9 +67,7 @@ def run_activations(config: ActivationsConfig) -> dict:
         template=d.template, max_length=d.max_length, over_length=d.over_length, tokens=config.tokens,
         shard_size=config.shard_size, pack_length=config.batch.row_length,
         batch_tokens=max(config.batch.batch_tokens, config.batch.row_length))
-    provenance = {"model": config.model.name, "model_source": str(registry.resolve_model(config.model.name).path),
-                  "data": d.path, "split": d.split or None, "data_hash": input_fingerprint(d.path),
-                  "sample": d.sample, "seed": d.seed, "records_skipped": len(report.skipped)}
+    provenance = d.provenance(config.model.name, report)
 
     def progress(done: int, total: int, tok_s: float) -> None:
         if config.progress:
@@ -130,11 +131,11 @@ def run_train(config: SAETrainConfig) -> dict:
         raise ConfigError(f"{config.activations}: {cache.num_rows} rows, fewer than batch_size={config.batch_size}")
     scale = 1.0
     if config.scale:
-        sample, k = [], 0
-        while sum(map(len, sample)) < config.scale_rows and k < cache.num_shards:
-            sample.append(cache.shard(k))
-            k += 1
-        scale = sae_train.activation_scale(np.concatenate(sample)[:config.scale_rows])
+        # the first shards' rows, up to scale_rows of them
+        shards = np.searchsorted(cache.offsets, config.scale_rows) if config.scale_rows < cache.num_rows \
+            else cache.num_shards
+        sample = np.concatenate([cache.shard(k) for k in range(shards)])
+        scale = sae_train.activation_scale(sample[:config.scale_rows])
     t0 = time.perf_counter()
     stream = (batch * np.float32(scale) for batch in cache.batches(config.batch_size, seed=config.seed, epochs=None))
     params, history = sae_train.train_sae(stream, sae_config)
