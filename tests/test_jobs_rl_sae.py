@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hf_models import save_tiny_checkpoint
+from safetensors.numpy import load_file
 
 from rmjax import config as rconfig
 from rmjax.cli import main
@@ -114,3 +115,24 @@ def test_sae_jobs_equal_the_library_and_a_finished_run_is_kept(dirs, tmp_path, c
                                        [f"activations={acts}", f"out={out}", "num_features=8", "batch_size=16"]))
     with pytest.raises(ConfigError, match="kind topk needs k >= 1"):
         rconfig.load(sae_job.SAETrainConfig, None, [f"activations={acts}", f"out={out}", "kind=topk"])
+
+
+@pytest.mark.parametrize("case", ["llama_mha_untied_rope3", "qwen2_bias"])
+def test_policy_export_of_an_untied_base_loads_in_transformers(case, tmp_path):
+    """export_policy on the layouts released policies ship (an untied LM head, q/k/v biases): transformers
+    reads the directory with rmjax's logits (with a perturbed backbone, so the weights really travel)."""
+    from transformers import AutoModelForCausalLM
+
+    from rmjax.train import export
+
+    save_tiny_checkpoint(tmp_path / "base", case)
+    base = load_model(str(tmp_path / "base"))
+    tuned = jax.tree.map(lambda x: np.asarray(x) * 1.01, base.params)
+    export.export_policy(tuned, base, str(tmp_path / "base"), tmp_path / "final", {"tuned_by": "test"})
+    ids = np.asarray([[3, 17, 42, 5, 99, 7]], np.int32)
+    want = np.asarray(unembed(tuned, base.config, forward(tuned, base.config, ids).hidden))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "final", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    assert "lm_head.weight" in load_file(str(tmp_path / "final" / "model.safetensors"))  # the untied head travels
