@@ -24,6 +24,7 @@ _COMMANDS = (
     "rmjax.commands.armorm",
     "rmjax.commands.sae",
     "rmjax.commands.rloo",
+    "rmjax.commands.serve",
     "rmjax.analysis.cli",
     "rmjax.commands.implicit_bias",
 )

@@ -1,7 +1,8 @@
 """The config sections jobs share, each knob declared once (``rmjax.config``).
 
     ModelSection   a model by name and how it runs (``Numerics``: dtypes, remat, attention kernel)
-    DataSection    how records are read and rendered: columns, ratings, split, errors, length, template
+    RenderSection  how a record is rendered for a model: template, length, what a longer one gets
+    DataSection    how records are read (columns, ratings, split, errors) and rendered
     BatchSection   the batch layout: ``packed`` prompt trees, ``padded`` rows or the prompt's ``kv`` cache,
                    and the row length (``ScoringBatch`` adds how much goes in a batch)
     MeshSection    the sharding strategy and mesh shape
@@ -30,14 +31,9 @@ class ModelSection(Numerics):
 
 
 @dataclasses.dataclass(kw_only=True)
-class DataSection:
-    """How records are read (``rmjax.data.records``) and rendered for a model (``rmjax.data.chat``)."""
+class RenderSection:
+    """How a record is rendered for a model (``rmjax.data.chat``) and held to a length."""
 
-    split: str = knob("", "split of a DatasetDict directory ('' for a file or a single Dataset)")
-    columns: str = knob("", "column mapping FIELD=COLUMN,... for inputs in another layout, e.g. "
-                            "prompt=question,chosen=response_a,rejected=response_b")
-    ratings: tuple[str, ...] = knob((), "flat rating columns read as a single response's ratings (HelpSteer2)")
-    on_error: str = knob("skip", "a bad record: skip it (counted, reported) or fail", ("skip", "fail"))
     max_length: int = knob(512, "tokens per sequence (prompt + its longest response); see over_length")
     over_length: str = knob("truncate", "a longer sequence: truncate (drop the oldest prompt tokens) or drop "
                                         "the example (counted)", ("truncate", "drop"))
@@ -45,12 +41,26 @@ class DataSection:
                                   "transcripts), raw (the bare prompt), or a built-in", TEMPLATE_CHOICES)
 
     def check(self) -> list[tuple[bool, str]]:
+        return [(self.max_length >= 8, "data.max_length must be at least 8")]
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataSection(RenderSection):
+    """How records are read (``rmjax.data.records``) and rendered for a model (``rmjax.data.chat``)."""
+
+    split: str = knob("", "split of a DatasetDict directory ('' for a file or a single Dataset)")
+    columns: str = knob("", "column mapping FIELD=COLUMN,... for inputs in another layout, e.g. "
+                            "prompt=question,chosen=response_a,rejected=response_b")
+    ratings: tuple[str, ...] = knob((), "flat rating columns read as a single response's ratings (HelpSteer2)")
+    on_error: str = knob("skip", "a bad record: skip it (counted, reported) or fail", ("skip", "fail"))
+
+    def check(self) -> list[tuple[bool, str]]:
         try:
             parse_columns(self.columns)
             columns_ok, message = True, ""
         except ConfigError as e:
             columns_ok, message = False, f"data.columns: {e}"
-        return [(columns_ok, message), (self.max_length >= 8, "data.max_length must be at least 8")]
+        return [(columns_ok, message), *super().check()]
 
     def read_options(self) -> dict:
         """``read_records`` / ``read_share`` keyword arguments."""

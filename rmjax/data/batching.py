@@ -166,12 +166,24 @@ def pack_rows(encoded: dict[int, Encoded], row_length: int, buckets: tuple[int, 
 
 
 def packed_batches(encoded: dict[int, Encoded], pad_id: int, *, row_length: int = 512,
-                   batch_tokens: int = 4096, buckets: tuple[int, ...] = BUCKETS) -> list[PackedBatch]:
+                   batch_tokens: int = 4096, buckets: tuple[int, ...] = BUCKETS,
+                   ladder: tuple[int, ...] = ()) -> list[PackedBatch]:
     """Packed batches covering every example once; rows of equal length batch together, up to
-    ``batch_tokens`` tokens (at least one row), padded to a power-of-two number of rows."""
+    ``batch_tokens`` tokens (at least one row), padded to a power-of-two number of rows.
+
+    ``ladder`` (ascending row lengths, the last one ``row_length``) fixes the shapes to a few known in
+    advance (``ladder_shapes``), as a server needs: each row takes the shortest length of the ladder
+    that holds its trees, with as many slots and targets as tokens; a tree longer than
+    ``row_length`` is an error."""
     rows = pack_rows(encoded, row_length, buckets)
     by_length: dict[int, list[list[int]]] = {}
     for length, keys in rows:
+        if ladder:
+            used = sum(encoded[k].tree_length for k in keys)
+            if used > ladder[-1]:
+                raise DataError(f"example {keys[0]}: a tree of {used} tokens does not fit the longest row "
+                                f"({ladder[-1]} tokens)")
+            length = next(n for n in ladder if n >= used)
         by_length.setdefault(length, []).append(keys)
     out = []
     for length in sorted(by_length):
@@ -179,8 +191,18 @@ def packed_batches(encoded: dict[int, Encoded], pad_id: int, *, row_length: int 
         per_batch = max(1, batch_tokens // length)
         for start in range(0, len(group), per_batch):
             chunk = group[start:start + per_batch]
+            fixed = {"slots": length, "targets": length} if ladder else {}
             out.append(build_packed(encoded, chunk, length, pad_id, n_rows=1 << (len(chunk) - 1).bit_length(),
-                                    buckets=buckets))
+                                    buckets=buckets, **fixed))
+    return out
+
+
+def ladder_shapes(ladder: tuple[int, ...], batch_tokens: int) -> list[tuple[int, int]]:
+    """Every (rows, row length) ``packed_batches(..., ladder=ladder)`` can produce."""
+    out = []
+    for length in ladder:
+        most = max(1, batch_tokens // length)
+        out += [(1 << k, length) for k in range((most - 1).bit_length() + 1)]
     return out
 
 

@@ -340,6 +340,18 @@ def _record_id(record: dict, id_field: str, default: str, where: str) -> str:
 
 
 
+def record_from_dict(record: Any, index: int, where: str, id_field: str = "id") -> Record:
+    """One record given as a dict (any accepted layout, as a line of a JSONL file), e.g. in a request;
+    DataError naming ``where`` and the field."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record is a JSON object (accepted layouts: {LAYOUTS}), got "
+                        f"{type(record).__name__}")
+    record_id = _record_id(record, id_field, where, where)
+    prompt, responses, kind, correct = parse_record(record, where)
+    return Record(record_id, prompt, responses, kind, index, correct=correct, place=where,
+                  **_extras(record, kind, where))
+
+
 Exchange = Any  # (what, fn) -> [fn() of every process, in process order]; see ``read_share``
 
 

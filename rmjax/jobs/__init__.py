@@ -6,5 +6,6 @@
     eval_rm      EvalConfig         a reward model on any data, RewardBench 1 / 2 by their leaderboards
     armorm       *Config            ArmoRM's stages on feature caches
     logprobs     LogprobsConfig     the top next tokens after a prompt
+    serve        ServeConfig        a reward model behind HTTP (OpenRLHF's /get_reward) on the scoring engine
 Training: ``rmjax.train.config.TrainConfig`` and ``rmjax.train.loop.run``.
 """

@@ -35,8 +35,8 @@ DEFAULT_ROW_LENGTH = 512
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ScoreModels(Numerics):
-    """The models of a scoring run, and how they run."""
+class ModelRoles(Numerics):
+    """The models the scoring engine runs (``rmjax.scoring.bulk``), and how they run."""
 
     policy: str | None = knob(None, f"policy (log pi); '' for none (default: {DEFAULT_POLICY}; none with rm or judge)")
     reference: str | None = knob(None, f"reference (log pi_ref); '' = reference-free (default: {DEFAULT_REFERENCE} "
@@ -49,6 +49,12 @@ class ScoreModels(Numerics):
                                              "judge's own, else A B)")
     judge_template: str = knob("", "judge prompt: rmjax | gram | a template file with {question} {response_a} "
                                    "{response_b} (default: the judge's own, else rmjax)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoreModels(ModelRoles):
+    """The models of a scoring run, and how they run."""
+
     cross_family: bool = knob(False, f"the cross-family pair instead: policy {CROSS_FAMILY[0]}, reference "
                                      f"{CROSS_FAMILY[1]}, data {CROSS_FAMILY[2]} (an instruct model against "
                                      "another family's base model: their disagreement, not a reward model)")
@@ -106,13 +112,7 @@ def resolve(config: ScoreConfig) -> ScoreConfig:
             raise RmjaxError(f"model.cross_family (--cross-family) sets the models and data itself; drop "
                              f"{', '.join(given)}")
         policy, reference, path = CROSS_FAMILY
-    other = bool(m.judge or m.rm)
-    if policy is None:
-        policy = "" if other else DEFAULT_POLICY
-        if reference is None:
-            reference = "" if other else DEFAULT_REFERENCE
-    elif reference is None:
-        reference = DEFAULT_REFERENCE
+    policy, reference = default_roles(m, policy, reference)
     sample = d.sample
     if path == HELDOUT and not policy:
         path = RM_DEFAULT_DATA
@@ -130,6 +130,19 @@ def resolve(config: ScoreConfig) -> ScoreConfig:
         raise RmjaxError("a reference (--reference) needs a policy (--policy)")
     return dataclasses.replace(config, model=dataclasses.replace(m, policy=policy, reference=reference),
                                data=dataclasses.replace(d, path=path, sample=sample))
+
+
+def default_roles(m: ModelRoles, policy: str | None, reference: str | None) -> tuple[str, str]:
+    """The policy and reference: the implicit RM rmjax ships unless an RM or a judge is given alone;
+    a policy without a reference scores against the default reference ('' = reference-free)."""
+    other = bool(m.judge or m.rm)
+    if policy is None:
+        policy = "" if other else DEFAULT_POLICY
+        if reference is None:
+            reference = "" if other else DEFAULT_REFERENCE
+    elif reference is None:
+        reference = DEFAULT_REFERENCE
+    return policy, reference
 
 
 def settings(config: ScoreConfig, data_hash: str) -> dict:
@@ -176,7 +189,6 @@ def run(config: ScoreConfig) -> dict:
                            over_length=d.over_length, batch_size=b.batch_size, shard_size=config.shard_size,
                            token_logprobs=config.token_logprobs, pack_length=row_length(config),
                            batch_tokens=max(b.batch_tokens, row_length(config)))
-    roles = [("policy", m.policy), ("reference", m.reference), ("rm", m.rm), ("judge", m.judge)]
     meta = settings(config, input_fingerprint(d.path))
 
     def open_writer(overwrite: bool):  # process 0 opens (or resumes) the run before the others
@@ -203,14 +215,8 @@ def run(config: ScoreConfig) -> dict:
         bulk.log(f"mesh {shd.describe(mesh)} ({config.mesh.strategy}) over "
                  f"{'every process' if together else 'this process'}'s devices")
     strategy = config.mesh.strategy if mesh is not None else "dp"
-    slots = [bulk.ModelSlot(role, load_model(name, m, mesh=mesh, strategy=strategy)) for role, name in roles if name]
-    for sl in slots:
-        if sl.role == "judge":
-            sl.judge = bulk.judge_spec(m.judge, sl.loaded, tuple(m.judge_labels), m.judge_template)
-            bulk.log(f"judge: labels {list(sl.judge.labels)} (token ids {list(sl.judge.label_ids)}), chat "
-                     f"template {sl.judge.chat}, both candidate orders per pair")
-    scorer = bulk.Scorer(slots, s, mesh=mesh, strategy=config.mesh.strategy)
-    bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in slots)}; "
+    scorer = bulk.Scorer(load_slots(m, mesh, strategy), s, mesh=mesh, strategy=config.mesh.strategy)
+    bulk.log(f"models: {', '.join(f'{sl.role}={sl.loaded.source}' for sl in scorer.slots)}; "
              f"{'one fused jit for policy+reference' if scorer.fused else 'per-model passes'}"
              + (f", their first {scorer.shared_layers} layers (identical) run once" if scorer.shared_layers else ""))
     pending = writer.pending_shards()
@@ -252,6 +258,19 @@ def run(config: ScoreConfig) -> dict:
                  f"{hi:.3f}] on {summary['judge_pairs']} pairs of {d.path} (swap-debiased log-odds; position "
                  f"bias {summary['judge_mean_position_bias']:+.3f})")
     return summary
+
+
+def load_slots(m: ModelRoles, mesh=None, strategy: str = "dp") -> list[bulk.ModelSlot]:
+    """The models named in ``m`` (a role left empty has none), loaded (on ``mesh``) into the engine's
+    slots; a judge with its verdict settings."""
+    roles = [("policy", m.policy), ("reference", m.reference), ("rm", m.rm), ("judge", m.judge)]
+    slots = [bulk.ModelSlot(role, load_model(name, m, mesh=mesh, strategy=strategy)) for role, name in roles if name]
+    for sl in slots:
+        if sl.role == "judge":
+            sl.judge = bulk.judge_spec(m.judge, sl.loaded, tuple(m.judge_labels), m.judge_template)
+            bulk.log(f"judge: labels {list(sl.judge.labels)} (token ids {list(sl.judge.label_ids)}), chat "
+                     f"template {sl.judge.chat}, both candidate orders per pair")
+    return slots
 
 
 def _prefetched_shards(scorer, share, shards):

@@ -12,6 +12,7 @@ command skips finished shards and gives exactly the rows of an uninterrupted run
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import Any
@@ -48,6 +49,8 @@ class ScoreSettings:
     pack_length: int = 512
     batch_tokens: int = 4096  # packed rows per batch = batch_tokens // pack_length
     buckets: tuple[int, ...] = batching.BUCKETS  # batches also sort by length
+    # packed: fixed shapes from this ladder of row lengths (``batching.packed_batches``), for a server
+    ladder: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,12 +225,35 @@ class Scorer:
             return [("judge", self.fns["judge"](slot.loaded.params, np.asarray(slot.judge.label_ids, np.int32), batch))]
         return [(name, self.fns[name](slot.loaded.params, None, batch))]
 
+    def programs(self) -> list[tuple[str, ModelSlot]]:
+        """The jitted functions a batch runs: (name, model slot)."""
+        out = [("pair", self.policy)] if self.fused else []
+        return out + [(sl.role, sl) for sl in self.slots if sl.role in ("rm", "judge") or not self.fused]
+
+    def warm_up(self) -> int:
+        """Compile every program for every shape of the settings' ladder (packed rows of fixed
+        shapes) before the first request; returns how many (program, shape) pairs ran."""
+        s = self.s
+        if not s.ladder or s.pack_length <= 0:
+            raise ConfigError("warm_up needs packed rows on a ladder of fixed shapes (settings.ladder)")
+        n = 0
+        with contextlib.nullcontext() if self.mesh is None else shd.activate(self.mesh, self.strategy):
+            for name, slot in self.programs():
+                pad = slot.tokenizer.pad_id or 0
+                dummy = {0: Encoded(np.array([pad], np.int32), (np.array([pad], np.int32),))}
+                for rows, length in batching.ladder_shapes(s.ladder, s.batch_tokens):
+                    pb = batching.build_packed(dummy, [[0]], length, pad, n_rows=rows, slots=length, targets=length)
+                    for _, stats in self._call(name, slot, pb.arrays):
+                        jax.block_until_ready(stats)
+                    n += 1
+        return n
+
     def _run_batches(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
         s = self.s
         pad = slot.tokenizer.pad_id
         if s.pack_length > 0:
             for pb in packing.packed_batches(encoded, pad, row_length=s.pack_length,
-                                             batch_tokens=s.batch_tokens, buckets=s.buckets):
+                                             batch_tokens=s.batch_tokens, buckets=s.buckets, ladder=s.ladder):
                 self.real_tokens += pb.real_tokens
                 self.padded_tokens += pb.padded_tokens
                 self.naive_tokens += sum(encoded[k].unshared_tokens for k in {q[0] for q in pb.sequences if q})
@@ -249,9 +275,9 @@ class Scorer:
                     rows = slice(g * r, (g + 1) * r)
                     out.setdefault(i, {})[role] = {k: np.asarray(v)[rows] for k, v in stats.items()}
 
-    def score_shard(self, records: list[Record]) -> tuple[list[dict], dict[int, str], list[dict]]:
-        """Rows for the records (in order), {index: drop reason}, and per row the policy's per-token
-        log-probs by response name (empty dicts unless settings.token_logprobs)."""
+    def encode_records(self, records: list[Record]) -> tuple[dict[str, dict[int, Encoded]], dict[int, str], set[int]]:
+        """Every model's token ids for the records: ({role: {index: Encoded}}, {index: drop reason},
+        indices truncated). A record one model drops is dropped for all."""
         encoded: dict[str, dict[int, Encoded]] = {}
         dropped: dict[int, str] = {}
         truncated = set()
@@ -269,12 +295,23 @@ class Scorer:
         for enc in encoded.values():
             for i in dropped:
                 enc.pop(i, None)
+        return encoded, dropped, truncated
+
+    def run_encoded(self, encoded: dict[str, dict[int, Encoded]]) -> dict[int, dict[str, dict]]:
+        """Every model over encoded examples: {key: {role: per-response stats}}."""
         results: dict[int, dict] = {}
         if self.fused:
             self._run("pair", self.policy, encoded["policy"], results)
         for sl in self.slots:
             if sl.role in ("rm", "judge") or not self.fused:
                 self._run(sl.role, sl, encoded[sl.role], results)
+        return results
+
+    def score_shard(self, records: list[Record]) -> tuple[list[dict], dict[int, str], list[dict]]:
+        """Rows for the records (in order), {index: drop reason}, and per row the policy's per-token
+        log-probs by response name (empty dicts unless settings.token_logprobs)."""
+        encoded, dropped, truncated = self.encode_records(records)
+        results = self.run_encoded(encoded)
         kept = [rec for rec in records if rec.index in results]
         rows = [self.row(rec, results[rec.index], rec.index in truncated) for rec in kept]
         tokens = [self.token_streams(rec, results[rec.index]) for rec in kept]

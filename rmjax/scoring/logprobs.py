@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -516,7 +517,9 @@ def implicit_reward(policy_seq_logp: ArrayLike, ref_seq_logp: ArrayLike | None, 
     ``ref_seq_logp=None`` is the reference-free variant ``beta * log pi(y|x)`` (as in SimPO, where
     the policy term is usually the length-normalised "mean" of ``sequence_logprobs``).
     """
-    policy = jnp.asarray(policy_seq_logp, jnp.float32)
+    # host (NumPy) inputs stay on the host: an eager jnp op compiles a program per shape
+    xp = np if all(isinstance(x, np.ndarray) for x in (policy_seq_logp, ref_seq_logp) if x is not None) else jnp
+    policy = xp.asarray(policy_seq_logp, xp.float32)
     if ref_seq_logp is None:
         return beta * policy
-    return beta * (policy - jnp.asarray(ref_seq_logp, jnp.float32))
+    return beta * (policy - xp.asarray(ref_seq_logp, xp.float32))
