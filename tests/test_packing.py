@@ -55,6 +55,38 @@ def test_pack_rows_cover_every_example_once():
                     or a["segment_ids"][r, i + 1] != a["segment_ids"][r, i]
 
 
+def test_ladder_rows_take_fixed_shapes_and_the_same_scores(tiny):
+    """With a ladder (the server's fixed shapes) every batch has one of ``ladder_shapes``, each row
+    the shortest rung holding its trees, and the scores equal the bucketed batches'; a tree longer
+    than the longest rung is an error."""
+    from rmjax.data import batching
+    from rmjax.errors import DataError
+
+    config, params, _ = tiny
+    enc = examples(config.vocab_size, 9, np.random.default_rng(3))
+    ladder = (16, 32, 64)
+    shapes = set(batching.ladder_shapes(ladder, 128))
+    assert shapes == {(1, 16), (2, 16), (4, 16), (8, 16), (1, 32), (2, 32), (4, 32), (1, 64), (2, 64)}
+    fn = packing.packed_score_fn(config)
+    fixed, bucketed = {}, {}
+    for b in packing.packed_batches(enc, 0, row_length=64, batch_tokens=128, ladder=ladder):
+        rows, length = b.arrays["input_ids"].shape
+        assert (rows, length) in shapes and b.arrays["seq_index"].shape == (rows, length)
+        assert b.arrays["target_ids"].shape == (rows, length)
+        fixed.update(packing.unpack(b, fn(params, None, b.arrays)))
+    for b in packing.packed_batches(enc, 0, row_length=64, batch_tokens=128):
+        bucketed.update(packing.unpack(b, fn(params, None, b.arrays)))
+    assert sorted(fixed) == sorted(enc)
+    for k in enc:
+        np.testing.assert_allclose(fixed[k]["sum"], bucketed[k]["sum"], rtol=1e-5, atol=1e-5)
+    small = {k: e for k, e in enc.items() if e.tree_length <= 16}
+    for b in packing.packed_batches(small, 0, row_length=64, batch_tokens=128, ladder=ladder):
+        assert b.arrays["input_ids"].shape[1] <= 32  # short trees do not pay for the longest rung
+    with pytest.raises(DataError, match="does not fit the longest row"):
+        packing.packed_batches({0: Encoded(np.arange(1, 60), (np.arange(1, 20),))}, 0, row_length=64,
+                               batch_tokens=128, ladder=ladder)
+
+
 def test_packed_scores_equal_naive(tiny):
     config, params, _ = tiny
     rng = np.random.default_rng(1)

@@ -311,3 +311,57 @@ def test_record_from_dict_names_the_request_field():
         record_from_dict({"prompt": "Hi", "chosen": "a"}, 4, "records[4]")
     with pytest.raises(Exception, match=r"records\[5\]: a record is a JSON object"):
         record_from_dict(["Hi"], 5, "records[5]")
+
+
+@pytest.mark.parametrize("layout", ["llama31_untied", "qwen3", "multi_objective", "armorm"])
+def test_get_reward_of_released_layouts_equals_their_own_forward(layout, tmp_path):
+    """/get_reward's engine on full texts rendered by the model's own chat template (as an RL trainer
+    sends them) gives each released layout's reward from its own forward (transformers, or the
+    authors' head): an untied Llama-3.1 classifier, Qwen3 (think block), a multi-objective head (its
+    objectives in extra_logs) and ArmoRM's gate, whose gating token is found in the prompt's tokens;
+    several texts per prompt (one tree) and several requests per batch. Queued requests are answered
+    before the engine stops."""
+    from transformers import AutoTokenizer
+
+    from released_rms import build, records_for
+    from rmjax import config as rconfig
+    from rmjax.jobs.serve import ServeConfig, build_engine
+
+    reward = build(layout, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    queries, prompts, want = [], [], []
+    for r in records_for(released_family(layout)):
+        if "chosen" not in r:
+            continue
+        messages = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        for reply in (r["chosen"], r["rejected"]):
+            if not isinstance(reply, str):
+                continue
+            full = messages + [{"role": "assistant", "content": reply}]
+            queries.append(tok.apply_chat_template(full, tokenize=False))
+            prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            want.append(reward(full))
+    assert len(queries) >= 4
+    config = rconfig.load(ServeConfig, None, [f"model.rm={tmp_path / 'model'}", "data.max_length=256",
+                                              "batch.min_row_length=64", "batch.batch_tokens=512"])
+    engine, _ = build_engine(config)
+    engine.start()
+    jobs = [engine.texts(queries[i:i + 3], prompts[i:i + 3]) for i in range(0, len(queries), 3)]
+    futures = [engine.submit(job) for job in jobs]
+    engine.stop()  # the queued jobs are scored first
+    got, objectives = [], []
+    for job, future in zip(jobs, futures):
+        rewards, extra = engine.text_rewards(job, future.result(timeout=0))
+        got += rewards
+        objectives += [dict(zip(extra, values)) for values in zip(*extra.values())] if extra else [{}] * len(rewards)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    if layout == "multi_objective":
+        assert set(objectives[0]) == {"rm[helpfulness]", "rm[honesty]", "rm[brevity]"}
+        np.testing.assert_allclose([np.mean(list(o.values())) for o in objectives], want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(Exception, match="shutting down"):
+        engine.submit(jobs[0])
+
+
+def released_family(layout: str) -> str:
+    from released_rms import LAYOUTS
+    return LAYOUTS[layout][0]

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import signal
 
-from rmjax import distributed
+from rmjax import compilation, distributed
 from rmjax import sharding as shd
 from rmjax.config import knob, section
 from rmjax.data.batching import BUCKETS
@@ -22,6 +22,7 @@ from rmjax.errors import RmjaxError
 from rmjax.jobs.score import ModelRoles, default_roles, load_slots
 from rmjax.scoring import bulk
 from rmjax.sections import MeshSection, RenderSection
+from rmjax.serving.engine import Engine
 
 TOKEN_ENV = "RMJAX_SERVE_TOKEN"
 
@@ -87,8 +88,6 @@ def build_engine(config: ServeConfig):
     """The models loaded and the engine over them (not yet warmed up or started)."""
     import jax
 
-    from rmjax.serving.engine import Engine
-
     m = config.model
     policy, reference = default_roles(m, m.policy, m.reference)
     if not policy and reference:
@@ -118,7 +117,7 @@ def run(config: ServeConfig) -> None:
 
     import uvicorn
 
-    from rmjax import compilation
+    # the web framework loads only when a server starts (every rmjax command imports this module)
     from rmjax.serving.app import build_app
 
     engine, describe = build_engine(config)
