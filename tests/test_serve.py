@@ -313,14 +313,16 @@ def test_record_from_dict_names_the_request_field():
         record_from_dict(["Hi"], 5, "records[5]")
 
 
-@pytest.mark.parametrize("layout", ["llama31_untied", "qwen3", "multi_objective", "armorm"])
-def test_get_reward_of_released_layouts_equals_their_own_forward(layout, tmp_path):
+@pytest.mark.parametrize("layout,strategy", [("llama31_untied", "none"), ("llama31_untied", "fsdp"), ("qwen3", "none"),
+                                             ("multi_objective", "none"), ("armorm", "dp")])
+def test_get_reward_of_released_layouts_equals_their_own_forward(layout, strategy, tmp_path):
     """/get_reward's engine on full texts rendered by the model's own chat template (as an RL trainer
     sends them) gives each released layout's reward from its own forward (transformers, or the
     authors' head): an untied Llama-3.1 classifier, Qwen3 (think block), a multi-objective head (its
     objectives in extra_logs) and ArmoRM's gate, whose gating token is found in the prompt's tokens;
-    several texts per prompt (one tree) and several requests per batch. Queued requests are answered
-    before the engine stops."""
+    several texts per prompt (one tree) and several requests per batch; on one device, or sharded
+    over the 8 test devices (fsdp; dp: the rows split). Queued requests are answered before the
+    engine stops."""
     from transformers import AutoTokenizer
 
     from released_rms import build, records_for
@@ -343,7 +345,8 @@ def test_get_reward_of_released_layouts_equals_their_own_forward(layout, tmp_pat
             want.append(reward(full))
     assert len(queries) >= 4
     config = rconfig.load(ServeConfig, None, [f"model.rm={tmp_path / 'model'}", "data.max_length=256",
-                                              "batch.min_row_length=64", "batch.batch_tokens=512"])
+                                              "batch.min_row_length=64", "batch.batch_tokens=512",
+                                              f"mesh.strategy={strategy}"])
     engine, _ = build_engine(config)
     engine.start()
     jobs = [engine.texts(queries[i:i + 3], prompts[i:i + 3]) for i in range(0, len(queries), 3)]

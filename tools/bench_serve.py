@@ -5,13 +5,14 @@
 The reward model: SmolLM2-135M-Instruct's real weights as a 1-label LlamaForSequenceClassification
 with a seeded score head (``bench_eval_rm.classifier_dir``). The load: an RL trainer's, as OpenRLHF's
 remote reward function sends it: one POST /get_reward per sampled response ({"query": [prompt +
-response, chat template applied], "prompts": [prompt]}), two samples per prompt (the chosen and
-rejected replies of seeded bundled HH-RLHF helpful-base conversations, multi-turn prompts), sent by
+response, chat template applied], "prompts": [prompt]}), ``--samples`` (4) per prompt (the chosen and
+rejected replies of seeded bundled HH-RLHF helpful-base conversations, multi-turn prompts, and the two
+of the next conversation), sent by
 1, 8 and 64 concurrent clients that take the next text from one shared list. Each side runs alone
 (the other server stopped). Reported per concurrency: requests/s, p50 / p99 latency, the ratio to the
 baseline; the largest reward difference between the two servers; rmjax's warm-up (compiling every row
 shape before it listens); and the cost of serving: the server's tokens/s at the highest concurrency
-against ``rmjax score --rm`` over the same pairs (each prompt once for its two replies in both).
+against ``rmjax score --rm`` over the same records (each prompt once for its replies in both).
 """
 from __future__ import annotations
 
@@ -36,26 +37,28 @@ from bench_eval_rm import classifier_dir  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def workload(rm_dir: Path, prompts: int, seed: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
-    """(pair records, (full text, prompt text) per sampled response, a prompt's two adjacent)."""
+def workload(rm_dir: Path, prompts: int, samples: int, seed: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(records: each prompt with its sampled replies, (full text, prompt text) per reply, the replies
+    of a prompt adjacent). Replies: the conversation's chosen and rejected, then (``samples`` 4) the
+    two of the next conversation in the seeded order, as best-of-4 records."""
     from transformers import AutoTokenizer
 
     from rmjax.data.records import read_records
 
     tok = AutoTokenizer.from_pretrained(rm_dir)
     records = read_records("hh-rlhf:helpful-base", on_error="skip")
-    order = np.random.default_rng(seed).permutation(len(records))[:prompts]
-    pairs, texts = [], []
-    for i in order:
-        rec = records[int(i)]
-        pairs.append({"id": rec.id, "prompt": rec.prompt_messages, "chosen": rec.responses[0],
-                      "rejected": rec.responses[1]})
+    order = np.random.default_rng(seed).permutation(len(records))
+    rows, texts = [], []
+    for n in range(prompts):
+        rec, other = records[int(order[2 * n])], records[int(order[2 * n + 1])]
+        replies = [*rec.responses, *other.responses][:samples]
+        rows.append({"id": rec.id, "prompt": rec.prompt_messages, "chosen": replies[:1], "rejected": replies[1:]})
         prompt = tok.apply_chat_template(rec.prompt_messages, add_generation_prompt=True, tokenize=False)
-        for reply in rec.responses:
+        for reply in replies:
             full = tok.apply_chat_template(rec.prompt_messages + [{"role": "assistant", "content": reply}],
                                            tokenize=False)
             texts.append((full, prompt))
-    return pairs, texts
+    return rows, texts
 
 
 def start(cmd: list[str], port: int, log: Path, timeout: float = 1800) -> tuple[subprocess.Popen, float]:
@@ -130,6 +133,7 @@ def metric(url: str, name: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--samples", type=int, default=4, choices=(2, 3, 4), help="sampled replies per prompt")
     p.add_argument("--concurrency", default="1,8,64")
     p.add_argument("--requests", type=int, default=0, help="requests per concurrency (default: every text once, "
                                                             "at least 2 per client)")
@@ -137,11 +141,11 @@ def main() -> None:
     p.add_argument("--out", default="tools/results/serve_cpu.json")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    result: dict = {"environment": environment(), "prompts": args.prompts}
+    result: dict = {"environment": environment(), "prompts": args.prompts, "samples_per_prompt": args.samples}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rm_dir = classifier_dir(tmp / "smollm2-135m-rm")
-        pairs, texts = workload(rm_dir, args.prompts)
+        pairs, texts = workload(rm_dir, args.prompts, args.samples)
         result["texts"] = len(texts)
         sides = {
             "rmjax": [sys.executable, "-m", "rmjax.cli", "serve", "--rm", str(rm_dir), "--max-length",
