@@ -49,3 +49,23 @@ def test_the_second_run_reads_every_program_from_the_cache(tmp_path):
 def test_where_the_cache_lives(env, want, monkeypatch):
     monkeypatch.setattr(compilation.jax.config, "update", lambda *a: None)  # this process's own setting stays
     assert compilation.use_persistent_cache(env) == want
+
+
+def test_a_host_without_accelerators_runs_on_the_cpu_without_starting_the_tpu_runtime():
+    """No JAX_PLATFORMS and no accelerator device file: importing rmjax makes JAX use the CPU alone,
+    so libtpu (installed with the test extra) neither starts nor takes its machine-wide lock; a
+    JAX_PLATFORMS the user set is left alone."""
+    import rmjax
+
+    if not rmjax._cpu_only_host():
+        pytest.skip("this host has an accelerator device")
+    code = "import os, rmjax, jax; print(jax.default_backend(), os.environ['JAX_PLATFORMS'])"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split() == ["cpu", "cpu"], out.stderr[-2000:]
+    assert "libtpu" not in out.stderr and "TPU" not in out.stderr, out.stderr[-2000:]
+    mine = subprocess.run([sys.executable, "-c", "import os, rmjax; print(os.environ['JAX_PLATFORMS'])"],
+                          env=dict(env, PYTHONPATH=str(ROOT), JAX_PLATFORMS="tpu"), capture_output=True, text=True,
+                          timeout=120)
+    assert mine.stdout.strip() == "tpu", mine.stderr[-2000:]
