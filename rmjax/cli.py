@@ -25,6 +25,7 @@ _COMMANDS = (
     "rmjax.commands.sae",
     "rmjax.commands.rloo",
     "rmjax.commands.serve",
+    "rmjax.commands.plan",
     "rmjax.analysis.cli",
     "rmjax.commands.implicit_bias",
 )

@@ -4,6 +4,9 @@ default device, so ``splash`` is selectable and ``auto`` picks it for causal row
 rows (branches) keep the blockwise kernel."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -67,3 +70,110 @@ def test_splash_for_the_host_is_a_clear_error():
     params = shapes()
     with pytest.raises(ConfigError, match=r"splash attention needs a TPU \(compiling for cpu\)"):
         jax.jit(lambda p, i: forward(p, config, i).hidden).lower(params, jax.ShapeDtypeStruct((1, T), jnp.int32))
+
+
+# ---------------------------------------------------------------- rmjax plan (here: libtpu serves one process,
+# so every test that compiles for a TPU topology lives in this file, on one test worker)
+
+BIG = {**HF, "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 8,
+       "num_attention_heads": 64, "num_key_value_heads": 8, "tie_word_embeddings": False}
+
+
+def plan_config(tmp_path, hf: dict, *overrides: str):
+    from rmjax import config as rconfig
+    from rmjax.jobs.plan import PlanConfig
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf))
+    return rconfig.load(PlanConfig, None, [f"model.name={path}", "topology=v5e:2x2", "data.max_length=256",
+                                           "train.batch_size=8", *overrides])
+
+
+@pytest.mark.parametrize("overrides", [("train.trainable=full",), ("train.trainable=lora", "train.grad_accum=2"),
+                                       ("train.trainable=full", "batch.layout=padded", "model.remat=full")])
+def test_plan_reports_the_compiled_steps_memory_and_counts_every_loop_iteration(tmp_path, overrides):
+    """`rmjax plan`'s memory figures are XLA's memory_analysis() of the very step it compiled for the
+    topology; its matmul FLOPs count the layer and micro-batch scans by their trip counts (XLA's own
+    analysis counts each body once) and equal the analytic count over the rows' positions (10%)."""
+    from rmjax import planning
+    from rmjax import sharding as shd
+    from rmjax.jobs import plan
+
+    config = plan_config(tmp_path, {**HF, "num_hidden_layers": 4}, *overrides)
+    record = plan.one(config)
+    assert record["chip"] == "TPU v5 lite" and record["chips"] == 4 and record["fits"]
+    devices = planning.topology_devices("v5e:2x2")
+    model = dataclasses.replace(config_from_hf(planning.hf_config(config.model.name), **config.model.numerics()),
+                                lm_head=False)
+    mesh = shd.make_mesh(shd.MeshConfig.for_strategy(config.mesh.strategy), devices=devices)
+    fn, state, frozen, batch, _ = planning.abstract_step(config, model, mesh, sequence=256)
+    with shd.activate(mesh, config.mesh.strategy):
+        mem = fn.lower(state, frozen, batch).compile().memory_analysis()
+    m = record["memory"]
+    assert m["arguments_gib"] == round(mem.argument_size_in_bytes / 2 ** 30, 3)
+    assert m["temporaries_gib"] == round(mem.temp_size_in_bytes / 2 ** 30, 3)
+    assert m["outputs_gib"] == round(mem.output_size_in_bytes / 2 ** 30, 3)
+    f = record["flops"]
+    if config.model.remat == "none":
+        assert f["matmuls_counted"] == pytest.approx(f["matmuls_analytic_on_padded_rows"], rel=0.10)
+    else:  # the recomputed forward of every layer on top
+        assert f["matmuls_counted"] > 1.2 * f["matmuls_analytic_on_padded_rows"]
+    assert f["xla_cost_analysis"] < 0.5 * f["matmuls_counted"]  # the scans XLA counts once
+    e = record["estimate"]
+    assert e["step_seconds"] > 0 and e["tokens_per_s"] > 0 and 0 < e["mfu"] <= 1
+
+
+def test_plan_says_a_model_too_big_for_the_chips_does_not_fit(tmp_path, capsys):
+    """A ~9B-parameter decoder trained in full (fp32 weights and AdamW moments) on four 16 GB v5e chips:
+    "does not fit" with the per-chip figure; the command prints one line per plan and writes the
+    records (search: fitting candidates first)."""
+    from rmjax.cli import main
+
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(BIG))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(path), "--topology", "v5e:2x2", "--trainable", "full", "--max-length",
+                 "512", "--batch-size", "4", "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert "does not fit" in line and "GiB per chip of 16 GiB" in line
+    record = json.loads(out.read_text())[0]
+    assert not record["fits"] and record["memory"]["peak_gib"] > record["memory"]["hbm_gib"]
+    # ~7.9B fp32 params (no LM head: a scalar RM) and their two AdamW moments over 4 chips: 22 GiB each
+    assert record["memory"]["arguments_gib"] > 20 and record["estimate"]["step_seconds"] is None
+
+
+def test_plan_search_lists_the_candidates_that_fit_first(tmp_path):
+    from rmjax.jobs import plan
+
+    config = plan_config(tmp_path, {**HF, "num_hidden_layers": 2}, "search=true", "search_strategies=[fsdp]",
+                         "search_micro_batches=[1,2]", "search_remat=[none,full]", f"out={tmp_path / 's.json'}")
+    records = plan.run(config, log=lambda m: None)
+    assert len(records) == 4 and all(r["fits"] for r in records)
+    seconds = [r["estimate"]["step_seconds"] for r in records]
+    assert seconds == sorted(seconds)
+    assert {(r["remat"], r["batch"]["micro_batches"]) for r in records} == {("none", 1), ("none", 2), ("full", 1),
+                                                                             ("full", 2)}
+
+
+def test_attention_pairs_count_what_each_token_sees():
+    """The analytic attention count: for packed prompt trees, every (query, key) pair the kernel
+    computes (same segment, causal, a branch sees its prompt and itself), by brute force."""
+    import numpy as np
+
+    from rmjax import planning
+    from rmjax.data.batching import Encoded, build_packed
+
+    rng = np.random.default_rng(0)
+    trees = {k: Encoded(np.ones(rng.integers(1, 9), np.int32), tuple(np.ones(rng.integers(1, 6), np.int32)
+                                                                       for _ in range(rng.integers(1, 4))))
+             for k in range(6)}
+    pb = build_packed(trees, [[0, 1, 2], [3, 4, 5]], 64, 0)
+    a = pb.arrays
+    brute = 0
+    for r in range(2):
+        seg, br = a["segment_ids"][r], a["branch_ids"][r]
+        for i in range(64):
+            for j in range(i + 1):
+                brute += bool(seg[i] and seg[i] == seg[j] and (br[j] == 0 or br[j] == br[i]))
+    config = config_from_hf(HF)
+    assert planning.attention_pairs(a, config) == (brute, brute)

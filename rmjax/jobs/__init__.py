@@ -7,5 +7,6 @@
     armorm       *Config            ArmoRM's stages on feature caches
     logprobs     LogprobsConfig     the top next tokens after a prompt
     serve        ServeConfig        a reward model behind HTTP (OpenRLHF's /get_reward) on the scoring engine
+    plan         PlanConfig         a training run compiled ahead of time for a TPU topology, sized
 Training: ``rmjax.train.config.TrainConfig`` and ``rmjax.train.loop.run``.
 """

@@ -670,6 +670,33 @@ def _cudnn(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, win
     return jax.lax.cond(right_padded, fast, blockwise)
 
 
+def _at_default_precision(call, dtype):
+    """``call(q, k, v, segment_ids)`` traced at the default matmul precision, its backward too. Mosaic
+    multiplies bf16 / fp16 operands at the default precision only, so a global "highest"
+    (``jax_default_matmul_precision``) would make the kernel fail to compile; a context manager around
+    the call alone would not reach the backward kernel, which is traced later, when the step is
+    differentiated."""
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        return call
+
+    @jax.custom_vjp
+    def run(q, k, v, seg):
+        with jax.default_matmul_precision("default"):
+            return call(q, k, v, seg)
+
+    def fwd(q, k, v, seg):
+        with jax.default_matmul_precision("default"):
+            out, back = jax.vjp(lambda a, b, c: call(a, b, c, seg), q, k, v)
+        return out, back
+
+    def bwd(back, g):
+        with jax.default_matmul_precision("default"):
+            return (*back(g), None)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
 def _splash(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, window: int | None,
             interpret: bool = False):
     """Pallas splash attention (TPU); one kernel per KV head group (MQA over its G query heads)."""
@@ -698,11 +725,9 @@ def _splash(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, wi
 
     # a Mosaic kernel is not partitioned by XLA: on a mesh it runs per device on its rows and KV heads
     rows = ("batch", "kv_heads", None, None)
-    # Mosaic multiplies bf16 / fp16 operands at the default precision only: a global "highest"
-    # (jax_default_matmul_precision) would make the kernel fail to compile
-    precision = "default" if q.dtype in (jnp.bfloat16, jnp.float16) else None
-    with jax.default_matmul_precision(precision):
-        out = shd.per_device(jax.vmap(one_row), (rows + (None,), rows, rows, ("batch", None)),
-                             qs, kt, vt, q_tokens.segment.astype(jnp.int32))  # [B, Hkv, G, T, D]
+    def call(qs, kt, vt, seg):  # [B, Hkv, G, T, D]
+        return shd.per_device(jax.vmap(one_row), (rows + (None,), rows, rows, ("batch", None)), qs, kt, vt, seg)
+
+    out = _at_default_precision(call, q.dtype)(qs, kt, vt, q_tokens.segment.astype(jnp.int32))
     valid = (q_tokens.segment > 0)[:, :, None, None, None]
     return jnp.where(valid, out.transpose(0, 3, 1, 2, 4), 0).astype(q.dtype)

@@ -152,14 +152,20 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation) -> Trai
                       skipped=jnp.zeros((), jnp.int32))
 
 
-def create_state(trainable: dict, optimizer: optax.GradientTransformation, mesh) -> TrainState:
-    """The initial state with optimizer moments sharded exactly like their params (counters replicated)."""
+def state_shardings(trainable: dict, optimizer: optax.GradientTransformation, mesh) -> tuple[TrainState, TrainState]:
+    """(the state's shapes, its shardings) for params ``trainable`` (arrays, or ShapeDtypeStructs with
+    shardings): optimizer moments sharded exactly like their params, counters replicated."""
     replicated = shd.replicated(mesh)
     param_sh = shardings_of(trainable)
     abstract = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
     opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract.opt_state, param_sh,
                                    transform_non_params=lambda _: replicated)
-    out_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, skipped=replicated)
+    return abstract, TrainState(step=replicated, params=param_sh, opt_state=opt_sh, skipped=replicated)
+
+
+def create_state(trainable: dict, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+    """The initial state, sharded as ``state_shardings`` says."""
+    _, out_sh = state_shardings(trainable, optimizer, mesh)
     return jax.jit(lambda t: init_state(t, optimizer), out_shardings=out_sh)(trainable)
 
 
