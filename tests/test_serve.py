@@ -298,7 +298,7 @@ def test_binds_loopback_by_default_and_rows_hold_the_longest_tree():
     from rmjax.errors import RmjaxError
     from rmjax.jobs.serve import ServeConfig, ladder
     assert ServeConfig().host == "127.0.0.1"
-    assert ladder(rconfig.load(ServeConfig, None, ["data.max_length=300"])) == (128, 256, 512)
+    assert ladder(rconfig.load(ServeConfig, None, ["data.max_length=300"])) == (128, 192, 256, 384, 512)
     assert ladder(rconfig.load(ServeConfig, None, ["data.max_length=300", "model.judge=j"]))[-1] == 2048
     with pytest.raises(RmjaxError, match="judge tree"):
         ladder(rconfig.load(ServeConfig, None, ["data.max_length=300", "model.judge=j", "batch.row_length=1024"]))
@@ -368,3 +368,41 @@ def test_get_reward_of_released_layouts_equals_their_own_forward(layout, strateg
 def released_family(layout: str) -> str:
     from released_rms import LAYOUTS
     return LAYOUTS[layout][0]
+
+
+def test_a_full_queue_gets_503_and_the_queued_requests_are_answered(models):
+    """The queue is bounded: past --max-queue waiting requests a request gets 503 with Retry-After (not a
+    growing wait); the ones queued are answered once the engine runs."""
+    import uvicorn
+
+    from rmjax import config as rconfig
+    from rmjax.jobs.serve import ServeConfig, build_engine
+    from rmjax.serving.app import build_app
+
+    config = rconfig.load(ServeConfig, None, [f"model.rm={models / 'rm'}", "data.max_length=64",
+                                              "batch.min_row_length=64", "batch.max_queue=1"])
+    engine, describe = build_engine(config)  # not started yet: requests wait in its queue
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, describe=describe), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        payload = {"query": [chatml("Hi", "Hello!")], "prompts": [chatml("Hi")]}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(requests.post, f"{url}/get_reward", json=payload, timeout=120)
+            while requests.get(f"{url}/health", timeout=10).json()["queue"] < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            refused = requests.post(f"{url}/get_reward", json=payload, timeout=30)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "1 requests are queued" in refused.json()["detail"]
+            engine.start()
+            answered = waiting.result()
+        assert answered.status_code == 200 and len(answered.json()["rewards"]) == 1
+    finally:
+        server.should_exit = True
+        thread.join(60)

@@ -191,18 +191,25 @@ def packed_batches(encoded: dict[int, Encoded], pad_id: int, *, row_length: int 
         per_batch = max(1, batch_tokens // length)
         for start in range(0, len(group), per_batch):
             chunk = group[start:start + per_batch]
-            fixed = {"slots": length, "targets": length} if ladder else {}
-            out.append(build_packed(encoded, chunk, length, pad_id, n_rows=1 << (len(chunk) - 1).bit_length(),
-                                    buckets=buckets, **fixed))
+            if ladder:
+                out.append(build_packed(encoded, chunk, length, pad_id, n_rows=bucket(len(chunk), ROW_COUNTS),
+                                        slots=length, targets=length))
+            else:
+                out.append(build_packed(encoded, chunk, length, pad_id, n_rows=1 << (len(chunk) - 1).bit_length(),
+                                        buckets=buckets))
     return out
+
+
+# row counts of fixed-shape batches: a 1.5x ladder, so a batch pads at most a third of its rows
+ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def ladder_shapes(ladder: tuple[int, ...], batch_tokens: int) -> list[tuple[int, int]]:
     """Every (rows, row length) ``packed_batches(..., ladder=ladder)`` can produce."""
     out = []
     for length in ladder:
-        most = max(1, batch_tokens // length)
-        out += [(1 << k, length) for k in range((most - 1).bit_length() + 1)]
+        most = bucket(max(1, batch_tokens // length), ROW_COUNTS)
+        out += [(n, length) for n in ROW_COUNTS if n <= most]
     return out
 
 

@@ -33,7 +33,7 @@ class ServeBatch:
 
     row_length: int = knob(0, "the longest packed row: a prompt with all its responses must fit (0: the smallest "
                               "power of two >= data.max_length, 4x that with a judge)")
-    min_row_length: int = knob(128, "the shortest row of the ladder (rows are powers of two from here to "
+    min_row_length: int = knob(128, "the shortest row of the ladder (row lengths step by 1.5x from here to "
                                     "row_length)")
     batch_tokens: int = knob(8192, "tokens per engine batch (rows x row length); requests that arrive together "
                                    "share one")
@@ -67,7 +67,8 @@ class ServeConfig:
 
 
 def ladder(config: ServeConfig) -> tuple[int, ...]:
-    """The packed row lengths: powers of two from batch.min_row_length up to the longest row."""
+    """The packed row lengths: the bucket ladder's (1.5x steps) from batch.min_row_length up to the
+    longest row, which ends it."""
     b, m = config.batch, config.model
     # a judge's tree holds both candidate orders (each up to 2 x max_length: the judge prompt shows both
     # responses), their shared beginning once
@@ -77,11 +78,7 @@ def ladder(config: ServeConfig) -> tuple[int, ...]:
         raise RmjaxError(f"batch.row_length={longest} is shorter than {need} tokens, the longest "
                          f"{'judge tree (4 x data.max_length)' if m.judge else 'sequence (data.max_length)'}: "
                          "it must fit a row")
-    rungs, n = [], min(b.min_row_length, longest)
-    while n < longest:
-        rungs.append(n)
-        n *= 2
-    return (*rungs, longest)
+    return (*(n for n in BUCKETS if min(b.min_row_length, longest) <= n < longest), longest)
 
 
 def build_engine(config: ServeConfig):
