@@ -14,11 +14,11 @@ import sys as _sys
 _ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
 
 
-def _cpu_only_host() -> bool:
+def cpu_only_host() -> bool:
     return not any(_glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES)
 
 
-if "JAX_PLATFORMS" not in _os.environ and _cpu_only_host():
+if "JAX_PLATFORMS" not in _os.environ and cpu_only_host():
     _os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in _sys.modules:  # imported before rmjax: its config read the environment already
         _sys.modules["jax"].config.update("jax_platforms", "cpu")

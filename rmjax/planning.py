@@ -16,14 +16,18 @@ the donated state aliased). FLOPs are counted two ways:
   backward where weights train, once where only activation gradients pass, attention likewise; with
   LoRA the gradients of the merged q/k/v/o weights rmjax computes).
 
-The step-time estimate is XLA's (``cost_analysis()``'s optimal seconds where the TPU compiler gives
-one) scaled by the FLOPs its loops hide; tokens/s and MFU follow from it. All are estimates, labelled so.
+The step time is XLA's estimate (``cost_analysis()``'s optimal seconds) scaled by the FLOPs its loops
+hide where the TPU compiler gives one; for a program with loops it gives none (-2), and the step time is
+then bounded from below by the compiled FLOPs at the chips' peak, which bounds tokens/s and MFU from
+above (MFU at most = model / compiled FLOPs: what rematerialisation, padding and the attention
+backward's recomputation cost). Every figure is labelled an estimate or a bound.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+import rmjax
 from rmjax import sharding as shd
 from rmjax.data.batching import Encoded
 from rmjax.data.records import Record
@@ -111,6 +116,8 @@ def topology_devices(topology: str) -> list:
     'v5e:2x2' with ``num_slices``) as compile targets on this host (libtpu, no TPU needed)."""
     from jax.experimental import topologies
 
+    if rmjax.cpu_only_host():  # no TPU workers to look for: libtpu would otherwise search and complain
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:  # noqa: BLE001 (libtpu's errors name the problem; this names the fix)
@@ -302,6 +309,8 @@ def abstract_step(run, config: ModelConfig, mesh, *, sequence: int, responses: i
     return fn, state, frozen, batch, host
 
 
+BOUND = ("bound: the compiled FLOPs at the chips' peak (a lower bound on the step time, so upper bounds on "
+         "tokens/s and MFU; XLA gives no time estimate for a program with loops)")
 _OUT_OF_MEMORY = re.compile(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
@@ -374,9 +383,9 @@ def plan_train(run, topology: str, *, sequence: int = 0, responses: int = 2, res
         # XLA's time for what its analysis sees (loop bodies once, per chip), scaled up by the FLOPs it misses
         seconds = xla_seconds * compiled_flops / (xla_flops * chips)
         estimate["basis"] = "XLA cost analysis (optimal seconds), scaled by the loop trip counts it counts once"
-    else:
+    else:  # XLA's TPU cost model gives no time for a program with loops (optimal_seconds < 0)
         seconds = compiled_flops / (chips * peak) if peak == peak else float("nan")
-        estimate["basis"] = "compiled FLOPs at the chips' peak (a lower bound: no XLA time estimate for this target)"
+        estimate["basis"] = BOUND
     estimate.update(step_seconds=float(f"{seconds:.4g}") if seconds else None,
                     tokens_per_s=round(tokens / seconds, 1) if seconds else None,
                     mfu=round(analytic / (seconds * chips * peak), 3) if seconds and peak == peak else None)
@@ -405,6 +414,9 @@ def summary_line(r: dict) -> str:
             f"{m['peak_gib']:.2f} GiB per chip of {m['hbm_gib']:.0f} GiB")
     if not r["fits"]:
         return f"{head} (does not fit)"
+    if e["basis"] == BOUND:
+        return (f"{head} (fits); at least {e['step_seconds']:.4g} s per step (compiled FLOPs at peak), at most "
+                f"{e['tokens_per_s']:,.0f} tokens/s, MFU at most {e['mfu']:.0%} [bounds]")
     mfu = f", MFU {e['mfu']:.0%}" if e.get("mfu") is not None else ""
     return f"{head} (fits); estimated {e['step_seconds']:.4g} s per step, {e['tokens_per_s']} tokens/s{mfu} [estimates]"
 

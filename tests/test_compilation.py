@@ -57,7 +57,7 @@ def test_a_host_without_accelerators_runs_on_the_cpu_without_starting_the_tpu_ru
     JAX_PLATFORMS the user set is left alone."""
     import rmjax
 
-    if not rmjax._cpu_only_host():
+    if not rmjax.cpu_only_host():
         pytest.skip("this host has an accelerator device")
     code = "import os, rmjax, jax; print(jax.default_backend(), os.environ['JAX_PLATFORMS'])"
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}

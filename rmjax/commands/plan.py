@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="size a training run for a TPU topology ahead of time (memory, FLOPs, MFU)",
                        description="Compile a training run's real train step for a TPU topology from this host, on "
                                    "abstract params (rmjax.jobs.plan; libtpu, no TPU): per-chip memory against HBM, "
-                                   "FLOPs (loops counted by their trip counts), estimated step time, tokens/s and MFU "
-                                   "(estimates). --config takes any rmjax train config; --model a named shape "
+                                   "FLOPs (loops counted by their trip counts), step time (XLA's estimate, or a "
+                                   "bound: the compiled FLOPs at peak), tokens/s and MFU (estimates or bounds). --config takes any rmjax train config; --model a named shape "
                                    "(llama-3.1-8b, llama-3.1-70b, llama-3.2-3b, gemma-2-9b, gemma-2-27b, qwen3-8b), a "
                                    "config.json or a checkpoint dir. --search lists the candidates that fit.")
     add_config_arguments(p, PlanConfig, PLAN_FLAGS)

@@ -1,5 +1,5 @@
 """The sizing job (``rmjax plan``): a training run compiled ahead of time for a TPU topology from this
-host (``rmjax.planning``): memory per chip against its HBM, FLOPs, estimated step time, tokens/s, MFU.
+host (``rmjax.planning``): memory per chip against its HBM, FLOPs, step time, tokens/s and MFU (estimates or bounds).
 
     config = rmjax.config.load(PlanConfig, "experiments/rm_ablation/base.yaml",
                                ["model.name=llama-3.1-8b", "topology=v5p:2x2x1", "data.max_length=4096"])
