@@ -43,6 +43,7 @@ from rmjax import sharding as shd
 from rmjax.data.batching import Encoded
 from rmjax.data.records import Record
 from rmjax.errors import ConfigError
+from rmjax.io.registry import resolve_model
 from rmjax.models import config_from_hf
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import abstract_params
@@ -98,9 +99,7 @@ def hf_config(model: str) -> dict:
         return json.loads(path.read_text())
     if (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
-    from rmjax.io.registry import resolve_model  # a registry model's directory; GGUF metadata is not read here
-
-    try:
+    try:  # a registry model's directory (its config.json; a GGUF's metadata is not read here)
         source = resolve_model(model)
     except Exception as e:  # noqa: BLE001 (any failure to resolve is the same message)
         raise ConfigError(f"model {model!r}: not a named shape ({', '.join(NAMED_SHAPES)}), a config.json or a "
