@@ -146,13 +146,12 @@ def test_plan_search_lists_the_candidates_that_fit_first(tmp_path):
     from rmjax.jobs import plan
 
     config = plan_config(tmp_path, {**HF, "num_hidden_layers": 2}, "search=true", "search_strategies=[fsdp]",
-                         "search_micro_batches=[1,2]", "search_remat=[none,full]", f"out={tmp_path / 's.json'}")
-    records = plan.run(config, log=lambda m: None)
-    assert len(records) == 4 and all(r["fits"] for r in records)
+                         "search_micro_batches=[1,3]", "search_remat=[none,full]", f"out={tmp_path / 's.json'}")
+    records = plan.run(config, log=lambda m: None)  # 3 does not divide the 8 examples: 2 candidates
+    assert len(records) == 2 and all(r["fits"] for r in records)
     seconds = [r["estimate"]["step_seconds"] for r in records]
-    assert seconds == sorted(seconds)
-    assert {(r["remat"], r["batch"]["micro_batches"]) for r in records} == {("none", 1), ("none", 2), ("full", 1),
-                                                                             ("full", 2)}
+    assert seconds == sorted(seconds) and [r["remat"] for r in records] == ["none", "full"]  # less recomputed
+    assert json.loads((tmp_path / "s.json").read_text()) == records
 
 
 def test_attention_pairs_count_what_each_token_sees():
