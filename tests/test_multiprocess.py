@@ -254,7 +254,7 @@ def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
     import signal
     import time
 
-    data = _pairs(tmp_path / "pairs.jsonl", 40)
+    data = _pairs(tmp_path / "pairs.jsonl", 24)  # 12 shards of 2
     argv = ["score", "--policy", str(model_dir), "--reference", "", "--sample", "0", "--data", str(data),
             "--shard-size", "2", "--strategy", "fsdp", "--no-progress"]
 
@@ -265,7 +265,7 @@ def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
     numeric = [c for c in ref.columns if ref[c].dtype.kind == "f"]
     together = run("global", 2, "--mesh-scope", "global")
     assert "mesh fsdp=8 (fsdp) over every process's devices" in (tmp_path / "global_logs" / "process1.log").read_text()
-    assert together["id"].tolist() == ref["id"].tolist() == [f"p{i}" for i in range(40)]
+    assert together["id"].tolist() == ref["id"].tolist() == [f"p{i}" for i in range(24)]
     np.testing.assert_allclose(together[numeric].to_numpy(), ref[numeric].to_numpy(), rtol=1e-5, atol=1e-5)
 
     out, logs = tmp_path / "killed", tmp_path / "killed_logs"
@@ -281,9 +281,9 @@ def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
     finally:
         processes.stop(procs)  # the survivor cannot finish without its peer: the job is restarted whole
     done_before = len(list((out / "parts").glob("*.parquet")))
-    assert done_before < 20
+    assert done_before < 12
     resumed = run("killed", 2)
-    assert resumed["id"].tolist() == [f"p{i}" for i in range(40)]  # nothing lost, nothing twice
+    assert resumed["id"].tolist() == [f"p{i}" for i in range(24)]  # nothing lost, nothing twice
     np.testing.assert_allclose(resumed[numeric].to_numpy(), ref[numeric].to_numpy(), rtol=1e-5, atol=1e-5)
 
 
