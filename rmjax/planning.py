@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from rmjax.io.registry import resolve_model
 from rmjax.models import config_from_hf
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import abstract_params
+from rmjax.train import loop as tloop
 from rmjax.train import objectives as tobjectives
 from rmjax.train import params as tparams
 from rmjax.train import plan as tplan
@@ -266,22 +268,19 @@ def abstract_step(run, config: ModelConfig, mesh, *, sequence: int, responses: i
     backbone_sh = shd.param_shardings(boxed, mesh, strategy)
     backbone = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.value.shape, param_dtype, sharding=s), boxed,
                             backbone_sh, is_leaf=lambda x: hasattr(x, "value"))
-    backbone_sh = jax.tree.map(lambda x: x.sharding, backbone)
     k = objectives if entry.trees == "ratings" or run.head.kind in ("multi_objective", "armorm") else 0
     extra: dict[str, Any] = {"score_head": None, "num_objectives": k}
     if run.head.kind == "armorm":
         extra["regression"] = jnp.zeros((config.hidden_size, objectives), jnp.float32)
-    rng = jax.random.key(run.train.seed)
-    head = jax.eval_shape(lambda: entry.init(jax.random.fold_in(rng, 1), config.hidden_size, run, extra))
+    if run.loss.kind == "dpo" and run.loss.reference:  # a reference of the policy's shape
+        extra["reference"] = backbone
+    full = jax.eval_shape(lambda b: tloop.model_params(run, types.SimpleNamespace(params=b, config=config), entry,
+                                                       mesh, extra), backbone)
+    # placed as model_params places them: backbone and reference by the rules, head and adapters replicated
+    by_rules = {p: x.sharding for p, x in traverse_util.flatten_dict(backbone, sep="/").items()}
     replicated = shd.replicated(mesh)
-    full = {"backbone": backbone, "head": _with(head, jax.tree.map(lambda _: replicated, head))}
-    if run.train.trainable == "lora":
-        lora = jax.eval_shape(lambda b: tparams.init_lora(b, run.train.lora_rank, rng, run.train.lora_layers),
-                              backbone)
-        full["lora"] = _with(lora, jax.tree.map(lambda _: replicated, lora))
-    if run.loss.kind == "dpo" and (run.loss.reference or run.train.trainable != "lora"):
-        full["reference"] = backbone
-    flat_sh = {p: x.sharding for p, x in traverse_util.flatten_dict(full, sep="/").items()}
+    flat_sh = {p: by_rules[p.split("/", 1)[1]] if p.split("/", 1)[0] in ("backbone", "reference") else replicated
+               for p in traverse_util.flatten_dict(full, sep="/")}
     parts = jax.eval_shape(lambda f: tparams.split(f, run.train.trainable, run.train.last_k, entry.frozen), full)
 
     def reattach(tree):  # a split layer keeps its tensor's sharding (the layer axis is never split)

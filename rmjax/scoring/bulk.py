@@ -208,10 +208,12 @@ class Scorer:
             return multihost_utils.process_allgather(stats, tiled=True)
         return jax.device_get(stats)
 
+    def _on_mesh(self):
+        """The context the models run in: the scorer's mesh and strategy, if it has one."""
+        return contextlib.nullcontext() if self.mesh is None else shd.activate(self.mesh, self.strategy)
+
     def _run(self, name: str, slot: ModelSlot, encoded: dict[int, Encoded], out: dict[int, dict]):
-        if self.mesh is None:
-            return self._run_batches(name, slot, encoded, out)
-        with shd.activate(self.mesh, self.strategy):
+        with self._on_mesh():
             return self._run_batches(name, slot, encoded, out)
 
     def _call(self, name: str, slot: ModelSlot, batch: dict) -> list[tuple[str, dict]]:
@@ -237,7 +239,7 @@ class Scorer:
         if not s.ladder or s.pack_length <= 0:
             raise ConfigError("warm_up needs packed rows on a ladder of fixed shapes (settings.ladder)")
         n = 0
-        with contextlib.nullcontext() if self.mesh is None else shd.activate(self.mesh, self.strategy):
+        with self._on_mesh():
             for name, slot in self.programs():
                 pad = slot.tokenizer.pad_id or 0
                 dummy = {0: Encoded(np.array([pad], np.int32), (np.array([pad], np.int32),))}
