@@ -318,6 +318,31 @@ def test_splash_kernel_matches_naive_in_interpret_mode():
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4)
 
 
+def test_splash_in_bf16_runs_its_forward_and_backward_at_default_precision():
+    """bf16 splash (the kernel wrapped so its backward, traced when the step is differentiated, is at
+    the default matmul precision Mosaic needs, whatever the global setting): the same outputs and
+    gradients as the fp32 kernel, to bf16's precision, under the tests' global 'highest'."""
+    b, t, d = 1, 256, 64
+    q, k, v = _qkv(b, t, t, 1, 2, d, seed=11)
+    tok = _packed(1, t, [[200]])
+    spec = AttentionSpec(scale=d ** -0.5, softcap=None, backend="naive")
+    valid = np.asarray(tok.segment) > 0
+
+    def loss(dtype):
+        return lambda q, k, v: jnp.sum(attn._splash(q.astype(dtype), k.astype(dtype), v.astype(dtype), tok, tok,
+                                                    spec, None, interpret=True).astype(jnp.float32))
+
+    assert jax.config.jax_default_matmul_precision == "highest"
+    half = attn._splash(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), tok, tok, spec,
+                        None, interpret=True)
+    full = attn._splash(q, k, v, tok, tok, spec, None, interpret=True)
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32)[valid], np.asarray(full)[valid], atol=3e-2)
+    for a, r in zip(jax.grad(loss(jnp.bfloat16), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss(jnp.float32), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r), atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("case", ["llama_gqa_tied", "gemma2_softcap_window", "gemma3_window"])
 def test_decoder_loss_and_gradients_blockwise_equal_naive(case):
     """A reward-style loss through the whole decoder (every layer's attention, padding and a packed
