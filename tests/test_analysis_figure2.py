@@ -8,9 +8,9 @@ from scipy import stats
 
 from rmjax.analysis.dictionary import load_dictionary
 from rmjax.analysis.logprob_ranks import logprob_ranks
-from rmjax.metrics import fdr_bh
 from rmjax.cli import main
 from rmjax.errors import DataError
+from rmjax.metrics import fdr_bh
 
 PROMPTS = ["best_x", "good_x", "worst_x", "bad_x"]
 WORDS = ["power", "skill", "care", "trust"]  # Agency, Agency, Communion, Communion
@@ -60,7 +60,7 @@ def welch_p(x, y):
 def test_cells_tests_and_fdr_by_hand(tables):
     data, dictionary = tables
     with pytest.warns(UserWarning, match="1 of 5 .* words are not a token of both"):
-        result = logprob_ranks(data, dictionary)
+        result = logprob_ranks(data, dictionary, merge_ids=True)  # the second "care" id of model a is dropped
     assert result.words == ["care", "power", "skill", "trust"]  # exact strings in both vocabularies
     cells = result.cells.set_index(["model", "framing", "category", "prompt"])["median_rank"]
     for model, expected in (("a", CELLS_A), ("b", CELLS_B)):
@@ -84,6 +84,47 @@ def test_fdr_by_hand():
     assert got == pytest.approx([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
     from statsmodels.stats.multitest import fdrcorrection
     assert got == pytest.approx(fdrcorrection([0.01, 0.04, 0.03, 0.2])[1])
+
+
+def authors_cells(data: dict[str, pd.DataFrame], dictionary_csv) -> dict[tuple[str, str, str], float]:
+    """The steps of the authors' generate_figure_2.py, transcribed: the dictionary keeps the words both tables
+    hold; per prompt and model it is merged with the table on the decoded string (one row per matching token
+    id), the rows ranked by log-prob (1 = most probable, ties averaged), the median rank taken per category."""
+    words = pd.read_csv(dictionary_csv).rename(columns={"word": "token_decoded"})
+    lps = {m: t.rename_axis("token_decoded").reset_index() for m, t in data.items()}
+    words = words[words.token_decoded.isin(lps["a"].token_decoded) & words.token_decoded.isin(lps["b"].token_decoded)]
+    cells = {}
+    for key in PROMPTS:
+        for model, lp in lps.items():
+            frame = pd.merge(words, lp[["token_decoded", key]], on="token_decoded", how="inner")
+            frame["rank"] = frame[key].rank(method="average", ascending=False)
+            for category, rank in frame.groupby("Category")["rank"].median().items():
+                cells[model, key, category] = float(rank)
+    return cells
+
+
+def test_every_token_id_is_ranked_by_default_as_the_authors_do(tables, tmp_path):
+    data, dictionary = tables
+    with pytest.warns(UserWarning, match=r"a: 1 dict words are the string of several token ids .* 'care'"):
+        result = logprob_ranks(data, dictionary)
+    # model a ranks power, skill, care, trust and its second "care" id (-9, last on every prompt):
+    # best_x ranks 1 2 3 4 5 -> Agency 1.5, Communion median(3, 4, 5) = 4; good_x 1 3 2 4 5 -> 2.0, 4.0;
+    # worst_x 4 3 1 2 5 -> 3.5, median(1, 2, 5) = 2.0; bad_x 2 4 1 3 5 -> 3.0, median(1, 3, 5) = 3.0
+    expected_a = {("positive", "Agency"): [1.5, 2.0], ("positive", "Communion"): [4.0, 4.0],
+                  ("negative", "Agency"): [3.5, 3.0], ("negative", "Communion"): [2.0, 3.0]}
+    cells = result.cells.set_index(["model", "framing", "category", "prompt"])["median_rank"]
+    for model, expected in (("a", expected_a), ("b", CELLS_B)):
+        for (framing, category), values in expected.items():
+            prompts = PROMPTS[:2] if framing == "positive" else PROMPTS[2:]
+            assert [cells[model, framing, category, p] for p in prompts] == values
+    got = {(r.model, r.prompt, r.category): r.median_rank for r in result.cells.itertuples()}
+    assert got == authors_cells(data, tmp_path / "dict.csv")
+    tests = result.tests.set_index(["framing", "category"])
+    assert tests.loc[("positive", "Communion"), "p_value"] == pytest.approx(welch_p([4.0, 4.0], [1.5, 2.0]))
+    with pytest.warns(UserWarning):
+        merged = logprob_ranks(data, dictionary, merge_ids=True)
+    assert merged.cells.set_index(["model", "framing", "category", "prompt"])["median_rank"][
+        "a", "positive", "Communion", "best_x"] == 3.5
 
 
 def test_anova_sums_of_squares_by_hand(tables):
@@ -116,10 +157,15 @@ def test_anova_sums_of_squares_by_hand(tables):
 def test_folded_match_and_the_command(tables, tmp_path):
     data, dictionary = tables
     with pytest.warns(UserWarning):
-        folded = logprob_ranks(data, dictionary, match="folded")
+        folded = logprob_ranks(data, dictionary, match="folded", merge_ids=True)
     # " Power" (-0.5) is now model a's "power": most probable of the four on every prompt
     ranks = folded.cells.set_index(["model", "prompt", "category"])["median_rank"]
     assert ranks["a", "worst_x", "Agency"] == pytest.approx(2.5)  # power 1, care 2, trust 3, skill 4
+    with pytest.warns(UserWarning, match=r"2 dict words are the string of several token ids \(folded match\)"):
+        every_id = logprob_ranks(data, dictionary, match="folded")
+    # every id: " Power" 1, care 2, trust 3, skill 4, power 5, care (-9) 6 -> Agency median(1, 4, 5) = 4
+    ranks = every_id.cells.set_index(["model", "prompt", "category"])["median_rank"]
+    assert ranks["a", "worst_x", "Agency"] == 4.0
     paths = []
     for name, frame in data.items():
         (tmp_path / name).mkdir()

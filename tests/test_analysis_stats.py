@@ -115,7 +115,8 @@ def test_cohens_d_with_pooled_sd_by_hand():
 def test_comparison_table_by_hand():
     table = compare_families(hand_cells(), permutations=20_000, seed=1)
     assert list(table.columns) == ["framing", "category", "gemma_mean", "llama_mean", "cohens_d", "p_perm",
-                                   "p_bonferroni", "n_gemma", "n_llama"]
+                                   "p_bonferroni", "stars", "n_gemma", "n_llama"]
+    assert table["stars"].tolist() == ["n.s.", "n.s."]
     agency = table.iloc[0]
     assert (agency["gemma_mean"], agency["llama_mean"], agency["n_gemma"], agency["n_llama"]) == (2, 5, 2, 2)
     assert agency["cohens_d"] == pytest.approx(3 / math.sqrt(2))  # llama minus gemma
@@ -126,6 +127,28 @@ def test_comparison_table_by_hand():
     assert np.isnan(communion["cohens_d"])  # no spread at all
     assert communion["p_perm"] == 1.0       # every shuffle ties the observed difference of 0
     assert communion["p_bonferroni"] == 1.0
+
+
+def test_welch_comparison_by_hand():
+    table = compare_families(hand_cells(), test="welch")
+    assert list(table.columns) == ["framing", "category", "gemma_mean", "llama_mean", "cohens_d", "p_welch",
+                                   "p_bonferroni", "stars", "n_gemma", "n_llama"]
+    # gemma 1, 3 and llama 4, 6: t = 3 / sqrt(2/2 + 2/2), Welch df = 2; with 2 df the two-sided
+    # p = 1 - t / sqrt(2 + t^2) = 1 - 3 / sqrt(13)
+    agency, communion = table.iloc[0], table.iloc[1]
+    assert agency["p_welch"] == pytest.approx(1 - 3 / math.sqrt(13))
+    assert agency["p_bonferroni"] == pytest.approx(2 * (1 - 3 / math.sqrt(13)))  # the constant panel counts too
+    assert np.isnan(communion["p_welch"]) and communion["stars"] == ""
+    assert agency["cohens_d"] == pytest.approx(3 / math.sqrt(2))
+    with pytest.raises(ValueError, match="unknown test 'anova'"):
+        compare_families(hand_cells(), test="anova")
+
+
+def test_stars_follow_the_authors_thresholds():
+    from rmjax.analysis.comparison import significance_stars
+
+    got = [significance_stars(p) for p in (0.0009999, 0.001, 0.00999, 0.01, 0.0499, 0.05, 1.0, float("nan"))]
+    assert got == ["***", "**", "**", "*", "*", "n.s.", "n.s.", ""]
 
 
 def test_permutation_p_matches_exhaustive_enumeration():

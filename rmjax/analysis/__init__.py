@@ -1,9 +1,9 @@
 """Value-bias analysis of reward models: which dictionary words RMs of each base-model family prefer.
 
 Typical use: `run_value_bias(scores_dir, "big2_nouns", out_dir)`, or step by step
-`load_scores` -> `load_dictionary` -> `assign_families` -> `analysis_words` -> `rank_words` -> `compute_cells`
--> `compare_families` / `fit_mixed_model`; `model_similarity`, `extreme_words`, `frequency_bias` describe the
-models further.
+`load_scores` -> `load_dictionary` -> `assign_families` -> `analysis_words` -> `ranked_words` -> `rank_words`
+-> `compute_cells` -> `compare_families` / `fit_mixed_model`; `model_similarity`, `extreme_words`,
+`frequency_bias` describe the models further.
 
 Names are imported on first use so that `rmjax` subcommands which do not analyse anything start without
 loading SciPy and statsmodels.
@@ -14,8 +14,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "analysis_words": "cells", "compute_cells": "cells", "rank_words": "cells",
+    "analysis_words": "cells", "compute_cells": "cells", "rank_words": "cells", "ranked_words": "cells",
     "cohens_d": "comparison", "compare_families": "comparison", "permutation_p_value": "comparison",
+    "welch_p_value": "comparison",
     "BUNDLED_DICTIONARIES": "dictionary", "Dictionary": "dictionary", "load_dictionary": "dictionary",
     "extreme_words": "extremes",
     "assign_families": "families", "infer_family": "families", "load_family_file": "families",
@@ -50,8 +51,10 @@ __all__ = [
     "prompt_framing",
     "rank_biased_overlap",
     "rank_words",
+    "ranked_words",
     "read_score_file",
     "run_value_bias",
+    "welch_p_value",
 ]
 
 

@@ -1,4 +1,14 @@
-"""From scores to cells: word ranks within each (model, prompt), then the median rank per category."""
+"""From scores to cells: word ranks within each (model, prompt), then the median rank per category.
+
+Which words are ranked (`ranked_words`):
+- `all_terms`: every dictionary word that every model scored (2,040 MFD 2.0 terms);
+- `authors`: the words the authors' R code (`figures/generate_figure_1_and_A1.R`, commit 5d8d2e9) ranks. For
+  MFD 2.0 it reshapes the dictionary with `pivot_longer(Care_Virtue:Sanctity_Virtue)`, a column range that
+  ends one column before the file's last column `Sanctity_Vice`, then keeps the rows marked "X": the 388
+  terms marked only in `Sanctity_Vice` are never ranked, every (model, prompt) ranks the other 1,652 terms, and
+  the Sanctity cells are the median ranks of the 272 `Sanctity_Virtue` terms alone. For a dictionary without
+  both of those columns (the Big Two nouns) the authors rank every word, as `all_terms` does.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -13,6 +23,9 @@ from rmjax.analysis.scores import ScoreSet, prompt_framing
 from rmjax.errors import DataError
 
 FRAMINGS = ("positive", "negative")
+RANKINGS = ("authors", "all_terms")
+# first and last column of the authors' pivot_longer(Care_Virtue:Sanctity_Virtue) over the MFD 2.0 columns
+AUTHORS_MFD_COLUMNS = ("Care_Virtue", "Sanctity_Virtue")
 
 
 def analysis_words(scores: ScoreSet, dictionary: Dictionary) -> list[str]:
@@ -57,6 +70,30 @@ def _per_model(words_by_model: dict[str, list[str]], n_models: int) -> str:
     if n_models > 1 and len(lists) == n_models and all(v == lists[0] for v in lists):
         return f"each of the {n_models} models: {len(lists[0])} ({examples(lists[0])})"
     return "; ".join(f"{m}: {len(v)} ({examples(v, 3)})" for m, v in words_by_model.items())
+
+
+def ranked_words(words: list[str], dictionary: Dictionary, ranking: str = "all_terms") -> list[str]:
+    """The words (of `words`, in their order) that `ranking` ranks; see the module docstring."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose one of {list(RANKINGS)}")
+    first, last = AUTHORS_MFD_COLUMNS
+    if ranking == "all_terms" or first not in dictionary.columns or last not in dictionary.columns:
+        return list(words)
+    columns = dictionary.columns
+    kept = frozenset(columns[columns.index(first):columns.index(last) + 1])
+    ranked = [w for w in words if dictionary.column_memberships.get(w, frozenset()) & kept]
+    ranked_set = set(ranked)
+    left_out = [w for w in words if w not in ranked_set]
+    if left_out:
+        outside = sorted(set().union(*(dictionary.column_memberships.get(w, frozenset()) for w in left_out)))
+        warn(f"ranking 'authors': {len(left_out)} of {len(words)} {dictionary.name} words are not ranked (marked "
+             f"only in {', '.join(outside)}, outside the authors' pivot_longer({first}:{last})), so each "
+             f"(model, prompt) ranks {len(ranked)} words, e.g. not ranked: {examples(left_out, 3)}; ranking "
+             "'all_terms' ranks every word")
+    if len(ranked) < 2:
+        raise DataError(f"ranking 'authors' leaves {len(ranked)} {dictionary.name} word(s) to rank; use ranking "
+                        "'all_terms'")
+    return ranked
 
 
 def rank_words(scores: ScoreSet, words: list[str]) -> pd.DataFrame:

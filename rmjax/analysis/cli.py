@@ -12,8 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "value-bias", help="compare how RM families rank dictionary words (e.g. agency vs communion)",
         description="Rank dictionary words per (model, prompt), take median ranks per category and compare model "
-                    "families: Cohen's d, permutation tests, mixed-effects model, model similarity, best/worst "
-                    "words, frequency bias; tables, figures and report.md in --out.")
+                    "families: Cohen's d, permutation (or Welch) tests, mixed-effects model, model similarity, "
+                    "best/worst words, frequency bias; tables, figures and report.md in --out.")
     parser.add_argument("--scores", required=True, metavar="DIR",
                         help="folder with one score file per model (.csv/.parquet): column `response` + one "
                              "numeric column per prompt")
@@ -24,8 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--families", metavar="FILE",
                         help="model -> family (base model) as a CSV with columns model,family or a YAML mapping; "
                              "by default inferred from the file name")
+    parser.add_argument("--ranking", choices=["all_terms", "authors"], default="all_terms",
+                        help="words ranked per (model, prompt): every scored dictionary word (default), or the ones "
+                             "the authors' R code ranks (for mfd2 it leaves out the 388 Sanctity_Vice terms); "
+                             "`--ranking authors --test welch` gives the released Figure 1 numbers")
+    parser.add_argument("--test", choices=["permutation", "welch"], default="permutation",
+                        help="family test per panel: a permutation test of the mean difference (default), or "
+                             "Welch's t-test, the p-value behind the released Figure 1 stars")
     parser.add_argument("--permutations", type=int, default=10_000, metavar="N",
-                        help="permutations per test (default 10000)")
+                        help="permutations per test with --test permutation (default 10000)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the permutations (default 0)")
     parser.add_argument("--top-k", type=int, default=10, metavar="K",
                         help="best and worst words listed per model and prompt (default 10)")
@@ -45,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_value_bias(
         args.scores, args.dictionary, args.out, families_file=args.families, permutations=args.permutations,
         seed=args.seed, top_k=args.top_k, keep_valence=args.keep_valence, common_prompts=args.common_prompts,
-        figures=not args.no_figures, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        ranking=args.ranking, test=args.test, figures=not args.no_figures,
+        progress=lambda line: print(line, file=sys.stderr, flush=True))
     print_result(result, args.out, start)
     return 0
 

@@ -4,12 +4,14 @@ Two layouts are read:
 - LIWC-like (`.dicx` or `.csv`): a `DicTerm` column and one column per category, "X" marks membership;
 - two-column CSV: a `Category` column and a word column.
 Words are normalised like responses (strip + lowercase). Categories named `<Foundation>_Virtue` /
-`<Foundation>_Vice` (Moral Foundations Dictionary) merge into their foundation unless `keep_valence`.
+`<Foundation>_Vice` (Moral Foundations Dictionary) merge into their foundation unless `keep_valence`; the
+columns as the file names them stay available (`columns`, `column_memberships`) for analyses that select
+terms by column, such as the authors' ranking of MFD 2.0 (`rmjax.analysis.cells.ranked_words`).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -33,6 +35,10 @@ class Dictionary:
     name: str
     categories: tuple[str, ...]
     memberships: dict[str, frozenset[str]]  # normalised word -> its categories
+    # the category columns as the file names them (before Virtue/Vice merge), in file order, and the columns
+    # each word is marked in; empty when the dictionary was built in code
+    columns: tuple[str, ...] = ()
+    column_memberships: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
 
     @property
     def words(self) -> list[str]:
@@ -79,11 +85,13 @@ def load_dictionary(name_or_path: str | Path, keep_valence: bool = False) -> Dic
             f"{path}: cannot tell the dictionary layout from its columns {list(table.columns)}; use either a "
             "`DicTerm` column plus one column per category with 'X' marking membership, or exactly two "
             "columns `Category` and the word")
+    columns, column_memberships = tuple(categories), memberships
     if not keep_valence:
         memberships, categories = _merge_valence(memberships, categories)
     if not memberships:
         raise DataError(f"{path}: the dictionary holds no word with a category; add rows with a word and its category")
-    return Dictionary(name=name, categories=tuple(categories), memberships=memberships)
+    return Dictionary(name=name, categories=tuple(categories), memberships=memberships, columns=columns,
+                      column_memberships=column_memberships)
 
 
 def _read_table(path: Path) -> pd.DataFrame:

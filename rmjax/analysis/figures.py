@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rmjax.analysis.cells import FRAMINGS
+from rmjax.analysis.comparison import significance_stars
 from rmjax.analysis.similarity import METRICS, similarity_matrix
 
 FAMILY_COLOURS = {"gemma": "#DB4437", "llama": "#0064E0"}
@@ -23,12 +24,6 @@ METRIC_TITLES = {"kendall_tau": "Kendall tau-b", "spearman": "Spearman rho", "rb
 def family_colours(families: Sequence[str]) -> dict[str, str]:
     others = iter(_OTHER_COLOURS * (1 + len(families) // len(_OTHER_COLOURS)))
     return {f: FAMILY_COLOURS.get(f) or next(others) for f in families}
-
-
-def significance_stars(p: float) -> str:
-    if not np.isfinite(p):
-        return ""
-    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else "n.s."
 
 
 def save(figure: Figure, stem: Path) -> list[Path]:

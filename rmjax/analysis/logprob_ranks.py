@@ -7,8 +7,10 @@ families. As in the authors' ``generate_figure_2.py``:
 
 1. dictionary words are matched to tokens by their exact decoded string (``"love"``, not ``" Love"``)
    and kept when both vocabularies hold them (``match="folded"``: strip + lowercase instead);
-   a string several token ids decode to keeps its most probable id;
-2. per model and prompt the kept words are ranked by log-probability (1 = most probable, ties
+   every token id whose string matches is kept: the authors merge the dictionary with the
+   log-prob table on ``token_decoded``, so a string that several ids decode to enters the ranking
+   once per id (``merge_ids=True`` keeps only its most probable id instead);
+2. per model and prompt the kept tokens are ranked by log-probability (1 = most probable, ties
    averaged), and the cell value is the median rank per (prompt, category, model);
 3. a three-way type II ANOVA ``rank ~ category * framing * model`` over the cells (OLS);
 4. per (category, framing) a Welch t-test of the two models' cells, the four p-values (2 categories x
@@ -62,19 +64,24 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return values
 
 
-def _per_string(table: pd.DataFrame, match: str) -> pd.DataFrame:
+def _per_string(table: pd.DataFrame, match: str, merge_ids: bool) -> pd.DataFrame:
+    """Rows keyed by the string a dictionary word is matched to; one row per token id unless `merge_ids`."""
     keys = table.index if match == "exact" else table.index.str.strip().str.lower()
-    return table.groupby(keys.to_numpy()).max()  # the most probable token decoding to the string
+    if merge_ids:
+        return table.groupby(keys.to_numpy()).max()  # the most probable token decoding to the string
+    keyed = table.copy()
+    keyed.index = pd.Index(keys.to_numpy())
+    return keyed
 
 
-def rank_cells(tables: dict[str, pd.DataFrame], dictionary: Dictionary, match: str = "exact"
-               ) -> tuple[list[str], pd.DataFrame]:
+def rank_cells(tables: dict[str, pd.DataFrame], dictionary: Dictionary, match: str = "exact",
+               merge_ids: bool = False) -> tuple[list[str], pd.DataFrame]:
     """(the words both models hold, median rank per prompt x category x model)."""
     if len(tables) != 2:
         raise DataError(f"give exactly two next-token tables, got {len(tables)}")
     if match not in MATCHES:
         raise DataError(f"unknown match {match!r}; choose one of {list(MATCHES)}")
-    (name_a, a), (name_b, b) = ((n, _per_string(t, match)) for n, t in tables.items())
+    (name_a, a), (name_b, b) = ((n, _per_string(t, match, merge_ids)) for n, t in tables.items())
     prompts = [p for p in a.columns if p in b.columns]
     if not prompts:
         raise DataError(f"{name_a} and {name_b} share no prompt column")
@@ -90,11 +97,19 @@ def rank_cells(tables: dict[str, pd.DataFrame], dictionary: Dictionary, match: s
     if missing:
         warn(f"{missing} of {len(dictionary_words)} {dictionary.name} words are not a token of both vocabularies "
              f"({match} match) and are left out")
+    if not merge_ids:
+        for model, table in ((name_a, a), (name_b, b)):
+            kept = table.index[table.index.isin(words)]
+            repeated = sorted(set(kept[kept.duplicated()]))
+            if repeated:
+                warn(f"{model}: {len(repeated)} {dictionary.name} words are the string of several token ids "
+                     f"({match} match), e.g. {examples(repeated, 3)}; each id is ranked on its own, as in the "
+                     "authors' generate_figure_2.py (merge_ids keeps only the most probable id)")
     pairs = dictionary.pairs()
     pairs = pairs[pairs["word"].isin(words)]
     rows = []
     for model, table in ((name_a, a), (name_b, b)):
-        ranks = table.loc[words, prompts].rank(ascending=False, method="average")
+        ranks = table.loc[table.index.isin(words), prompts].rank(ascending=False, method="average")
         long = ranks.rename_axis("word").reset_index().melt(id_vars="word", var_name="prompt", value_name="rank")
         long = long.merge(pairs, on="word")
         medians = long.groupby(["prompt", "category"], sort=False)["rank"].median().reset_index()
@@ -144,8 +159,10 @@ def welch_tests(cells: pd.DataFrame, models: tuple[str, str]) -> pd.DataFrame:
     return table
 
 
-def logprob_ranks(tables: dict[str, pd.DataFrame], dictionary: Dictionary, match: str = "exact") -> LogprobRanks:
-    words, cells = rank_cells(tables, dictionary, match)
+def logprob_ranks(tables: dict[str, pd.DataFrame], dictionary: Dictionary, match: str = "exact",
+                  merge_ids: bool = False) -> LogprobRanks:
+    """Figure 2's cells, ANOVA and tests; `merge_ids=False` (the authors' way) ranks every matching token id."""
+    words, cells = rank_cells(tables, dictionary, match, merge_ids)
     per_framing = cells.groupby(["framing", "model", "category"]).size()
     thin = per_framing[per_framing < 2]
     if len(thin):

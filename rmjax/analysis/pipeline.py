@@ -9,8 +9,14 @@ from typing import Self
 
 import pandas as pd
 
-from rmjax.analysis.cells import analysis_words, compute_cells, rank_words
-from rmjax.analysis.comparison import compare_families
+from rmjax.analysis.cells import (
+    RANKINGS,
+    analysis_words,
+    compute_cells,
+    rank_words,
+    ranked_words,
+)
+from rmjax.analysis.comparison import TESTS, compare_families
 from rmjax.analysis.dictionary import Dictionary, load_dictionary
 from rmjax.analysis.extremes import extreme_words
 from rmjax.analysis.families import assign_families, load_family_file
@@ -30,8 +36,11 @@ class ValueBiasResult:
     families: dict[str, str]
     prompts: list[str]
     words: list[str]
-    ranks: pd.DataFrame
-    cells: pd.DataFrame
+    ranks: pd.DataFrame  # every word of `words`, for the best/worst words and the frequency bias
+    cells: pd.DataFrame  # from the ranks of `ranked_words`
+    ranked_words: list[str]
+    ranking: str
+    test: str
     comparison: pd.DataFrame | None
     mixed: pd.DataFrame | None
     mixed_facts: dict[str, object]
@@ -83,7 +92,19 @@ class _WarningLog:
 def run_value_bias(scores_dir: str | Path, dictionary: str | Path, out_dir: str | Path, *,
                    families_file: str | Path | None = None, permutations: int = 10_000, seed: int = 0,
                    top_k: int = 10, keep_valence: bool = False, common_prompts: bool = False,
+                   ranking: str = "all_terms", test: str = "permutation",
                    figures: bool = True, progress: Callable[[str], None] = print) -> ValueBiasResult:
+    """Every table, figure and report.md of the study in `out_dir`.
+
+    `ranking` picks the words ranked for the cells (`all_terms`, or `authors`: the words the authors' R code
+    ranks, see `rmjax.analysis.cells`) and `test` the family test per panel (`permutation`, or `welch`: the
+    Welch t-test behind the stars of the authors' Figure 1, see `rmjax.analysis.comparison`). The authors'
+    released Figure 1 numbers come from `ranking="authors", test="welch"`.
+    """
+    if ranking not in RANKINGS:
+        raise ConfigError(f"--ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+    if test not in TESTS:
+        raise ConfigError(f"--test must be one of {', '.join(TESTS)}, got {test!r}")
     if permutations < 1:
         raise ConfigError(f"--permutations must be at least 1, got {permutations}")
     if top_k < 1:
@@ -112,20 +133,23 @@ def run_value_bias(scores_dir: str | Path, dictionary: str | Path, out_dir: str 
         progress("[2/8] ranking words within each (model, prompt) and taking median ranks per category")
         words = analysis_words(scores, lexicon)
         ranks = rank_words(scores, words)
-        cells = compute_cells(ranks, lexicon, families)
+        ranked = ranked_words(words, lexicon, ranking)
+        cells = compute_cells(ranks if ranked == words else rank_words(scores, ranked), lexicon, families)
         out.mkdir(parents=True, exist_ok=True)
         write(cells, "cells.csv")
-        progress(f"      {len(words)} words, {len(cells)} cells")
+        progress(f"      {len(words)} words, {len(ranked)} ranked for the cells (ranking {ranking}), "
+                 f"{len(cells)} cells")
         log.flush()
 
-        progress(f"[3/8] comparing families per panel ({permutations:,} permutations, seed {seed})")
+        how = f"{permutations:,} permutations, seed {seed}" if test == "permutation" else "Welch t-tests"
+        progress(f"[3/8] comparing families per panel ({how})")
         comparison = mixed = None
         mixed_facts: dict[str, object] = {}
         if len(set(families.values())) < 2:
             warn(f"all models belong to family {next(iter(families.values()))!r}; the family comparison and the "
                  "mixed model need two families and were skipped")
         else:
-            comparison = compare_families(cells, permutations=permutations, seed=seed)
+            comparison = compare_families(cells, permutations=permutations, seed=seed, test=test)
             write(comparison, "comparison.csv")
             progress("[4/8] fitting the mixed-effects model")
             mixed, mixed_facts = fit_mixed_model(cells)
@@ -148,7 +172,8 @@ def run_value_bias(scores_dir: str | Path, dictionary: str | Path, out_dir: str 
 
         result = ValueBiasResult(
             scores_dir=Path(scores_dir), dictionary=lexicon, families=families, prompts=scores.prompts, words=words,
-            ranks=ranks, cells=cells, comparison=comparison, mixed=mixed, mixed_facts=mixed_facts,
+            ranks=ranks, cells=cells, ranked_words=ranked, ranking=ranking, test=test, comparison=comparison,
+            mixed=mixed, mixed_facts=mixed_facts,
             similarity=similarity, mds=mds, extremes=extremes, frequency=frequency, permutations=permutations,
             seed=seed, files=files)
         if figures:
@@ -167,7 +192,7 @@ def _draw_figures(result: ValueBiasResult, out: Path) -> list[str]:
     # matplotlib loads only when a figure is drawn
     from rmjax.analysis.figures import plot_mds, plot_panels, plot_similarity
 
-    paths = plot_panels(result.cells, result.comparison, out / "panels", n_words=len(result.words))
+    paths = plot_panels(result.cells, result.comparison, out / "panels", n_words=len(result.ranked_words))
     if len(result.families) > 1:
         paths += plot_similarity(result.similarity, list(result.families), result.families, out / "similarity")
         paths += plot_mds(result.mds, out / "mds")

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from rmjax.analysis.cells import FRAMINGS
+from rmjax.analysis.comparison import p_column
 
 if TYPE_CHECKING:
     from rmjax.analysis.pipeline import ValueBiasResult
@@ -37,6 +38,8 @@ def panel_sentences(comparison: pd.DataFrame) -> list[str]:
     """One sentence per comparison row: which family ranks the category better, by how much, how surely."""
     sentences = []
     two_families = "family_a" not in comparison.columns
+    p_name = p_column(comparison)
+    test_name = "Welch t-test" if p_name == "p_welch" else "permutation"
     for row in comparison.to_dict("records"):
         if two_families:
             first, second = [c[:-5] for c in comparison.columns if c.endswith("_mean")]
@@ -49,7 +52,7 @@ def panel_sentences(comparison: pd.DataFrame) -> list[str]:
         sentences.append(
             f"On {row['framing']} prompts, {better} RMs rank {row['category']} words better than {worse} RMs "
             f"(mean median rank {second} {mean_second:.1f} vs {first} {mean_first:.1f}; "
-            f"Cohen's d ({second} - {first}) = {row['cohens_d']:+.2f}; permutation p = {format_p(row['p_perm'])}, "
+            f"Cohen's d ({second} - {first}) = {row['cohens_d']:+.2f}; {test_name} p = {format_p(row[p_name])}, "
             f"Bonferroni p = {format_p(row['p_bonferroni'])}, {verdict}; "
             f"n = {row[f'n_{second}']} vs {row[f'n_{first}']} cells).")
     return sentences
@@ -112,9 +115,21 @@ READING_GUIDE = (
     "prefers most; ties share their average rank. A **smaller rank is better**. A cell is the median rank of "
     "a category's words for one model and prompt. Cohen's d uses the pooled SD of the cells; its sign is "
     "the later family (alphabetically) minus the earlier one, e.g. llama minus gemma, so a negative d means "
-    "the later family ranks that category better. The permutation test shuffles family labels over the "
-    "cells of a panel; p = (hits + 1) / (permutations + 1); Bonferroni multiplies by the number of tests."
+    "the later family ranks that category better. "
 )
+TEST_GUIDE = {
+    "permutation": ("The permutation test shuffles family labels over the cells of a panel; "
+                    "p = (hits + 1) / (permutations + 1); Bonferroni multiplies by the number of tests."),
+    "welch": ("The test is Welch's two-sample t-test of the two families' cells (unequal variances), the p-value "
+              "of the authors' Figure 1 stars (`MKinfer::perm.t.test(...)$p.value`); Bonferroni multiplies by "
+              "the number of tests; stars: *** < 0.001, ** < 0.01, * < 0.05."),
+}
+RANKING_GUIDE = {
+    "all_terms": "Ranking `all_terms`: every dictionary word scored by every model is ranked.",
+    "authors": ("Ranking `authors`: the words the authors' R code ranks (for MFD 2.0 the terms of the columns "
+                "Care_Virtue to Sanctity_Virtue, leaving out the Sanctity_Vice terms; for other dictionaries "
+                "every word)."),
+}
 
 
 def _data_section(result: ValueBiasResult) -> list[str]:
@@ -130,10 +145,12 @@ def _data_section(result: ValueBiasResult) -> list[str]:
          "negative)."),
         (f"- Dictionary: `{result.dictionary.name}` — {len(result.words)} words scored by every model "
          f"({category_counts}; a word in several categories counts in each)."),
-        f"- Permutations: {result.permutations:,} per test, seed {result.seed}.",
+        (f"- Ranking: `{result.ranking}` — {len(result.ranked_words)} words ranked per (model, prompt)."),
+        (f"- Test: permutation, {result.permutations:,} permutations per test, seed {result.seed}."
+         if result.test == "permutation" else "- Test: Welch's t-test (unequal variances)."),
         "",
         "## How to read the numbers",
-        READING_GUIDE,
+        READING_GUIDE + TEST_GUIDE[result.test] + " " + RANKING_GUIDE[result.ranking],
         "",
     ]
 

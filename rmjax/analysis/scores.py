@@ -122,6 +122,10 @@ def _row_name(path: Path, index: int) -> str:
 
 
 def _numeric_column(column: pd.Series, path: Path, prompt: str) -> np.ndarray:
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        values = column.to_numpy(dtype=float)  # Parquet: already numbers
+        if np.isfinite(values).all():
+            return values
     text = column.map(lambda v: "" if pd.isna(v) else str(v).strip())
     values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)
     bad = np.flatnonzero(~np.isfinite(values))
