@@ -75,6 +75,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return tuple(_coerce(v, item, where) for v in value)
         if origin in (typing.Union, types.UnionType):  # X | None
             args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if value == "" and args == [str]:  # str | None: '' is a value ("no model"), None the default
+                return ""
             if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
                 return None
             return _coerce(value, args[0], where)

@@ -21,7 +21,10 @@ def free_port() -> int:
 
 def process_env(i: int, n: int, port: int, devices: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    # the parent's compiler flags (the suite's quicker CPU back end) but not a device count of its own
+    flags = [f for f in env.pop("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     env.update(PYTHONPATH=str(ROOT), JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     if n > 1:

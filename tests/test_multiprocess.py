@@ -9,6 +9,7 @@ import pytest
 
 import processes
 from hf_models import save_tiny_checkpoint
+from rmjax.runs import scan_shards
 
 OVERRIDES = ["train.steps=4", "train.save_every=2", "train.eval_every=4", "train.log_every=1", "train.batch_size=8",
              "train.trainable=lora", "train.lora_rank=4", "data.holdout=16", "data.train=hh-rlhf:harmless",
@@ -273,14 +274,14 @@ def test_global_mesh_scoring_and_kill_9_of_one_process(model_dir, tmp_path):
     procs = processes.start([*argv, "--out", str(out)], n=2, devices=4, logs=logs)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and len(list((out / "parts").glob("*.parquet"))) < 2:
+        while time.time() < deadline and len(scan_shards(out)) < 2:
             assert all(p.poll() is None for p in procs), processes.tails(logs, 2)
             time.sleep(0.05)
         assert procs[1].poll() is None, "finished before it could be killed; the test needs more shards"
         os.kill(procs[1].pid, signal.SIGKILL)
     finally:
         processes.stop(procs)  # the survivor cannot finish without its peer: the job is restarted whole
-    done_before = len(list((out / "parts").glob("*.parquet")))
+    done_before = len(scan_shards(out))
     assert done_before < 12
     resumed = run("killed", 2)
     assert resumed["id"].tolist() == [f"p{i}" for i in range(24)]  # nothing lost, nothing twice

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rmjax.errors import ConfigError, DataError, RmjaxError
-from rmjax.runs import RunWriter, read_token_logprobs
+from rmjax.runs import RunWriter, read_shard, read_token_logprobs, scan_shards
 
 SETTINGS = {"models": {"policy": "smollm2-135m-instruct", "reference": None}, "beta": 0.1, "reduction": "sum",
             "template": "model", "dtype": "float32", "data_hash": "ab12"}
@@ -72,6 +72,62 @@ def test_a_shard_must_hold_exactly_its_examples(tmp_path, rows, skipped, problem
     assert w.completed_shards() == set() and list((tmp_path / "parts").iterdir()) == []
 
 
+def test_many_shards_share_a_part_file_and_the_table_is_the_same_however_they_were_stored(tmp_path):
+    """40 shards of 10 rows in parts of 100 rows: 4 part files, not 40; the finalized table (streamed
+    from the parts, which are then removed) is byte for byte the table of one shard per file, and of
+    shards written out of order."""
+    tables = []
+    for name, part_rows, order in (("grouped", 100, range(40)), ("single", 1, range(40)),
+                                   ("shuffled", 100, np.random.default_rng(0).permutation(40))):
+        w = RunWriter(tmp_path / name, SETTINGS, num_examples=400, shard_size=10, part_rows=part_rows)
+        for k in order:
+            w.write_shard(int(k), rows_for(w, int(k)))
+        files = sorted(p.name for p in (tmp_path / name / "parts").iterdir())
+        if name == "grouped":
+            assert files == ["part-00000.parquet", "part-00010.parquet", "part-00020.parquet", "part-00030.parquet"]
+            assert read_shard(tmp_path / name, 13).column("index").to_pylist() == list(range(130, 140))
+        if name == "single":
+            assert len(files) == 40
+        w.finalize()
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["metadata.json", "scores.parquet"]
+        tables.append((tmp_path / name / "scores.parquet").read_bytes())
+    assert tables[0] == tables[1] == tables[2]
+    assert [r["index"] for r in scores(tmp_path / "grouped")] == list(range(400))
+
+
+def test_torn_tails_of_an_open_part_are_cut_off_on_resume(tmp_path):
+    """What a kill leaves in the open part: half a shard's bytes, half an index line, an index line
+    whose bytes never reached the disk, and an open part whose sealed copy was already written."""
+    w = RunWriter(tmp_path, SETTINGS, num_examples=30, shard_size=3, part_rows=100)
+    for k in range(4):
+        w.write_shard(k, rows_for(w, k))
+    data, index = tmp_path / "parts" / "open-00000.rows", tmp_path / "parts" / "open-00000.index"
+    whole = data.stat().st_size
+    with open(data, "ab") as f:
+        f.write(b"PAR1 half a shard")
+    with open(index, "ab") as f:
+        f.write(b'{"shard": 4, "off')
+    resumed = RunWriter(tmp_path, SETTINGS, num_examples=30, shard_size=3, part_rows=100)
+    assert resumed.completed_shards() == {0, 1, 2, 3} and data.stat().st_size == whole
+    assert index.read_bytes().endswith(b"}\n") and len(index.read_text().splitlines()) == 4
+    lines = index.read_text().splitlines(keepends=True)  # the last line names bytes that are gone
+    os.truncate(data, json.loads(lines[-1])["offset"] + 5)
+    assert RunWriter(tmp_path, SETTINGS, num_examples=30, shard_size=3, part_rows=100).completed_shards() == {0, 1, 2}
+    assert len(index.read_text().splitlines()) == 3
+    stale = RunWriter(tmp_path, SETTINGS, num_examples=30, shard_size=3, part_rows=12)
+    for k in range(3, 10):
+        stale.write_shard(k, rows_for(stale, k))
+    # shards 3..6 (12 rows) sealed into a part of their own: a new writer never appends to an old open part
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [
+        "open-00000.index", "open-00000.rows", "open-00007.index", "open-00007.rows", "part-00003.parquet"]
+    (tmp_path / "parts" / "open-00003.rows").write_bytes(b"x")  # as if the kill came after the seal
+    (tmp_path / "parts" / "open-00003.index").write_text('{"shard": 3, "offset": 0, "length": 1}\n')
+    last = RunWriter(tmp_path, SETTINGS, num_examples=30, shard_size=3, part_rows=100)
+    assert not (tmp_path / "parts" / "open-00003.rows").exists() and last.pending_shards() == []
+    last.finalize()
+    assert [r["index"] for r in scores(tmp_path)] == list(range(30))
+
+
 def test_a_shard_is_written_once_and_finalize_waits_for_all(tmp_path):
     w = RunWriter(tmp_path, SETTINGS, num_examples=6, shard_size=3)
     w.write_shard(1, rows_for(w, 1))
@@ -106,9 +162,9 @@ def test_overwrite_replaces_only_the_writers_files(tmp_path):
     w = RunWriter(tmp_path, SETTINGS, num_examples=4, shard_size=2, token_logprobs=True)
     for k in (0, 1):
         w.write_shard(k, rows_for(w, k), token_logprobs=[np.zeros(3)] * 2)
+    (tmp_path / "parts" / "README").write_text("also mine")
     w.finalize()
     (tmp_path / "notes.txt").write_text("mine")
-    (tmp_path / "parts" / "README").write_text("also mine")
     fresh = RunWriter(tmp_path, {**SETTINGS, "beta": 0.5}, num_examples=4, shard_size=2, overwrite=True)
     assert fresh.completed_shards() == set() and not fresh.is_complete()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", "notes.txt", "parts"]
@@ -157,7 +213,7 @@ def test_resume_after_a_crash_removes_leftovers_and_completes(tmp_path):
 KILLED_WRITER = """
 import sys, numpy as np
 from rmjax.runs import RunWriter
-w = RunWriter(sys.argv[1], {settings}, num_examples=4000, shard_size=100, token_logprobs=True)
+w = RunWriter(sys.argv[1], {settings}, num_examples=4000, shard_size=100, token_logprobs=True, part_rows=300)
 rng = np.random.default_rng(0)
 for k in w.pending_shards():
     w.write_shard(k, [{{"index": i, "text": rng.bytes(20000).hex()}} for i in w.shard_range(k)],
@@ -165,22 +221,22 @@ for k in w.pending_shards():
 """
 
 
-def test_kill_9_mid_run_leaves_only_whole_parts(tmp_path):
+@pytest.mark.parametrize("kill_at", [4, 7])  # 4: mid-shard in an open part; 7: as the second part seals
+def test_kill_9_mid_run_leaves_only_whole_shards(tmp_path, kill_at):
     script = KILLED_WRITER.format(settings=repr(SETTINGS))
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
     try:
         deadline = time.monotonic() + 20
-        third = tmp_path / "parts" / "part-00002.parquet"
-        while not third.exists() and time.monotonic() < deadline:  # kill as soon as it shows: mid-write if
-            time.sleep(0.001)  # parts were not renamed into place whole
+        while len(scan_shards(tmp_path)) < kill_at and time.monotonic() < deadline:
+            time.sleep(0.001)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    w = RunWriter(tmp_path, SETTINGS, num_examples=4000, shard_size=100, token_logprobs=True)
+    w = RunWriter(tmp_path, SETTINGS, num_examples=4000, shard_size=100, token_logprobs=True, part_rows=300)
     done = w.completed_shards()
-    assert 3 <= len(done) < 40
+    assert kill_at <= len(done) < 40 and done == set(range(len(done)))  # a prefix: nothing torn, nothing lost
     for k in done:
-        assert pq.read_table(w.part_path(k)).column("index").to_pylist() == list(w.shard_range(k))
+        assert read_shard(tmp_path, k).column("index").to_pylist() == list(w.shard_range(k))
     assert w.tokens.shards() == done and not list((tmp_path / "parts").glob(".*.tmp"))
 
 

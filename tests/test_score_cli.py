@@ -16,6 +16,7 @@ from hf_models import save_tiny_checkpoint
 from rmjax.cli import main
 from rmjax.data.chat import render
 from rmjax.models.loading import load_model
+from rmjax.runs import scan_shards
 from rmjax.scoring.kv_path import naive_response_logprobs, reference_hidden
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +104,8 @@ def test_kill_and_resume_gives_identical_rows(models, data, tmp_path):
     cmd = [sys.executable, "-m", "rmjax.cli", *args(models, data, tmp_path / "killed")]
     cmd[cmd.index("--shard-size") + 1] = "1"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / "killed" / "parts"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(list(parts.glob("part-*.parquet"))) < 2:
+    while time.time() < deadline and proc.poll() is None and len(scan_shards(tmp_path / "killed")) < 2:
         time.sleep(0.05)
     assert proc.poll() is None, "finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)

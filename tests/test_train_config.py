@@ -62,3 +62,20 @@ def test_model_section_passes_the_attention_kernel_to_the_loader():
         load_config(None, ["model.attention=fast"])
     with pytest.raises(ConfigError, match="attention_block_q and attention_block_k must be positive"):
         load_config(None, ["model.attention_block_q=0"])
+
+
+def test_an_empty_model_name_means_no_model_and_an_absent_one_the_default():
+    """``--reference ''`` (reference-free) must not become None (the default reference)."""
+    import argparse
+
+    from rmjax.commands import score
+    from rmjax.commands.options import config_from_args
+    from rmjax.jobs.score import ScoreConfig, resolve
+
+    p = argparse.ArgumentParser()
+    score.add_config_arguments(p, ScoreConfig, score.SCORE_FLAGS)
+    free = config_from_args(ScoreConfig, p.parse_args(["--policy", "smollm2-135m-instruct", "--reference", "", "--data", "llmbar"]))
+    assert free.model.reference == "" and resolve(free).model.reference == ""
+    default = config_from_args(ScoreConfig, p.parse_args(["--policy", "smollm2-135m-instruct", "--data", "llmbar"]))
+    assert default.model.reference is None and resolve(default).model.reference == "smollm2-135m-instruct"
+    assert config_from_args(ScoreConfig, p.parse_args(["model.reference=null"])).model.reference is None

@@ -23,7 +23,7 @@ from rmjax.errors import RmjaxError
 from rmjax.io.registry import resolve_model
 from rmjax.models.config import Numerics
 from rmjax.models.loading import load_model
-from rmjax.runs import RunWriter
+from rmjax.runs import PART_ROWS, RunWriter
 from rmjax.scoring import bulk
 from rmjax.sections import DataSection, MeshSection, ScoringBatch
 
@@ -88,7 +88,9 @@ class ScoreConfig:
                           ("sum", "mean"))
     reference_template: str = knob("model", "the reference's rendering, as data.template (a base reference reads the "
                                             "raw prompt text)")
-    shard_size: int = knob(32, "examples per output part (the unit of resumption)")
+    shard_size: int = knob(32, "examples per shard (the unit of work and of resumption)")
+    part_rows: int = knob(PART_ROWS, "rows per part file of an unfinished run (the parts are merged into "
+                                     "scores.parquet at the end)")
     token_logprobs: bool = knob(False, "also store per-token log-probs (tokens.zarr)")
     out: str = knob("runs/score", "output directory")
     overwrite: bool = knob(False, "start over in an existing output directory")
@@ -96,7 +98,7 @@ class ScoreConfig:
 
     def check(self) -> list[tuple[bool, str]]:
         return [(self.batch.layout in ("packed", "kv"), "batch.layout must be packed or kv for scoring"),
-                (self.shard_size > 0, "shard_size must be positive")]
+                (self.shard_size > 0, "shard_size must be positive"), (self.part_rows > 0, "part_rows must be positive")]
 
 
 def resolve(config: ScoreConfig) -> ScoreConfig:
@@ -191,11 +193,12 @@ def run(config: ScoreConfig) -> dict:
                            batch_tokens=max(b.batch_tokens, row_length(config)))
     meta = settings(config, input_fingerprint(d.path))
 
-    def open_writer(overwrite: bool):  # process 0 opens (or resumes) the run before the others
+    def open_writer(overwrite: bool, first: bool):  # process 0 opens (or resumes) the run before the others
         return RunWriter(config.out, meta, num_examples=share.total, shard_size=config.shard_size,
-                           token_logprobs=config.token_logprobs, overwrite=overwrite)
+                         token_logprobs=config.token_logprobs, overwrite=overwrite and first,
+                         part_rows=config.part_rows, tidy=first)
 
-    writer = distributed.main_first(lambda first: open_writer(config.overwrite and first))
+    writer = distributed.main_first(lambda first: open_writer(config.overwrite, first))
     if writer.is_complete():
         bulk.log(f"{config.out}: already complete")
         return writer.metadata.get("summary", {})
@@ -236,17 +239,21 @@ def run(config: ScoreConfig) -> dict:
         multihost_utils.sync_global_devices("rmjax-score-shards")
     if not distributed.is_main_process():
         return {}
-    import pandas as pd
-    table = pd.read_parquet(writer.parts_dir)
-    summary = bulk.summarise(table.to_dict("records"))
-    if scorer.padded_tokens:
-        summary["padding_efficiency"] = scorer.real_tokens / scorer.padded_tokens
-        summary["tokens_vs_unshared"] = scorer.real_tokens / max(scorer.naive_tokens, 1)
-    summary["records_skipped"] = len(report.skipped)
     elapsed = time.perf_counter() - t0  # this invocation (a resumed run counts its own part)
-    summary["run"] = {**compilation.stats(), "seconds": round(elapsed, 1), "tokens": int(scorer.real_tokens),
-                      "tokens_per_s": round(scorer.real_tokens / max(elapsed, 1e-9), 1)}
-    writer.finalize({"summary": summary, "settings_resolved": dataclasses.asdict(s)})
+    run_stats = {**compilation.stats(), "seconds": round(elapsed, 1), "tokens": int(scorer.real_tokens),
+                 "tokens_per_s": round(scorer.real_tokens / max(elapsed, 1e-9), 1)}
+
+    def summarise(table_path) -> dict:
+        summary = bulk.summarise_table(table_path)
+        if scorer.padded_tokens:
+            summary["padding_efficiency"] = scorer.real_tokens / scorer.padded_tokens
+            summary["tokens_vs_unshared"] = scorer.real_tokens / max(scorer.naive_tokens, 1)
+        summary["records_skipped"] = len(report.skipped)
+        summary["run"] = run_stats
+        return {"summary": summary}
+
+    writer.finalize({"settings_resolved": dataclasses.asdict(s)}, summarise=summarise)
+    summary = writer.metadata["summary"]
     if "implicit_pairwise_accuracy" in summary and m.reference:
         lo, hi = summary["implicit_pairwise_accuracy_ci95"]
         bulk.log(f"implicit reward {m.policy} vs {m.reference}: pairwise accuracy "

@@ -374,29 +374,70 @@ def judge_columns(logits: np.ndarray) -> dict[str, float]:
             "judge_position_bias": float(0.5 * (first - second))}
 
 
+_SUMMARY_PARTS = (("", "implicit"), ("rm_", "rm"), ("judge_", "judge"))
+SUMMARY_COLUMNS = ("judge_p_chosen", "judge_position_bias",
+                   *(f"{prefix}{what}" for prefix, _ in _SUMMARY_PARTS for what in ("margin", "best_of_n")))
+
+
 def summarise(rows: list[dict]) -> dict:
     """Pairwise accuracy (ties 0.5) and mean margin of the implicit reward, of the RM and of the
     judge (swap-debiased log-odds; also GRAM's rule, p(chosen) > 1/2, and the position bias), and the
     RewardBench 2 best-of-N accuracy of best-of-N records."""
-    out: dict[str, Any] = {"examples": len(rows)}
-    judged = [r for r in rows if r.get("judge_p_chosen") is not None]
-    if judged:
-        out["judge_p_chosen_accuracy"] = metrics.pairwise_accuracy([r["judge_p_chosen"] - 0.5 for r in judged])
-        out["judge_mean_position_bias"] = float(np.mean([r["judge_position_bias"] for r in judged]))
-    for prefix, name in (("", "implicit"), ("rm_", "rm"), ("judge_", "judge")):
-        margins = np.array([r[f"{prefix}margin"] for r in rows if r.get(f"{prefix}margin") is not None], np.float64)
-        margins = margins[~np.isnan(margins)]  # other rows have no margin
-        if len(margins):
-            out[f"{name}_pairwise_accuracy"] = metrics.pairwise_accuracy(margins)
-            out[f"{name}_pairwise_accuracy_ci95"] = list(metrics.wilson(out[f"{name}_pairwise_accuracy"],
-                                                                        len(margins)))
-            out[f"{name}_mean_margin"] = float(margins.mean())
-            out[f"{name}_pairs"] = int(len(margins))
-        best = np.array([r[f"{prefix}best_of_n"] for r in rows if r.get(f"{prefix}best_of_n") is not None])
-        best = best[~np.isnan(best)]
-        if len(best):
-            out[f"{name}_best_of_n_accuracy"] = float(best.mean())
-            out[f"{name}_best_of_n_examples"] = int(len(best))
+    columns = {c: np.array([np.nan if r.get(c) is None else r[c] for r in rows], np.float64) for c in SUMMARY_COLUMNS}
+    return _summary([(len(rows), columns)])
+
+
+def summarise_table(path) -> dict:
+    """``summarise`` of a score table, read a batch at a time (only the columns it needs): memory
+    does not grow with the corpus."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    present = [c for c in SUMMARY_COLUMNS if c in file.schema_arrow.names]
+
+    def batches():
+        for batch in file.iter_batches(batch_size=65_536, columns=present or ["index"]):
+            cols = {c: batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in present}
+            yield batch.num_rows, cols
+    return _summary(batches())
+
+
+def _summary(batches) -> dict:
+    """The summary from (rows, {column: float array, NaN = none}) batches, accumulated: counts and sums."""
+    sums: dict[str, list[float]] = {}  # column -> [n, sum of wins or scores, sum of values]
+    rows = 0
+
+    def add(name: str, values: np.ndarray, wins: np.ndarray | None = None) -> None:
+        acc = sums.setdefault(name, [0, 0.0, 0.0])
+        acc[0] += len(values)
+        acc[1] += float((values if wins is None else wins).sum())
+        acc[2] += float(values.sum())
+    for n, cols in batches:
+        rows += n
+        for name, values in cols.items():
+            values = values[~np.isnan(values)]  # other rows have no such value
+            if name.endswith("margin") or name == "judge_p_chosen":
+                shifted = values - 0.5 if name == "judge_p_chosen" else values
+                add(name, values, metrics.pairwise_wins(shifted))
+            else:
+                add(name, values)
+    out: dict[str, Any] = {"examples": rows}
+    if sums.get("judge_p_chosen", [0])[0]:
+        n, wins, _ = sums["judge_p_chosen"]
+        out["judge_p_chosen_accuracy"] = wins / n
+        n, _, total = sums["judge_position_bias"]
+        out["judge_mean_position_bias"] = total / n
+    for prefix, name in _SUMMARY_PARTS:
+        n, wins, total = sums.get(f"{prefix}margin", [0, 0.0, 0.0])
+        if n:
+            out[f"{name}_pairwise_accuracy"] = wins / n
+            out[f"{name}_pairwise_accuracy_ci95"] = list(metrics.wilson(wins / n, n))
+            out[f"{name}_mean_margin"] = total / n
+            out[f"{name}_pairs"] = int(n)
+        n, total, _ = sums.get(f"{prefix}best_of_n", [0, 0.0, 0.0])
+        if n:
+            out[f"{name}_best_of_n_accuracy"] = total / n
+            out[f"{name}_best_of_n_examples"] = int(n)
     return out
 
 
