@@ -136,34 +136,38 @@ def layer_table(lengths: list[int], repeats: int, backends=("blockwise",), dtype
             outs[backend] = np.array(fwd(jq, jk, jv), np.float32).reshape(1, t, hkv * g, d)  # a copy
             # XLA's accounting of the compiled step's scratch buffers (what grows with T)
             row[f"{backend}_fwd_bwd_temp_mb"] = bwd.lower(jq, jk, jv).compile().memory_analysis().temp_size_in_bytes / 2**20
-        if on_cpu:
-            tq = torch.tensor(q.reshape(1, t, hkv * g, d)).transpose(1, 2).contiguous()
-            tk, tv = (torch.tensor(x).transpose(1, 2).contiguous() for x in (k, v))
-            sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-                q, k, v, is_causal=True, enable_gqa=True)
-            leaves = [x.clone().requires_grad_() for x in (tq, tk, tv)]
+        # torch's SDPA beside them: on the CPU in fp32, on a GPU in the same dtype (its flash kernel)
+        device = "cpu" if on_cpu else "cuda"
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        sync = (lambda: None) if on_cpu else torch.cuda.synchronize
+        tq = torch.tensor(q.reshape(1, t, hkv * g, d)).transpose(1, 2).contiguous().to(device, tdtype)
+        tk, tv = (torch.tensor(x).transpose(1, 2).contiguous().to(device, tdtype) for x in (k, v))
+        sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, is_causal=True, enable_gqa=True)
+        leaves = [x.clone().requires_grad_() for x in (tq, tk, tv)]
 
-            def torch_fwd():
-                with torch.inference_mode():
-                    sdpa(tq, tk, tv)  # noqa: B023
-
-            def torch_fwd_bwd():
-                sdpa(*leaves).sum().backward()  # noqa: B023
-
-            fwd_fns["torch_sdpa"], bwd_fns["torch_sdpa"] = torch_fwd, torch_fwd_bwd
+        def torch_fwd():
             with torch.inference_mode():
-                ref = sdpa(tq, tk, tv).transpose(1, 2).numpy().copy()
+                sdpa(tq, tk, tv)  # noqa: B023
+            sync()
+
+        def torch_fwd_bwd():
+            sdpa(*leaves).float().sum().backward()  # noqa: B023
+            sync()
+
+        fwd_fns["torch_sdpa"], bwd_fns["torch_sdpa"] = torch_fwd, torch_fwd_bwd
+        with torch.inference_mode():
+            ref = sdpa(tq, tk, tv).transpose(1, 2).float().cpu().numpy().copy()
         slow = {n for n in backends if n == "naive" and t > 2048}  # seconds per call: fewer rounds
         for kind, fns in (("fwd", fwd_fns), ("fwd_bwd", bwd_fns)):
             best = best_interleaved({n: f for n, f in fns.items() if n not in slow}, repeats)
             best.update(best_interleaved({n: fns[n] for n in slow}, 1, warmup=1) if slow else {})
             for name, seconds in best.items():
                 row[f"{name}_{kind}_s"] = seconds
-        if on_cpu:
-            for backend in backends:
-                row[f"{backend}_max_abs_diff_vs_torch"] = float(np.abs(outs[backend] - ref).max())
-                row[f"{backend}_fwd_ratio_vs_torch"] = row["torch_sdpa_fwd_s"] / row[f"{backend}_fwd_s"]
-                row[f"{backend}_fwd_bwd_ratio_vs_torch"] = row["torch_sdpa_fwd_bwd_s"] / row[f"{backend}_fwd_bwd_s"]
+        for backend in backends:  # every backend against torch, in the same dtype
+            row[f"{backend}_max_abs_diff_vs_torch"] = float(np.abs(outs[backend] - ref).max())
+            row[f"{backend}_fwd_ratio_vs_torch"] = row["torch_sdpa_fwd_s"] / row[f"{backend}_fwd_s"]
+            row[f"{backend}_fwd_bwd_ratio_vs_torch"] = row["torch_sdpa_fwd_bwd_s"] / row[f"{backend}_fwd_bwd_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -185,26 +189,31 @@ def gpu_mfu(lengths: list[int], repeats: int) -> list[dict]:
                        head_dim=64, mlp_dim=8192, dtype="bfloat16", param_dtype="bfloat16", remat="full")
     params = init_params(base, jax.random.key(0))
     rows = []
+    # padded: one sequence per row; packed: four segments of T/4 in the row (rmjax's packed layout:
+    # attention only within a segment, so fewer FLOPs; cudnn takes such rows blockwise at run time)
     for t in lengths:
-        for backend in ("cudnn", "blockwise", "naive"):
-            cfg = base.replace(attention=backend)
-            ids = jnp.ones((1, t), jnp.int32)
-            fwd = jax.jit(lambda p, i: forward(p, cfg, i).hidden)  # noqa: B023
-            loss = lambda p, i: jnp.mean(forward(p, cfg, i).hidden.astype(jnp.float32) ** 2)  # noqa: B023, E731
-            step = jax.jit(jax.grad(loss))
-            try:
-                tf = median_time(lambda: fwd(params, ids).block_until_ready(), repeats)  # noqa: B023
-                tb = median_time(lambda: jax.block_until_ready(step(params, ids)), repeats)  # noqa: B023
-            except Exception as e:  # noqa: BLE001 - report the backend that cannot run, keep going
-                rows.append({"seq": t, "backend": backend, "error": str(e)[:300]})
-                continue
-            flops = flops_per_token(cfg, t) * t
-            row = {"seq": t, "backend": backend, "fwd_s": tf, "train_s": tb, "fwd_tokens_per_s": t / tf,
-                   "train_tokens_per_s": t / tb}
-            if peak_flops:
-                row["fwd_mfu"], row["train_mfu"] = flops / tf / peak_flops, 3 * flops / tb / peak_flops
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for layout in ("padded", "packed"):
+            segments = jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), t // 4)[None] if layout == "packed" else None
+            for backend in ("cudnn", "blockwise", "naive"):
+                cfg = base.replace(attention=backend)
+                ids = jnp.ones((1, t), jnp.int32)
+                fwd = jax.jit(lambda p, i, s: forward(p, cfg, i, segment_ids=s).hidden)  # noqa: B023
+                loss = lambda p, i, s: jnp.mean(  # noqa: B023, E731
+                    forward(p, cfg, i, segment_ids=s).hidden.astype(jnp.float32) ** 2)
+                step = jax.jit(jax.grad(loss))
+                try:
+                    tf = median_time(lambda: fwd(params, ids, segments).block_until_ready(), repeats)  # noqa: B023
+                    tb = median_time(lambda: jax.block_until_ready(step(params, ids, segments)), repeats)  # noqa: B023
+                except Exception as e:  # noqa: BLE001 - report the backend that cannot run, keep going
+                    rows.append({"seq": t, "layout": layout, "backend": backend, "error": str(e)[:300]})
+                    continue
+                flops = (flops_per_token(cfg, t // 4) if layout == "packed" else flops_per_token(cfg, t)) * t
+                row = {"seq": t, "layout": layout, "backend": backend, "fwd_s": tf, "train_s": tb,
+                       "fwd_tokens_per_s": t / tf, "train_tokens_per_s": t / tb}
+                if peak_flops:
+                    row["fwd_mfu"], row["train_mfu"] = flops / tf / peak_flops, 3 * flops / tb / peak_flops
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     return rows
 
 

@@ -8,7 +8,7 @@ layers, d=64, a 416-token BPE tokenizer with a ChatML template), reference-free,
 command (``python -m rmjax.cli score``) in a child process. Per corpus size: records/s, the child's
 peak RSS (``getrusage``: the largest resident set the scoring process had), the most files the
 output directory held at once while scoring (polled every 0.2 s) and the files it holds at the
-end, against the shards a one-file-per-shard layout would have written. Then the largest corpus
+end, against the shards a one-file-per-shard layout would have written. Then one corpus (``--resume-size``)
 once more, killed with SIGKILL when a third of its shards are done and resumed by the same
 command: every record scored exactly once, and its rows equal the uninterrupted run's.
 The memory claim is peak RSS flat in the corpus size: the reading pass keeps a few bytes per
@@ -84,6 +84,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="100000,1000000", help="corpus sizes, comma-separated")
     p.add_argument("--shard-size", type=int, default=32, help="examples per shard (rmjax score's default)")
+    p.add_argument("--resume-size", type=int, default=0, help="corpus size of the kill -9 + resume run "
+                                                                 "(default: the smallest of --sizes)")
     p.add_argument("--work", default="", help="working directory (default: a temporary one)")
     p.add_argument("--out", default=str(ROOT / "tools" / "results" / "corpus_cpu.json"))
     args = p.parse_args()
@@ -109,7 +111,7 @@ def main() -> None:
                "scored": meta["counts"]["scored"], "compile": meta["summary"]["run"]}
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
-    n = sizes[-1]
+    n = args.resume_size or sizes[0]
     data, straight = work / f"corpus_{n}.jsonl", work / f"scores_{n}"
     out = work / f"killed_{n}"
     num_shards = -(-n // args.shard_size)
