@@ -208,3 +208,133 @@ def test_processes_that_see_different_inputs_stop_with_the_counts(tmp_path):
                                                  exchange=ex))
     assert all(isinstance(g, RmjaxError) and "failed on 1 of 2 processes: process 1:" in str(g)
                and "gone.jsonl: no such file" in str(g) for g in got), got
+
+
+# ---------------------------------------------------------------- lazy shares
+
+def messy_rows(n=41):
+    """Pairs with an empty response, a rating-free mix of subsets none, and ids repeated far apart."""
+    out = []
+    for i in range(n):
+        rid = {17: "r2", 30: "r2", 33: "r5"}.get(i, f"r{i}")
+        out.append({"id": rid, "prompt": f"q{i}", "chosen": " " if i in (9, 26) else f"a{i}", "rejected": f"b{i}"})
+    return out
+
+
+def write_input(tmp_path, fmt, rows):
+    """``rows`` as jsonl (with blank and malformed lines), jsonl.gz (the same) or Parquet (row groups of 4)."""
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "pairs.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+        return path
+    import gzip
+
+    lines = [json.dumps(r) for r in rows]
+    lines[5:5] = ["", "{not json"]
+    lines[20:20] = ["[1, 2]", ""]
+    text = "\n".join(lines) + "\n"
+    if fmt == "jsonl.gz":
+        path = tmp_path / "pairs.jsonl.gz"
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path = tmp_path / "pairs.jsonl"
+        path.write_text(text)
+    return path
+
+
+def with_places(records):
+    return [(r, r.place) for r in records]  # Record equality leaves the place out
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("sample", [0, 13])
+def test_lazy_shards_are_the_records_one_process_reads(tmp_path, fmt, n, sample):
+    path = write_input(tmp_path, fmt, messy_rows())
+    one = RecordReport()
+    want = sample_records(read_records(path, on_error="skip", report=one), sample, 5)
+    size = 4
+    got, reports = shares(path, n, on_error="skip", shard_size=size, sample=sample, seed=5)
+    assert not any(isinstance(g, Exception) for g in got), got
+    assert all(share._records is None and share._rows.held.dtype == "int64" for share in got)  # rows, not records
+    opened = [share._rows.cursor.openings for share in got]
+    shards = -(-len(want) // size)
+    owners = [[i for i, share in enumerate(got) if share.owned(k)] for k in range(shards)]
+    assert all(len(o) == 1 for o in owners), owners
+    scored = [r for k in range(shards) for r in got[owners[k][0]].shard_records(k)]
+    assert with_places(scored) == with_places(want) and as_tuples(scored) == as_tuples(want)
+    # going through its shards in order reads the input forward once
+    assert all(share._rows.cursor.openings - o <= 1 for share, o in zip(got, opened))
+    assert with_places([r for share in got for r in share.records]) == with_places(want)
+    assert all(share.total == len(want) for share in got)
+    for report in reports:
+        assert report.read == one.read and report.skipped == one.skipped
+    assert sum("duplicate id 'r2'" in s for s in one.skipped) == 2 and any("duplicate id 'r5'" in s for s in one.skipped)
+    # an earlier shard again opens the input again and gives the same records
+    k = shards - 1
+    assert with_places(got[owners[0][0]].shard_records(0)) == with_places(want[:size])
+    assert with_places(got[owners[k][0]].shard_records(k)) == with_places(want[k * size:])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_hash_collisions_make_no_duplicates(tmp_path, monkeypatch, n):
+    path = write_input(tmp_path, "jsonl", messy_rows())
+    one = RecordReport()
+    want = read_records(path, on_error="skip", report=one)
+    clean = write_input(tmp_path, "parquet", [{"id": "r2" if i in (3, 17) else f"r{i}", "prompt": "q",
+                                               "chosen": "a", "rejected": "b"} for i in range(25)])
+    with pytest.raises(DataError, match="duplicate id 'r2'") as first:
+        read_records(clean)
+    monkeypatch.setattr(rec, "_id_hash", lambda rid: 7)  # every id collides with every other
+    got, reports = shares(path, n, on_error="skip", shard_size=3)
+    assert not any(isinstance(g, Exception) for g in got), got
+    assert with_places([r for share in got for r in share.records]) == with_places(want)
+    assert all(report.skipped == one.skipped for report in reports)  # the real duplicates, and only those
+    assert sum("duplicate id" in s for s in one.skipped) == 3
+    assert with_places(read_records(path, on_error="skip")) == with_places(want)
+    got, _ = shares(clean, n)  # on_error="fail": the same first error
+    assert all(isinstance(g, DataError) and str(g) == str(first.value) for g in got), got
+    unique = tmp_path / "unique.jsonl"
+    unique.write_text("".join(json.dumps({"id": f"u{i}", "prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+                              for i in range(25)))
+    got, reports = shares(unique, n)
+    assert [r.id for share in got for r in share.records] == [f"u{i}" for i in range(25)]
+    assert not any(report.skipped for report in reports)
+
+
+def test_what_crosses_processes_per_row_is_arrays(tmp_path):
+    import numpy as np
+
+    path = write_input(tmp_path, "jsonl", messy_rows(60))
+    sent, lock = [], threading.Lock()
+
+    def recording(i, ex):
+        def exchange(what, f):
+            def g():
+                out = f()
+                with lock:
+                    sent.append((what, out))
+                return out
+            return ex(what, g)
+        return read_share(path, process=(i, 3), exchange=exchange, on_error="skip", shard_size=4)
+
+    got = in_threads(3, recording)
+    assert not any(isinstance(g, Exception) for g in got), got
+    reading = [out for what, out in sent if what.startswith("reading") and isinstance(out, tuple)]
+    assert len(reading) == 3 and all(isinstance(a, np.ndarray) for out in reading for a in out)
+    assert sum(len(out[0]) for out in reading) == 62  # a hash a row
+    names = [out for what, out in sent if what == "naming duplicate ids"]
+    assert sum(len(out) for out in names) == 5  # only the rows of the ids seen twice: r2 x3, r5 x2
+    heads = [out for what, out in sent if what == "handing shards over"]
+    assert all(isinstance(out[1], np.ndarray) and len(out[1]) < 4 for out in heads)
+
+
+def test_a_share_made_of_records_still_holds_them():
+    recs = [rec.Record(f"r{i}", (("user", "q"),), ("a", "b"), "pair", i) for i in range(10)]
+    share = rec.Share(recs, 10, 0, (0, 10), 4)
+    assert share.records is recs and share.held == 10 and share.overhang == []
+    assert [share.owned(k) for k in range(3)] == [True, True, True]
+    assert [[r.index for r in share.shard_records(k)] for k in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

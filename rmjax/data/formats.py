@@ -18,6 +18,7 @@ import hashlib
 import io
 import itertools
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from rmjax.errors import DataError
 HH_ALIAS = "hh-rlhf"
 LLMBAR_ALIAS = "llmbar"
 Row = tuple[str, str, "dict | DataError"]  # (place, default id, record or the error for that place)
+IndexedRow = tuple[int, str, str, "dict | DataError"]  # (unit, place, default id, record or error)
 
 
 Part = tuple[int, int]  # units [lo, hi) of an input (see ``row_count``)
@@ -37,9 +39,23 @@ def _opener(path: Path):
     return gzip.open if path.suffix == ".gz" else open
 
 
-def read_jsonl(path: Path, part: Part | None = None) -> Iterator[tuple[int, dict | DataError]]:
-    """(line number, record or the error for that line); gzip by suffix; non-UTF-8 is an error.
-    ``part=(lo, hi)``: only lines lo+1..hi (1-based); the lines before are skipped unparsed."""
+def _json_line(where: str, raw: bytes) -> dict | DataError:
+    """One line's record, or the error for that line (non-UTF-8, malformed JSON, not an object)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(f"{where}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(record, dict):
+        return DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _raw_lines(path: Path, part: Part | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of the non-blank lines lo+1..hi (1-based), none of them decoded."""
     lo, hi = part if part is not None else (0, None)
     with _opener(path)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -47,23 +63,15 @@ def read_jsonl(path: Path, part: Part | None = None) -> Iterator[tuple[int, dict
                 continue
             if hi is not None and lineno > hi:
                 break
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield lineno, DataError(f"{where}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(record, dict):
-                yield lineno, DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                continue
-            yield lineno, record
+            if raw.strip():
+                yield lineno, raw
+
+
+def read_jsonl(path: Path, part: Part | None = None) -> Iterator[tuple[int, dict | DataError]]:
+    """(line number, record or the error for that line); gzip by suffix; non-UTF-8 is an error.
+    ``part=(lo, hi)``: only lines lo+1..hi (1-based); the lines before are skipped unparsed."""
+    for lineno, raw in _raw_lines(path, part):
+        yield lineno, _json_line(f"{path}:{lineno}", raw)
 
 
 def _stem(path: Path) -> str:
@@ -82,19 +90,28 @@ def _jsonl_lines(path: Path) -> int:
                 lines += chunk.count(b"\n")
                 last = chunk[-1:]
     except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot be read ({e}); check that the file is complete") from e
+        raise _unreadable(path, e) from e
     return lines + (last != b"\n")
 
 
-def _jsonl_rows(path: Path, part: Part | None = None) -> Iterator[Row]:
+def _unreadable(path: Path, e: Exception) -> DataError:  # a truncated or non-gzip .gz file
+    return DataError(f"{path}: cannot be read ({e}); check that the file is complete")
+
+
+def _jsonl_row(path: Path, stem: str, lineno: int, raw: bytes) -> IndexedRow:
+    rec = _json_line(f"{path}:{lineno}", raw)
+    if isinstance(rec, DataError):
+        rec = DataError(f"{rec}; fix or delete that line")
+    return lineno - 1, f"{path}:{lineno}", f"{stem}:{lineno}", rec
+
+
+def _jsonl_rows(path: Path, part: Part | None = None) -> Iterator[IndexedRow]:
     stem = _stem(path)
     try:
-        for lineno, rec in read_jsonl(path, part):
-            if isinstance(rec, DataError):
-                rec = DataError(f"{rec}; fix or delete that line")
-            yield f"{path}:{lineno}", f"{stem}:{lineno}", rec
-    except (OSError, EOFError) as e:  # a truncated or non-gzip .gz file
-        raise DataError(f"{path}: cannot be read ({e}); check that the file is complete") from e
+        for lineno, raw in _raw_lines(path, part):
+            yield _jsonl_row(path, stem, lineno, raw)
+    except (OSError, EOFError) as e:
+        raise _unreadable(path, e) from e
 
 
 def _parquet_file(path: Path):
@@ -107,7 +124,7 @@ def _parquet_file(path: Path):
         raise DataError(f"{path}: not a readable Parquet file ({e}); rewrite it, e.g. with pandas.to_parquet") from e
 
 
-def _parquet_rows(path: Path, part: Part | None = None) -> Iterator[Row]:
+def _parquet_rows(path: Path, part: Part | None = None) -> Iterator[IndexedRow]:
     """Rows of a Parquet file; ``part`` reads only the row groups that hold rows lo..hi-1."""
     import pyarrow as pa
 
@@ -122,7 +139,7 @@ def _parquet_rows(path: Path, part: Part | None = None) -> Iterator[Row]:
         for batch in file.iter_batches(batch_size=1024, row_groups=groups) if groups else ():
             for rec in batch.to_pylist():
                 if lo <= row < hi:
-                    yield f"{path} row {row}", f"{stem}:{row}", rec
+                    yield row, f"{path} row {row}", f"{stem}:{row}", rec
                 row += 1
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({e}); rewrite it, e.g. with pandas.to_parquet") from e
@@ -147,7 +164,7 @@ def _load_dataset(path: Path, split: str | None):
     return ds, place
 
 
-def _datasets_rows(path: Path, split: str | None, part: Part | None = None) -> Iterator[Row]:
+def _datasets_rows(path: Path, split: str | None, part: Part | None = None) -> Iterator[IndexedRow]:
     ds, place = _load_dataset(path, split)
     row = 0
     if part is not None:
@@ -155,7 +172,7 @@ def _datasets_rows(path: Path, split: str | None, part: Part | None = None) -> I
     for batch in ds.iter(batch_size=1024):
         columns = list(batch)
         for values in zip(*(batch[c] for c in columns)):
-            yield f"{place} row {row}", f"{path.name}:{row}", dict(zip(columns, values))
+            yield row, f"{place} row {row}", f"{path.name}:{row}", dict(zip(columns, values))
             row += 1
 
 
@@ -206,7 +223,7 @@ def _bundled_rows(spec: str) -> Iterator[Row]:
         if file.suffix == ".json":
             yield from _llmbar_rows(subset, file)
             continue
-        for where, default_id, rec in _jsonl_rows(file):
+        for _, where, default_id, rec in _jsonl_rows(file):
             if isinstance(rec, dict):
                 rec = {**rec, "subset": subset}
             yield where, f"{subset}:{default_id.rpartition(':')[2]}", rec
@@ -248,9 +265,11 @@ def row_count(path: str | Path, split: str | None = None) -> int:
     return sum(1 for _ in _bundled_rows(src))
 
 
-def rows(path: str | Path, split: str | None, part: Part | None = None) -> Iterator[Row]:
-    """(place, default id, record or error) of every row of ``path``, in input order; ``part=(lo, hi)``
-    only those of units lo..hi-1 (``row_count``), reading no more of the input than it must."""
+def indexed_rows(path: str | Path, split: str | None, part: Part | None = None) -> Iterator[IndexedRow]:
+    """(unit, place, default id, record or error) of every row of ``path``, in input order; ``part=(lo,
+    hi)`` only those of units lo..hi-1 (``row_count``), reading no more of the input than it must. A
+    row's unit is its position among the units: the line (0-based) of a jsonl file, the row of the
+    others."""
     kind, src = _source(path, split)
     if kind == "jsonl":
         yield from _jsonl_rows(src, part)
@@ -261,7 +280,65 @@ def rows(path: str | Path, split: str | None, part: Part | None = None) -> Itera
     else:
         for i, row in enumerate(_bundled_rows(src)):
             if part is None or part[0] <= i < part[1]:
-                yield row
+                yield (i, *row)
+            elif part is not None and i >= part[1]:
+                break
+
+
+def rows(path: str | Path, split: str | None, part: Part | None = None) -> Iterator[Row]:
+    """(place, default id, record or error) of every row of ``path``, in input order; ``part=(lo, hi)``
+    only those of units lo..hi-1 (``row_count``), reading no more of the input than it must."""
+    for _, *row in indexed_rows(path, split, part):
+        yield tuple(row)
+
+
+class RowCursor:
+    """The rows of an input by unit (``indexed_rows``), read forward: asking for a unit at or after the
+    last one asked for goes on reading from there, only an earlier one opens the input again (a
+    gzip file is then decompressed from its start; a Parquet file reads from the row group that
+    holds the unit). The lines of a jsonl file that are passed over are not decoded. A datasets
+    directory and the bundled sets go through ``indexed_rows`` the same way (the bundled sets are
+    small and read from their start on each opening)."""
+
+    def __init__(self, path: str | Path, split: str | None = None):
+        self.kind, self.src = _source(path, split)
+        self.path, self.split = path, split
+        self.openings = 0  # how often the input was opened
+        self._it: Iterator | None = None
+        self._next = 0  # the first unit the open reading has not passed
+
+    def _open(self, unit: int) -> None:
+        self.close()
+        self.openings += 1
+        part = (unit, sys.maxsize)
+        self._it = (_raw_lines(self.src, part) if self.kind == "jsonl"
+                    else ((row[0], row) for row in indexed_rows(self.path, self.split, part)))
+
+    def row(self, unit: int) -> IndexedRow:
+        """(unit, place, default id, record or error) of ``unit``, a unit that holds a row."""
+        if self._it is None or unit < self._next:
+            self._open(unit)
+        try:
+            for got, item in self._it:
+                if self.kind == "jsonl":
+                    got -= 1
+                self._next = got + 1
+                if got == unit:
+                    return _jsonl_row(self.src, _stem(self.src), got + 1, item) if self.kind == "jsonl" else item
+                if got > unit:
+                    break
+        except (OSError, EOFError) as e:
+            raise _unreadable(self.src, e) from e
+        self._next = sys.maxsize  # passed or exhausted: the next request opens the input again
+        raise DataError(f"{self.path}: unit {unit} holds no row now, but it held one when the input was "
+                        "first read; the input changed while it was read")
+
+    def close(self) -> None:
+        if self._it is not None:
+            close = getattr(self._it, "close", None)
+            if close is not None:
+                close()
+            self._it, self._next = None, 0
 
 
 # ---------------------------------------------------------------- fingerprint

@@ -39,14 +39,18 @@ left out.
 """
 from __future__ import annotations
 
-import bisect
+import array
 import dataclasses
+import hashlib
 import math
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
-from rmjax.data.formats import input_fingerprint, row_count, rows
+import numpy as np
+
+from rmjax.data.formats import RowCursor, indexed_rows, input_fingerprint, row_count
 from rmjax.errors import ConfigError, DataError
 
 __all__ = ["Record", "RecordReport", "Share", "input_fingerprint", "parse_hh_transcript", "parse_record",
@@ -359,27 +363,69 @@ def _alone(what: str, fn):
     return [fn()]
 
 
-@dataclasses.dataclass
 class Share:
     """One process's share of an input (``read_share``): its records, with their global indices
-    (contiguous), the size of the whole, and the records of later processes its shards need."""
+    ``start`` .. ``start + held - 1`` (contiguous), the size of the whole, and the rest of its last
+    shard (``overhang``: records of later processes).
 
-    records: list[Record]
-    total: int  # records of the whole input (after skipping and sampling)
-    start: int  # global index of records[0] (where records would start when empty)
-    units: tuple[int, int]  # the rows / lines lo..hi-1 it parsed (``formats.row_count``; one process: rows read)
-    shard_size: int = 0
-    overhang: list[Record] = dataclasses.field(default_factory=list)  # the rest of its last shard
+    ``Share(records, total, start, units, shard_size)`` holds the records it is given. A share that
+    ``read_share`` returns holds only the input row of each of its records and parses those rows again
+    when a shard is asked for (``shard_records``): a job that asks for its shards in increasing order
+    reads its part of the input forward once. ``records`` parses every one of them into one list, for
+    a caller that needs them all at once.
+    """
+
+    def __init__(self, records: list[Record] | None, total: int, start: int, units: tuple[int, int],
+                 shard_size: int = 0, overhang: list[Record] | None = None, *, rows: _Rows | None = None):
+        if (records is None) == (rows is None):
+            raise ValueError("a share holds either its records or the input rows to read them from")
+        self._records, self._rows = records, rows
+        self._overhang = list(overhang or [])
+        self.total = total  # records of the whole input (after skipping and sampling)
+        self.start = start  # global index of the first record held (where it would be when none is)
+        self.units = units  # the rows / lines lo..hi-1 it parsed (``formats.row_count``; one process: rows read)
+        self.shard_size = shard_size
+
+    def __repr__(self) -> str:
+        return (f"Share(total={self.total}, start={self.start}, held={self.held}, units={self.units}, "
+                f"shard_size={self.shard_size}, {'lazy' if self._rows is not None else 'in memory'})")
+
+    @property
+    def held(self) -> int:
+        """How many records the share holds (without parsing any)."""
+        return len(self._records) if self._records is not None else len(self._rows.held)
+
+    @property
+    def records(self) -> list[Record]:
+        """Every record the share holds, in order. A share read by ``read_share`` parses all of them
+        again for each call and they are then all in memory at once: go through the shards
+        (``shard_records``) instead wherever that will do."""
+        if self._records is not None:
+            return self._records
+        return self._rows.read(self._rows.held, self.start)
+
+    @property
+    def overhang(self) -> list[Record]:
+        """The records of later processes that its last shard needs (fewer than ``shard_size``)."""
+        if self._rows is None:
+            return self._overhang
+        return self._rows.read(self._rows.after, self.start + self.held)
 
     def owned(self, shard: int) -> bool:
         """Shard k (records k*S .. k*S+S-1) belongs to the process that holds its first record."""
-        return self.start <= shard * self.shard_size < self.start + len(self.records)
+        return self.start <= shard * self.shard_size < self.start + self.held
 
     def shard_records(self, shard: int) -> list[Record]:
+        """The records of shard ``shard`` that the share holds or has in its overhang, in order."""
         lo = shard * self.shard_size - self.start
         hi = min(shard * self.shard_size + self.shard_size, self.total) - self.start
-        n = len(self.records)
-        return self.records[lo:min(hi, n)] + self.overhang[max(lo - n, 0):max(hi - n, 0)]
+        n = self.held
+        if self._rows is None:
+            return self._records[lo:min(hi, n)] + self._overhang[max(lo - n, 0):max(hi - n, 0)]
+        lo = max(lo, 0)
+        after = max(lo - n, 0)
+        return (self._rows.read(self._rows.held[lo:max(min(hi, n), lo)], self.start + lo)
+                + self._rows.read(self._rows.after[after:max(hi - n, after)], self.start + n + after))
 
 
 LAYOUT_FIELDS = ("prompt", "response", "messages", "chosen", "rejected", "ratings")
@@ -429,30 +475,139 @@ def remap(record: dict, columns: dict[str, str], ratings: tuple[str, ...], where
     return record
 
 
-def _parse_rows(path, split, part, id_field: str, limit: int | None, columns: dict | None = None,
-                ratings: tuple[str, ...] = ()) -> list[tuple[str, str | None, Any]]:
-    """(place, id or None, (prompt, responses, kind, extras) or the row's DataError) per row of ``part``."""
-    out, seen, valid = [], set(), 0
-    for where, default_id, rec in rows(path, split, part):
-        if limit is not None and valid >= limit:
+def _parse_row(where: str, default_id: str, row: Any, id_field: str, columns: dict[str, str],
+               ratings: tuple[str, ...]) -> tuple[str | None, Any]:
+    """(id or None, (prompt, responses, kind, extras) or the row's DataError) of one input row."""
+    try:
+        if isinstance(row, DataError):
+            raise row
+        record_id = _record_id(row, id_field, default_id, where)
+    except DataError as e:
+        return None, e
+    try:
+        row = remap(row, columns, ratings, where)
+        prompt, responses, kind, correct = parse_record(row, where)
+        extras = {**_extras(row, kind, where), **({"correct": correct} if correct != 1 else {})}
+        return record_id, (prompt, responses, kind, extras)
+    except DataError as e:
+        return record_id, e
+
+
+def _id_hash(record_id: str) -> int:
+    """A 64-bit hash of an id, the same on every process (Python's ``hash`` of a string is not)."""
+    return int.from_bytes(hashlib.blake2b(record_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little")
+
+
+OK, BAD, NO_ID = 0, 1, 2  # a scanned row parsed; is an error (its id was read); is an error before its id
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What the reading pass keeps of each row of a process's part, in input order: a few bytes a row,
+    the error of each bad row, and (``parsed``: reading into memory) the rows that parsed."""
+
+    unit: np.ndarray  # int64: the row's unit (``formats.row_count``)
+    hash: np.ndarray  # uint64: ``_id_hash`` of its id (0 without one)
+    state: np.ndarray  # uint8: OK / BAD / NO_ID
+    objectives: np.ndarray  # int32: the objective names of its ratings (an index into ``sets``); -1 unrated
+    subset: np.ndarray  # bool: it has a subset
+    sets: list[tuple[str, ...]]  # the objective names of the ratings, each set of them as first seen
+    errors: dict[int, str]  # row -> its error
+    parsed: dict[int, tuple] | None  # row -> (place, id, parsed body) of the rows that parsed
+
+
+def _scan(path, split, part, limit: int | None, options: tuple, keep: bool) -> _Scan:
+    """Parse every row of ``part`` once and keep what ``read_share`` checks of each (``_Scan``)."""
+    units, hashes, objectives = array.array("q"), array.array("Q"), array.array("i")
+    state, subset = bytearray(), bytearray()
+    sets: dict[tuple[str, ...], int] = {}
+    errors: dict[int, str] = {}
+    parsed: dict[int, tuple] | None = {} if keep else None
+    seen: set[str] = set()  # only with a limit, which counts distinct ids
+    for j, (unit, where, default_id, row) in enumerate(indexed_rows(path, split, part)):
+        if limit is not None and len(seen) >= limit:
             break
-        try:
-            if isinstance(rec, DataError):
-                raise rec
-            record_id = _record_id(rec, id_field, default_id, where)
-        except DataError as e:
-            out.append((where, None, e))
+        rid, body = _parse_row(where, default_id, row, *options)
+        units.append(unit)
+        hashes.append(0 if rid is None else _id_hash(rid))
+        if isinstance(body, DataError):
+            state.append(NO_ID if rid is None else BAD)
+            objectives.append(-1)
+            subset.append(0)
+            errors[j] = str(body)
             continue
-        try:
-            rec = remap(rec, columns or {}, tuple(ratings), where)
-            prompt, responses, kind, correct = parse_record(rec, where)
-            extras = {**_extras(rec, kind, where), **({"correct": correct} if correct != 1 else {})}
-            out.append((where, record_id, (prompt, responses, kind, extras)))
-            valid += record_id not in seen
-            seen.add(record_id)
-        except DataError as e:
-            out.append((where, record_id, e))
+        extras = body[3]
+        state.append(OK)
+        rated = extras.get("ratings")
+        objectives.append(-1 if rated is None else sets.setdefault(tuple(name for name, _ in rated), len(sets)))
+        subset.append(1 if extras.get("subset") else 0)
+        if parsed is not None:
+            parsed[j] = (where, rid, body)
+        if limit is not None:
+            seen.add(rid)
+    return _Scan(np.frombuffer(units, np.int64) if units else np.zeros(0, np.int64),
+                 np.frombuffer(hashes, np.uint64) if hashes else np.zeros(0, np.uint64),
+                 np.frombuffer(state, np.uint8).copy(), np.frombuffer(objectives, np.int32).copy() if objectives
+                 else np.zeros(0, np.int32), np.frombuffer(subset, np.uint8).astype(bool), list(sets), errors, parsed)
+
+
+def _place(scan: _Scan, cursor: RowCursor, j: int) -> str:
+    """The place of row ``j`` of the scan (read again from the input unless the scan kept it)."""
+    if scan.parsed is not None and j in scan.parsed:
+        return scan.parsed[j][0]
+    return cursor.row(int(scan.unit[j]))[1]
+
+
+def _among(values: np.ndarray, sorted_values: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """values[i] in sorted_values, for each i (a chunk at a time: small temporaries)."""
+    out = np.zeros(len(values), bool)
+    for lo in range(0, len(values), chunk):
+        part = values[lo:lo + chunk]
+        at = np.minimum(np.searchsorted(sorted_values, part), len(sorted_values) - 1)
+        out[lo:lo + chunk] = sorted_values[at] == part
     return out
+
+
+def _mark_duplicates(scan: _Scan, every: list, me: int, cursor: RowCursor, exchange: Exchange,
+                     id_field: str) -> None:
+    """Make every row of this process that repeats the id of an earlier row (of any process) that
+    parsed an error naming that row. ``every``: (id hashes, has an id) of every process's rows. Rows
+    whose hash no other row has are unique; the ids of the (few) rows whose hash another row shares
+    are read again from the input and compared, so a hash collision makes no duplicate."""
+    hashes = np.concatenate([h[has_id] for h, has_id in every])
+    hashes.sort()  # in place: no more than this one copy of the hashes
+    shared = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
+    if not shared.size:  # the same on every process: all or none take part in the exchange
+        return
+    mine = np.flatnonzero((scan.state != NO_ID) & _among(scan.hash, shared))
+
+    def ids():  # (row, id, place, parsed) of each row whose hash another row shares, in input order
+        out = []
+        for j in mine.tolist():
+            if scan.parsed is not None and j in scan.parsed:
+                where, rid = scan.parsed[j][:2]
+            else:
+                _, where, default_id, row = cursor.row(int(scan.unit[j]))
+                rid = _record_id(row, id_field, default_id, where)
+            out.append((j, rid, where, bool(scan.state[j] == OK)))
+        return out
+
+    theirs = exchange("naming duplicate ids", ids)
+    first: dict[str, tuple[int, int, str]] = {}  # id -> (process, row, place) of the first row with it that parsed
+    for p, rows in enumerate(theirs):
+        for j, rid, where, ok in rows:
+            if ok and rid not in first:
+                first[rid] = (p, j, where)
+    for j, rid, where, _ in theirs[me]:
+        owner = first.get(rid)
+        if owner is not None and owner[:2] < (me, j):
+            scan.state[j] = BAD
+            scan.errors[j] = (f"{where}: duplicate id {rid!r} (first at {owner[2]}); ids in field {id_field!r} "
+                              "must be unique, so fix one of them")
+            if scan.parsed is not None:
+                scan.parsed.pop(j, None)
 
 
 def _first_problem(exchange: Exchange, what: str, problems: list[str]) -> None:
@@ -463,45 +618,77 @@ def _first_problem(exchange: Exchange, what: str, problems: list[str]) -> None:
         raise DataError(first)
 
 
-def _consistency_problems(records: list[Record], exchange: Exchange) -> dict[int, str]:
-    """Checks across records (of every process): one set of objectives, and a subset on every record or none."""
+def _consistency_problems(scan: _Scan, rows: np.ndarray, cursor: RowCursor, exchange: Exchange) -> dict[int, str]:
+    """Checks across the records (of every process; ``rows``: this process's rows that passed the
+    others): one set of objectives, and a subset on every record or none. {position in rows: problem}."""
+    codes, subset = scan.objectives[rows], scan.subset[rows]
+
     def summary():
-        rated = next((r for r in records if r.ratings is not None), None)
-        with_subset = [r for r in records if r.subset]
-        return ((tuple(n for n, _ in rated.ratings), rated.place) if rated else None,
-                len(with_subset), with_subset[0].place if with_subset else "", len(records))
+        rated = int(np.argmax(codes >= 0)) if codes.size else 0
+        named = int(np.argmax(subset)) if subset.size else 0
+        return ((scan.sets[codes[rated]], _place(scan, cursor, int(rows[rated])))
+                if codes.size and codes[rated] >= 0 else None,
+                int(subset.sum()), _place(scan, cursor, int(rows[named])) if subset.size and subset[named] else "",
+                len(rows))
+
     summaries = exchange("checking the records against each other", summary)
     rated = next((s[0] for s in summaries if s[0] is not None), None)
     n_subset, n_all = sum(s[1] for s in summaries), sum(s[3] for s in summaries)
     first_subset = next((s[2] for s in summaries if s[1]), "")
-    problems: dict[int, str] = {}
-    if rated:
-        names, first_place = rated
-        for r in records:
-            if r.ratings is None or r.place == first_place:
-                continue
-            other = [n for n, _ in r.ratings]
-            if set(other) != set(names):
-                missing, extra = sorted(set(names) - set(other)), sorted(set(other) - set(names))
-                problems[r.index] = (f"{r.place}: field 'ratings' names other objectives than the first rated "
-                                     f"record ({first_place}): missing {missing}, extra {extra}; give every "
-                                     "record the same objectives (null where a response is not rated)")
+    differ = [c for c, names in enumerate(scan.sets) if rated and set(names) != set(rated[0])]
+    found = [np.flatnonzero(np.isin(codes, differ))] if differ else []
     if n_subset and n_subset < n_all:
-        for r in records:
-            if not r.subset:
-                problems.setdefault(r.index, f"{r.place}: field 'subset' is missing, but {n_subset} "
-                                             f"other records (first: {first_subset}) have one; give every "
-                                             "record a subset, or none")
+        found.append(np.flatnonzero(~subset))
+    problems: dict[int, str] = {}
+    for i in np.unique(np.concatenate(found)).tolist() if found else ():  # in input order: read forward once
+        where = _place(scan, cursor, int(rows[i]))
+        if codes[i] in differ:
+            names, first_place = rated
+            other = scan.sets[codes[i]]
+            missing, extra = sorted(set(names) - set(other)), sorted(set(other) - set(names))
+            problems[i] = (f"{where}: field 'ratings' names other objectives than the first rated record "
+                           f"({first_place}): missing {missing}, extra {extra}; give every record the same "
+                           "objectives (null where a response is not rated)")
+        else:
+            problems[i] = (f"{where}: field 'subset' is missing, but {n_subset} other records (first: "
+                           f"{first_subset}) have one; give every record a subset, or none")
     return problems
+
+
+def _sample(total: int, n: int, seed: int) -> np.ndarray | None:
+    """The sorted positions of a seeded sample of ``n`` of ``total`` records; None: all of them."""
+    if not n or n >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
 
 
 def sample_positions(total: int, n: int, seed: int = 0) -> list[int]:
     """The positions ``sample_records`` keeps of ``total`` records, in order."""
-    import numpy as np
+    keep = _sample(total, n, seed)
+    return list(range(total)) if keep is None else keep.tolist()
 
-    if not n or n >= total:
-        return list(range(total))
-    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False)).tolist()
+
+class _Rows:
+    """The input rows of a read share's records (``held``: by global index from ``Share.start``;
+    ``after``: its overhang's), parsed again when asked for, through one forward cursor over the input."""
+
+    def __init__(self, cursor: RowCursor, held: np.ndarray, after: np.ndarray, options: tuple):
+        self.cursor, self.held, self.after, self.options = cursor, held, after, options
+        self.lock = threading.Lock()  # a prefetching thread and the caller may both ask
+
+    def read(self, units: np.ndarray, first: int) -> list[Record]:
+        """The records of ``units`` (input rows), with global indices first, first + 1, ..."""
+        with self.lock:
+            return [self._record(unit, first + i) for i, unit in enumerate(units.tolist())]
+
+    def _record(self, unit: int, index: int) -> Record:
+        _, where, default_id, row = self.cursor.row(unit)
+        rid, body = _parse_row(where, default_id, row, *self.options)
+        if isinstance(body, DataError):
+            raise DataError(f"{body} (this row parsed when the input was first read: the input changed "
+                            "while it was read)")
+        prompt, responses, kind, extras = body
+        return Record(rid, prompt, responses, kind, index, place=where, **extras)
 
 
 def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange: Exchange = _alone,
@@ -516,15 +703,27 @@ def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange:
     error (``on_error="fail"``) or the same skipped rows, ids unique across processes, one set of
     objectives, ``sample`` records drawn the same way. ``columns`` / ``ratings``: a column mapping
     and flat rating columns (the module docstring). With ``shard_size`` S, the process owns the
-    shards whose first record it holds (``Share.owned``) and receives the records of later processes
-    its last shard needs (``Share.shard_records``).
+    shards whose first record it holds (``Share.owned``) and is handed the rows of the records of
+    later processes its last shard needs (``Share.shard_records``).
+
+    Its memory does not grow with its records: reading keeps a few bytes a row (what the exchanges
+    carry too) and the error of each bad row; the share keeps the input row of each record and
+    parses the rows of a shard again when it is asked for (``Share``).
     """
+    return _read(path, False, process, exchange, shard_size, on_error, report, limit, id_field, split, sample,
+                 seed, columns, ratings)
+
+
+def _read(path, keep: bool, process: tuple[int, int], exchange: Exchange, shard_size: int, on_error: str,
+          report: RecordReport | None, limit: int | None, id_field: str, split: str | None, sample: int,
+          seed: int, columns: str | dict | None, ratings: tuple[str, ...]) -> Share:
+    """``read_share``; ``keep``: the share holds its records (parsed once, all in memory)."""
     if on_error not in ("fail", "skip"):
         raise ConfigError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
     me, n = process
-    columns = parse_columns(columns)
+    options = (id_field, parse_columns(columns), tuple(ratings))
     if limit is not None and n > 1:
         raise ConfigError("limit reads the first records of one process; drop it when reading in parts")
     report = report if report is not None else RecordReport()
@@ -536,61 +735,56 @@ def read_share(path: str | Path, *, process: tuple[int, int] = (0, 1), exchange:
     part = (counts[0] * me // n, counts[0] * (me + 1) // n) if n > 1 else None
     local: dict[str, Any] = {}
 
-    def parse():  # only the ids travel; the rows stay with the process that parsed them
-        local["parsed"] = _parse_rows(path, split, part, id_field, limit, columns, tuple(ratings))
-        return [(rid, not isinstance(body, DataError)) for _, rid, body in local["parsed"]]
+    def scan():  # what travels is a few bytes a row; the rows stay with the process that parsed them
+        local["scan"] = s = _scan(path, split, part, limit, options, keep)
+        return s.hash, s.state != NO_ID
 
     # ids: the first record with an id that parses owns it; every later row with that id is a duplicate
-    ids = exchange(f"reading {path}", parse)
-    parsed = local["parsed"]
-    owner: dict[str, tuple[int, int]] = {}
-    for p, their in enumerate(ids):
-        for j, (rid, ok) in enumerate(their):
-            if ok and rid is not None and rid not in owner:
-                owner[rid] = (p, j)
-    duplicated = {rid for p, their in enumerate(ids) for j, (rid, _) in enumerate(their)
-                  if rid in owner and owner[rid] < (p, j)}
-    places = {}
-    if duplicated:
-        mine = {rid: parsed[j][0] for rid, (p, j) in owner.items() if p == me and rid in duplicated}
-        for theirs in exchange("naming duplicate ids", lambda: mine):
-            places.update(theirs)
-    kept: list[tuple[str, str, Any]] = []
-    problems: list[str] = []
-    for j, (where, rid, body) in enumerate(parsed):
-        if rid in duplicated and owner[rid] < (me, j):
-            body = DataError(f"{where}: duplicate id {rid!r} (first at {places[rid]}); "
-                             f"ids in field {id_field!r} must be unique, so fix one of them")
-        if isinstance(body, DataError):
-            problems.append(str(body))
-        else:
-            kept.append((where, rid, body))
+    every = exchange(f"reading {path}", scan)
+    scan_ = local.pop("scan")
+    cursor = RowCursor(path, split)
+    _mark_duplicates(scan_, every, me, cursor, exchange, id_field)
+    del every
+    problems = [scan_.errors[j] for j in sorted(scan_.errors)]
     if on_error == "fail":
         _first_problem(exchange, f"reading {path}", problems)
-    # indices are local until the records that pass every check are counted on every process
-    records = [Record(rid, prompt, responses, kind, j, place=where, **extras)
-               for j, (where, rid, (prompt, responses, kind, extras)) in enumerate(kept)]
-    bad = _consistency_problems(records, exchange)
+    rows = np.flatnonzero(scan_.state == OK)  # the rows of the records, until the checks across them
+    bad = _consistency_problems(scan_, rows, cursor, exchange)
     if on_error == "fail":
         _first_problem(exchange, f"reading {path}", [bad[i] for i in sorted(bad)])
-    records = [r for r in records if r.index not in bad]
-    every = exchange("counting the records", lambda: (len(records), problems, [bad[i] for i in sorted(bad)]))
+    if bad:
+        rows = np.delete(rows, sorted(bad))
+    every = exchange("counting the records", lambda: (len(rows), problems, [bad[i] for i in sorted(bad)]))
     report.read += sum(e[0] for e in every)
     report.skipped.extend([p for e in every for p in e[1]] + [p for e in every for p in e[2]])
     total, offset = sum(e[0] for e in every), sum(e[0] for e in every[:me])
-    keep = sample_positions(total, sample, seed)  # global positions of the records kept
-    start = bisect.bisect_left(keep, offset)
-    mine_pos = keep[start:bisect.bisect_left(keep, offset + len(records))]
-    records = [dataclasses.replace(records[g - offset], index=start + j) for j, g in enumerate(mine_pos)]
-    share = Share(records, len(keep), start, part if part is not None else (0, len(parsed)), shard_size)
-    if shard_size and n > 1:
+    keep_positions = _sample(total, sample, seed)  # global positions of the records kept; None: all
+    if keep_positions is None:
+        start, size = offset, total
+    else:
+        start = int(np.searchsorted(keep_positions, offset))
+        stop = int(np.searchsorted(keep_positions, offset + len(rows)))
+        rows, size = rows[keep_positions[start:stop] - offset], len(keep_positions)
+    held = scan_.unit[rows]
+    after = np.zeros(0, np.int64)
+    if shard_size and n > 1:  # the rows of the rest of its last shard, from the processes after it
         first_boundary = -(-start // shard_size) * shard_size
-        heads = exchange("handing shards over", lambda: [r for r in records if r.index < first_boundary])
-        end = start + len(records)
-        if records:
-            last = (records[-1].index // shard_size + 1) * shard_size
-            share.overhang = [r for their in heads[me + 1:] for r in their if end <= r.index < last]
-    return share
+        heads = exchange("handing shards over", lambda: (start, held[:max(first_boundary - start, 0)]))
+        end = start + len(held)
+        if len(held):
+            last = ((end - 1) // shard_size + 1) * shard_size
+            after = np.concatenate([their[max(end - at, 0):max(last - at, 0)] for at, their in heads[me + 1:]]
+                                   or [after])
+    units = part if part is not None else (0, len(scan_.unit))
+    cursor.close()  # the first shard asked for opens the input again, where that shard starts
+    if not keep:
+        return Share(None, size, start, units, shard_size, rows=_Rows(cursor, held, after, options))
+    records = [Record(rid, prompt, responses, kind, start + i, place=where, **extras)
+               for i, (where, rid, (prompt, responses, kind, extras))
+               in enumerate(scan_.parsed[j] for j in rows.tolist())]
+    overhang = _Rows(cursor, held, after, options).read(after, start + len(held))
+    cursor.close()
+    return Share(records, size, start, units, shard_size, overhang)
 
 
 def read_records(path: str | Path, *, on_error: str = "fail", report: RecordReport | None = None,
@@ -603,8 +797,8 @@ def read_records(path: str | Path, *, on_error: str = "fail", report: RecordRepo
     input as a whole (missing file, unreadable Parquet, a DatasetDict without ``split``) always raise.
     Several processes each reading their part: ``read_share``.
     """
-    return read_share(path, on_error=on_error, report=report, limit=limit, id_field=id_field,
-                      split=split, columns=columns, ratings=ratings).records
+    return _read(path, True, (0, 1), _alone, 0, on_error, report, limit, id_field, split, 0, 0, columns,
+                 ratings).records
 
 
 def rating_matrix(records: list[Record], objectives: tuple[str, ...] = ()) -> tuple[tuple[str, ...], list]:
