@@ -183,7 +183,7 @@ def run(config: ScoreConfig) -> dict:
                                    shard_size=config.shard_size, **d.read_options())
     bulk.log(f"data: {report.summary()}; scoring {share.total} examples"
              + (f" (this process parsed rows {share.units[0]}..{share.units[1] - 1}, holds "
-                f"{len(share.records)})" if jax.process_count() > 1 else ""))
+                f"{share.held})" if jax.process_count() > 1 else ""))
     if not share.total:
         raise RmjaxError(f"{d.path}: no records to score")
     s = bulk.ScoreSettings(beta=config.beta, reduction=config.reduction, template=d.template,
