@@ -241,6 +241,18 @@ def objectives_of(records: list[Record]) -> tuple[str, ...]:
     return () if first is None else tuple(n for n, _ in first.ratings)
 
 
+def _share_stats(share: Share) -> tuple[tuple[str, ...], int]:
+    """(the first rated record's objectives, the most responses of a record) over this process's
+    shards, read a shard at a time (a lazy share holds no records)."""
+    objectives, responses = (), 0
+    for k in range(-(-share.total // share.shard_size)):
+        if share.owned(k):
+            recs = share.shard_records(k)
+            objectives = objectives or objectives_of(recs)
+            responses = max([responses, *(len(r.responses) for r in recs)])
+    return objectives, responses
+
+
 def cache_features(records: list[Record] | Share, loaded, out_dir: Path | str, *, settings: FeatureSettings,
                    provenance: dict, dtype: str = "float32", mesh=None, strategy: str = "dp",
                    overwrite: bool = False, progress: Callable[[int, int, float], None] | None = None) -> dict:
@@ -262,8 +274,7 @@ def cache_features(records: list[Record] | Share, loaded, out_dir: Path | str, *
         share = Share(list(records), len(records), 0, (0, len(records)), settings.shard_size)
     if not share.total:
         raise DataError("no records to cache")
-    stats = exchange("comparing the records", lambda: (objectives_of(share.records),
-                                                       max((len(r.responses) for r in share.records), default=0)))
+    stats = exchange("comparing the records", lambda: _share_stats(share))
     objectives = next((o for o, _ in stats if o), ())
     width = loaded.config.hidden_size
     responses = max(r for _, r in stats)
