@@ -1,7 +1,7 @@
 """Programs compiled for a TPU from this CPU host, ahead of time (libtpu from the test extra's
 ``jax[tpu]``): the attention backend follows the devices a program is compiled for, not the host's
-default device, so ``splash`` is selectable and ``auto`` picks it for causal rows, while prompt-tree
-rows (branches) keep the blockwise kernel."""
+default device, so ``splash`` is selectable and ``auto`` picks it for causal rows, and the Pallas
+prompt-tree kernel (``tree``) for prompt-tree rows (branches)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +13,7 @@ import pytest
 
 from rmjax import sharding as shd
 from rmjax.errors import ConfigError
+from rmjax.models import attention as attn
 from rmjax.models import config_from_hf
 from rmjax.models.attention import target_platform
 from rmjax.models.transformer import abstract_params, forward
@@ -58,11 +59,42 @@ def compiled_text(mesh, attention: str, branches: bool) -> str:
 def test_splash_is_selected_when_compiling_for_a_tpu_from_a_cpu_host(tpu_mesh):
     assert jax.devices()[0].platform == "cpu" and target_platform() == "cpu"
     for attention in ("splash", "auto"):
-        assert "tpu_custom_call" in compiled_text(tpu_mesh, attention, branches=False), attention
-    # prompt trees: splash cannot express branches, auto keeps the blockwise kernel (no custom call)
-    assert "tpu_custom_call" not in compiled_text(tpu_mesh, "auto", branches=True)
+        assert "splash_mqa_fwd" in compiled_text(tpu_mesh, attention, branches=False), attention
+    # prompt trees: splash cannot express branches, auto takes the tree kernel
+    text = compiled_text(tpu_mesh, "auto", branches=True)
+    assert "tree_attention_fwd" in text and "splash_mqa" not in text
     with pytest.raises(ConfigError, match="cannot express prompt-tree branches"):
         compiled_text(tpu_mesh, "splash", branches=True)
+
+
+def test_tree_kernel_forward_and_backward_compile_for_a_tpu(tpu_mesh):
+    """The prompt-tree kernel's three Mosaic kernels (forward, dq, dk/dv) compiled for the topology,
+    bf16 with soft-cap and a traced window, 1024 tokens per row with branches, per device on the mesh;
+    ``auto`` picks it for branch rows (and for lengths splash cannot take), splash for plain packed rows."""
+    b, t, hkv, g, d = 4, 1024, 2, 2, 128
+    spec = attn.AttentionSpec(scale=d ** -0.5, softcap=30.0, backend="tree")
+    q = jax.ShapeDtypeStruct((b, t, hkv, g, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def loss(q, k, v, seg, pos, br, window):
+        tok = attn.Tokens(seg, pos, br)
+        return jnp.sum(attn.attend(q, k, v, tok, tok, spec, window).astype(jnp.float32))
+
+    with shd.activate(tpu_mesh, "fsdp"):
+        assert target_platform() == "tpu"
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        text = step.lower(q, kv, kv, ids, ids, ids, jax.ShapeDtypeStruct((), jnp.int32)).compile().as_text()
+        for kernel in ("tree_attention_fwd", "tree_attention_dq", "tree_attention_dkv"):
+            assert kernel in text, kernel
+        auto = dataclasses.replace(spec, backend="auto")
+        tree, plain = attn.Tokens(ids, ids, ids), attn.Tokens(ids, ids)
+        assert attn.resolve_backend(auto, q, kv, tree) == "tree"
+        assert attn.resolve_backend(auto, q, kv, plain) == "splash"
+        odd = jax.ShapeDtypeStruct((b, 1000, hkv, g, d), jnp.bfloat16)  # not a multiple of 128
+        assert attn.resolve_backend(auto, odd, odd, plain) == "tree"
+        prefix = dataclasses.replace(auto, causal=False)  # a cached prefix: neither kernel
+        assert attn.resolve_backend(prefix, q, kv, tree) == "blockwise"
 
 
 def test_splash_for_the_host_is_a_clear_error():

@@ -33,7 +33,13 @@ Backends (``spec.backend``):
     splash     the Pallas splash attention kernel (TPU) with segment ids: causal, packed segments,
                optional window and soft-cap; no branches, no cached prefix. On a mesh it runs per device
                under ``shard_map`` (rows and KV heads split as the rules split them).
-    auto       cudnn on GPU and splash on TPU where their constraints hold, blockwise otherwise.
+    tree       a Pallas prompt-tree kernel (TPU, ``rmjax.models.tree_attention``): causal self-attention
+               with the whole rule (segments, traced window, branches), soft-cap, any length (padded
+               inside); per row and query block only the visible key blocks are fetched and computed
+               (lists by scalar prefetch), forward and backward. No cached prefix; per device on a mesh
+               like splash.
+    auto       cudnn on GPU where its constraints hold; on TPU splash where it can run, else the tree
+               kernel (prompt-tree rows, lengths splash cannot take); blockwise otherwise.
 
 The platform is that of the devices the program is compiled for (``target_platform``: the ambient
 mesh's, e.g. a TPU topology a CPU host compiles for ahead of time), not the host's default device.
@@ -97,6 +103,8 @@ def attend(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, win
         return ring_attention(q, k, v, q_tokens, spec, window, split)
     if backend in ("naive", "blockwise"):
         return attend_with_lse(q, k, v, q_tokens, k_tokens, spec, window)[0]
+    if backend == "tree":  # the window stays traced: one kernel for sliding and global layers
+        return _tree(q, k, v, q_tokens, spec, window)
     fn = _cudnn if backend == "cudnn" else _splash
     if not static_window:
         return fn(q, k, v, q_tokens, k_tokens, spec, None)
@@ -113,7 +121,7 @@ def attend_with_lse(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: Attention
     0, 1, ...): pieces of a longer sequence (ring attention's chunks) keep their global order."""
     if spec.backend == "naive":
         return naive_attention(q, k, v, q_tokens, k_tokens, spec, window, q_index=q_index, k_index=k_index)
-    if spec.backend in ("cudnn", "splash"):
+    if spec.backend in ("cudnn", "splash", "tree"):
         raise ConfigError(f"attention backend {spec.backend!r} cannot attend over a cached prefix; "
                           "use attention='auto' or 'blockwise' for KV-cache scoring")
     return blockwise_attention(q, k, v, q_tokens, k_tokens, spec, window, q_index=q_index, k_index=k_index)
@@ -149,7 +157,17 @@ def _device_reason(backend: str, dtype, softcap) -> str | None:
             return "cudnn attention has no logit soft-capping (Gemma 2)"
     if backend == "splash" and platform != "tpu":
         return f"splash attention needs a TPU (compiling for {platform})"
+    if backend == "tree" and platform != "tpu" and not _tree_interpreted():
+        return f"tree attention needs a TPU (compiling for {platform})"
     return None
+
+
+def _tree_interpreted() -> bool:
+    """The tests' hook: the tree kernel in Pallas interpret mode runs on any platform."""
+    # late import: tree_attention imports this module (its rule and block visibility)
+    from rmjax.models import tree_attention
+
+    return tree_attention.INTERPRET
 
 
 def check_backend(config) -> str | None:
@@ -161,9 +179,9 @@ def check_backend(config) -> str | None:
 def unsupported_reason(backend: str, spec: AttentionSpec, q, k, q_tokens: Tokens) -> str | None:
     """Why ``backend`` cannot run this call (None if it can)."""
     reason = _device_reason(backend, q.dtype, spec.softcap)
-    if reason or backend not in ("cudnn", "splash"):
+    if reason or backend not in ("cudnn", "splash", "tree"):
         return reason
-    if q_tokens.branch is not None:
+    if q_tokens.branch is not None and backend != "tree":
         return f"{backend} attention cannot express prompt-tree branches"
     if not spec.causal or k.shape[0] != q.shape[0] or q.shape[1] != k.shape[1]:
         return f"{backend} attention here covers causal self-attention, not a cached prefix"
@@ -176,29 +194,38 @@ def resolve_backend(spec: AttentionSpec, q, k, q_tokens: Tokens) -> str:
     """The backend that runs this call; a requested backend that cannot run it is an error."""
     if spec.backend in ("naive", "blockwise"):
         return spec.backend
-    if spec.backend in ("cudnn", "splash"):
+    if spec.backend in ("cudnn", "splash", "tree"):
         reason = unsupported_reason(spec.backend, spec, q, k, q_tokens)
         if reason:
             raise ConfigError(f"attention backend {spec.backend!r} cannot run here: {reason}; "
                               "use attention='auto' (picks what can) or 'blockwise'")
         return spec.backend
-    preferred = {"gpu": "cudnn", "tpu": "splash"}.get(target_platform())
-    if preferred and unsupported_reason(preferred, spec, q, k, q_tokens) is None:
-        return preferred
+    preferred = {"gpu": ("cudnn",), "tpu": ("splash", "tree")}.get(target_platform(), ())
+    for backend in preferred:
+        if unsupported_reason(backend, spec, q, k, q_tokens) is None:
+            return backend
     return "blockwise"
 
 
 # ----------------------------------------------------------------------------- the visibility rule
 def _visible(qt: Tokens, kt: Tokens, q_idx, k_idx, causal: bool, window):
     """Element mask [B, Tq, Tk] from token metadata (the one definition every path uses)."""
-    ok = (kt.segment[:, None, :] > 0) & (qt.segment[:, :, None] == kt.segment[:, None, :])
+    q = Tokens(*(None if x is None else x[:, :, None] for x in qt))
+    k = Tokens(*(None if x is None else x[:, None, :] for x in kt))
+    return visible_pairs(q, k, q_idx[None, :, None], k_idx[None, None, :], causal, window)
+
+
+def visible_pairs(q: Tokens, k: Tokens, q_idx, k_idx, causal: bool, window):
+    """The visibility rule itself, element-wise on query and key metadata already laid out to
+    broadcast against each other (``_visible``: [B, Tq, 1] against [B, 1, Tk]; a TPU kernel's block:
+    a column of queries against a row of keys, or the transpose)."""
+    ok = (k.segment > 0) & (q.segment == k.segment)
     if causal:
-        ok = ok & (k_idx[None, None, :] <= q_idx[None, :, None])
-    if qt.branch is not None:
-        kb = kt.branch[:, None, :]
-        ok = ok & ((kb == 0) | (kb == qt.branch[:, :, None]))
+        ok = ok & (k_idx <= q_idx)
+    if q.branch is not None:
+        ok = ok & ((k.branch == 0) | (k.branch == q.branch))
     w = jnp.asarray(window)
-    return ok & ((w <= 0) | (qt.position[:, :, None] - kt.position[:, None, :] < w))
+    return ok & ((w <= 0) | (q.position - k.position < w))
 
 
 def _softcap(s, cap):
@@ -279,9 +306,11 @@ def _ranges(m: _Meta):
     return out
 
 
-def block_visibility(qm: _Meta, km: _Meta, causal: bool, window) -> tuple[jax.Array, jax.Array]:
+def block_visibility(qm: _Meta, km: _Meta, causal: bool, window, *,
+                     per_row: bool = False) -> tuple[jax.Array, jax.Array]:
     """Two [nq, nk] bool tables over the batch's rows: ``visible`` (query block i may see a key of key
-    block j in some row) and ``full`` (every query of block i sees every key of block j in every row).
+    block j in some row) and ``full`` (every query of block i sees every key of block j in every row);
+    ``per_row``: [nq, nk, B] tables, each row's own (the tree kernel's per-row visit lists).
 
     ``visible`` is conservative (a visible block may still be masked element-wise, the kernel masks
     it); a block that is not visible certainly holds no visible pair and is never computed. A full
@@ -302,6 +331,9 @@ def block_visibility(qm: _Meta, km: _Meta, causal: bool, window) -> tuple[jax.Ar
         vis = vis & ((ka["br_lo"] == 0) | overlap)
         one_branch = (qa["br_lo"] == qa["br_hi"]) & (qa["br_lo"] == ka["br_lo"]) & (ka["br_lo"] == ka["br_hi"])
         full = full & ((ka["br_hi"] == 0) | one_branch)
+    if per_row:
+        shape = jnp.broadcast_shapes(vis.shape, full.shape)
+        return jnp.broadcast_to(vis, shape), jnp.broadcast_to(full, shape)
     return jnp.any(vis, axis=-1), jnp.all(full, axis=-1)
 
 
@@ -671,7 +703,8 @@ def _cudnn(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, win
 
 
 def _at_default_precision(call, dtype):
-    """``call(q, k, v, segment_ids)`` traced at the default matmul precision, its backward too. Mosaic
+    """``call(q, k, v, aux)`` (``aux``: the non-differentiable arguments, e.g. segment ids or a tuple
+    of token metadata) traced at the default matmul precision, its backward too. Mosaic
     multiplies bf16 / fp16 operands at the default precision only, so a global "highest"
     (``jax_default_matmul_precision``) would make the kernel fail to compile; a context manager around
     the call alone would not reach the backward kernel, which is traced later, when the step is
@@ -680,13 +713,13 @@ def _at_default_precision(call, dtype):
         return call
 
     @jax.custom_vjp
-    def run(q, k, v, seg):
+    def run(q, k, v, aux):
         with jax.default_matmul_precision("default"):
-            return call(q, k, v, seg)
+            return call(q, k, v, aux)
 
-    def fwd(q, k, v, seg):
+    def fwd(q, k, v, aux):
         with jax.default_matmul_precision("default"):
-            out, back = jax.vjp(lambda a, b, c: call(a, b, c, seg), q, k, v)
+            out, back = jax.vjp(lambda a, b, c: call(a, b, c, aux), q, k, v)
         return out, back
 
     def bwd(back, g):
@@ -731,3 +764,25 @@ def _splash(q, k, v, q_tokens: Tokens, k_tokens: Tokens, spec: AttentionSpec, wi
     out = _at_default_precision(call, q.dtype)(qs, kt, vt, q_tokens.segment.astype(jnp.int32))
     valid = (q_tokens.segment > 0)[:, :, None, None, None]
     return jnp.where(valid, out.transpose(0, 3, 1, 2, 4), 0).astype(q.dtype)
+
+
+def _tree(q, k, v, tokens: Tokens, spec: AttentionSpec, window):
+    """The Pallas prompt-tree kernel (TPU; ``tree_attention``), per device on a mesh, its rows and KV
+    heads split as the rules split them."""
+    # late import: tree_attention imports this module (its rule and block visibility)
+    from rmjax.models import tree_attention
+
+    branches = tokens.branch is not None
+    fields = (tokens.segment, tokens.position) + ((tokens.branch,) if branches else ())
+
+    def local(q, k, v, window, *fields):
+        tok = Tokens(*fields, *(() if branches else (None,)))
+        return tree_attention.tree_attention(q, k, v, tok, spec, window)[0]
+
+    def call(q, k, v, aux):
+        window, *fields = aux
+        qn, kvn = ("batch", None, "kv_heads", None, None), ("batch", None, "kv_heads", None)
+        return shd.per_device(local, (qn, kvn, kvn, ()) + (("batch", None),) * len(fields), q, k, v, window, *fields)
+
+    aux = (jnp.asarray(window, jnp.int32), *(f.astype(jnp.int32) for f in fields))
+    return _at_default_precision(call, q.dtype)(q, k, v, aux)

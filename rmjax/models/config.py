@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from rmjax.config import knob
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_BACKENDS = ("auto", "blockwise", "naive", "cudnn", "splash")
+ATTENTION_BACKENDS = ("auto", "blockwise", "naive", "cudnn", "splash", "tree")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -27,10 +27,13 @@ class Numerics:
     remat: str = knob("none", "activation rematerialisation of each layer in the backward pass",
                       REMAT_POLICIES)
     attention: str = knob("auto", "attention kernel (rmjax.models.attention): auto picks what can run "
-                                  "(cudnn on GPU, splash on TPU where they apply, else blockwise); naive is "
-                                  "the O(T^2) reference", ATTENTION_BACKENDS)
-    attention_block_q: int = knob(512, "blockwise kernel: query block size (an upper bound)")
-    attention_block_k: int = knob(512, "blockwise kernel: key block size (an upper bound)")
+                                  "(cudnn on GPU, splash on TPU where they apply, the tree kernel on TPU for "
+                                  "prompt trees, else blockwise); naive is the O(T^2) reference",
+                          ATTENTION_BACKENDS)
+    attention_block_q: int = knob(512, "blockwise and tree kernels: query block size (an upper bound; the tree "
+                                       "kernel's is a multiple of 128)")
+    attention_block_k: int = knob(512, "blockwise and tree kernels: key block size (an upper bound; the tree "
+                                       "kernel's is a multiple of 128)")
 
     def numerics(self) -> dict:
         """These fields alone (e.g. of a subclass), as keyword arguments."""
