@@ -41,13 +41,15 @@ from flax import traverse_util
 
 import rmjax
 from rmjax import sharding as shd
-from rmjax.data.batching import Encoded
+from rmjax.data.batching import BUCKETS, Encoded, packed_batches
 from rmjax.data.records import Record
 from rmjax.errors import ConfigError
+from rmjax.heads.reward import HeadSpec
 from rmjax.io.registry import resolve_model
 from rmjax.models import config_from_hf
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import abstract_params
+from rmjax.scoring import kv_path, packing
 from rmjax.train import loop as tloop
 from rmjax.train import objectives as tobjectives
 from rmjax.train import params as tparams
@@ -112,15 +114,17 @@ def hf_config(model: str) -> dict:
     return json.loads(config.read_text())
 
 
-def topology_devices(topology: str) -> list:
-    """The chips of a TPU topology ('v5p:2x2x1', 'v5e:4x4', 'v6e:2x4', 'v4:2x2x2'; several slices:
-    'v5e:2x2' with ``num_slices``) as compile targets on this host (libtpu, no TPU needed)."""
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+    """The chips of a TPU topology ('v5p:2x2x1', 'v5e:4x4', 'v6e:2x4', 'v4:2x2x2'; ``num_slices`` of
+    them joined by the data-centre network: multi-slice) as compile targets on this host (libtpu, no
+    TPU needed)."""
     from jax.experimental import topologies
 
     if rmjax.cpu_only_host():  # no TPU workers to look for: libtpu would otherwise search and complain
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+        kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
     except Exception as e:  # noqa: BLE001 (libtpu's errors name the problem; this names the fix)
         raise ConfigError(f"topology {topology!r}: {e}; give a TPU topology such as v5p:2x2x1, v5e:4x4, v6e:2x4 "
                           "(libtpu must be installed: pip install \"jax[tpu]\")") from None
@@ -137,7 +141,8 @@ def _dot_flops(eqn) -> float:
 def jaxpr_flops(jaxpr, mesh_size: int = 1) -> float:
     """Matmul FLOPs of a jaxpr over every device: scans counted ``length`` times, a cond by its most
     expensive branch, a ``shard_map`` body once per device of its mesh; while loops (data-dependent
-    trip counts: the attention kernels' block loops) are not counted (see ``attention_pairs``)."""
+    trip counts: the attention kernels' block loops) and Pallas kernels (splash, the prompt-tree
+    kernel: their grids skip blocks by the data) are not counted (see ``attention_pairs``)."""
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -147,8 +152,8 @@ def jaxpr_flops(jaxpr, mesh_size: int = 1) -> float:
             total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr, mesh_size)
         elif name == "cond":
             total += max(jaxpr_flops(b.jaxpr, mesh_size) for b in eqn.params["branches"])
-        elif name == "while":
-            continue
+        elif name in ("while", "pallas_call"):  # data-dependent loops; custom kernels (attention, counted
+            continue                             # analytically by ``attention_pairs``)
         elif name == "shard_map":
             mesh = eqn.params["mesh"]
             copies = math.prod(mesh.shape[a] for a in eqn.params.get("manual_axes", mesh.axis_names))
@@ -336,33 +341,15 @@ def plan_train(run, topology: str, *, sequence: int = 0, responses: int = 2, res
     mesh = shd.make_mesh(shd.MeshConfig.for_strategy(run.mesh.strategy, **run.mesh.sizes()), devices=devices)
     fn, state, frozen, batch, host = abstract_step(run, config, mesh, sequence=sequence, responses=responses,
                                                    response_tokens=response_tokens, objectives=objectives)
-    arguments = sum(per_device_bytes(x) for x in jax.tree.leaves((state, frozen, batch)))
     with shd.activate(mesh, run.mesh.strategy):
         counted = jaxpr_flops(jax.make_jaxpr(fn)(state, frozen, batch).jaxpr)
-        try:
-            compiled = fn.lower(state, frozen, batch).compile()
-        except jax.errors.JaxRuntimeError as e:  # XLA refuses a program that cannot fit the chip's HBM
-            found = _OUT_OF_MEMORY.search(str(e))
-            if "RESOURCE_EXHAUSTED" not in str(e) or not found:
-                raise
-            compiled = None
-            need, have = (float(found.group(i)) * (1 << 30) for i in (1, 2))
-    if compiled is not None:
-        mem = compiled.memory_analysis()
-        sizes = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-                 "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes}
-        peak_bytes = (sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
-                      + getattr(mem, "generated_code_size_in_bytes", 0))
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
-    else:  # the compiler's own figures: its temporaries alone exceed the chip
-        sizes = {"arguments": arguments, "outputs": arguments, "aliased": arguments, "temporaries": need}
-        peak_bytes, hbm, cost = arguments + need, have, {}
+        compiled, sizes, peak_bytes, hbm, cost = _compile_and_size(fn, (state, frozen, batch), hbm)
     pairs = attention_pairs(host, config)
     trained, passed = backward_layers(run, config)
-    # the blockwise kernel's backward recomputes the scores from the saved logsumexp: 2.5x its forward;
-    # a rematerialised layer runs its forward once more
-    again = 2.5 + (1.0 if run.model.remat != "none" else 0.0)
+    # the backward recomputes the scores from the saved logsumexp: 2.5x the forward in the blockwise
+    # kernel, 3.5x in the TPU kernels (splash, tree: the dq and the dk/dv kernels each recompute them),
+    # which a TPU target gets unless blockwise is asked for; a rematerialised layer runs its forward again
+    again = (2.5 if config.attention in ("blockwise", "naive") else 3.5) + (1.0 if run.model.remat != "none" else 0.0)
     attention = _attention_flops(pairs, config) * (1 + again * (trained + passed) / config.num_layers)
     compiled_flops = counted + attention
     tokens = int(np.sum(host["input_ids"] != 0))  # the trees' tokens (the synthetic trees never use pad id 0)
@@ -405,11 +392,146 @@ def plan_train(run, topology: str, *, sequence: int = 0, responses: int = 2, res
     }
 
 
+# ---------------------------------------------------------------- scoring jobs
+
+def _kv_attention_pairs(batch: dict) -> tuple[int, int]:
+    """Query-key pairs of the KV-cache scoring layout: each prompt once (causal), each response over
+    its prompt and its own earlier tokens."""
+    full = 0
+    for g, n in enumerate(batch["prompt_mask"].sum(axis=1)):
+        full += int(n) * (int(n) + 1) // 2
+        per = batch["response_ids"].shape[0] // batch["prompt_ids"].shape[0]
+        for m in batch["response_mask"][g * per:(g + 1) * per].sum(axis=1):
+            full += int(m) * int(n) + int(m) * (int(m) + 1) // 2
+    return full, full
+
+
+def abstract_score(model: str, mesh, *, role: str = "policy", layout: str = "packed", strategy: str = "fsdp",
+                   numerics: dict | None = None, sequence: int = 2048, responses: int = 2, response_tokens: int = 0,
+                   row_length: int = 0, batch_tokens: int = 16384):
+    """(the jitted scoring function ``rmjax score`` runs, its abstract params, head params and batch
+    with their shardings, the host batch arrays, the examples in the batch, the model config) for
+    one batch of synthetic trees (``plan_score``)."""
+    if role not in ("policy", "rm") or layout not in ("packed", "kv"):
+        raise ConfigError(f"score plan: role policy|rm and layout packed|kv, got {role!r} and {layout!r}")
+    config = config_from_hf(hf_config(model), source=model, **(numerics or {}))
+    if role == "rm":
+        config = dataclasses.replace(config, lm_head=False)
+    boxed = abstract_params(config)
+    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.value.shape, jnp.dtype(config.param_dtype), sharding=sh),
+                          boxed, shd.param_shardings(boxed, mesh, strategy), is_leaf=lambda x: hasattr(x, "value"))
+    response_tokens = response_tokens or max(sequence // 4, 1)
+    tree = Encoded(np.ones(max(sequence - response_tokens, 1), np.int32),
+                   tuple(np.ones(response_tokens, np.int32) for _ in range(responses)))
+    length = tree.tree_length
+    if layout == "packed":
+        row = row_length or max(512, 1 << (length - 1).bit_length())
+        n = max(1, max(batch_tokens, row) // length)
+        first = packed_batches({i: tree for i in range(n)}, 0, row_length=row, batch_tokens=max(batch_tokens, row),
+                               buckets=BUCKETS)[0]
+        host, n = first.arrays, len({seq[0] for seq in first.sequences if seq is not None})
+        fn = packing.packed_rm_fn(config, HeadSpec("scalar")) if role == "rm" else packing.packed_score_fn(config)
+    else:
+        n = max(1, batch_tokens // length)
+        host, _ = kv_path.pad_batch([tree] * n, 1 << (n - 1).bit_length(), 0)
+        fn = kv_path.rm_fn(config, HeadSpec("scalar")) if role == "rm" else kv_path.score_fn(config)
+    head = {"score": jax.ShapeDtypeStruct((config.hidden_size, 1), jnp.float32, sharding=shd.replicated(mesh))} \
+        if role == "rm" else None
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh, v.shape))
+             for k, v in host.items()}
+    return fn, params, head, batch, host, n, config
+
+
+def plan_score(model: str, topology: str, *, role: str = "policy", layout: str = "packed", strategy: str = "fsdp",
+               numerics: dict | None = None, sequence: int = 2048, responses: int = 2, response_tokens: int = 0,
+               row_length: int = 0, batch_tokens: int = 16384, devices: list | None = None) -> dict:
+    """Compile one batch of ``rmjax score``'s engine for ``topology`` ahead of time and size it: the
+    policy's log-prob statistics (``role`` policy: the implicit reward's forward, the reference costs
+    the same again) or a scalar reward head (``role`` rm), packed prompt trees (``layout`` packed,
+    rows of ``row_length``) or the KV-cache path (``kv``), trees of ``sequence`` tokens (a prompt and
+    one response) with ``responses`` responses each, ``batch_tokens`` tokens per batch. The same
+    jitted functions ``rmjax score`` runs (``rmjax.scoring.packing`` / ``kv_path``)."""
+    devices = devices or topology_devices(topology)
+    kind = devices[0].device_kind
+    peak, hbm = CHIPS.get(kind, (float("nan"), 0))
+    mesh = shd.make_mesh(shd.MeshConfig.for_strategy(strategy), devices=devices)
+    response_tokens = response_tokens or max(sequence // 4, 1)
+    fn, params, head, batch, host, n, config = abstract_score(
+        model, mesh, role=role, layout=layout, strategy=strategy, numerics=numerics, sequence=sequence,
+        responses=responses, response_tokens=response_tokens, row_length=row_length, batch_tokens=batch_tokens)
+    with shd.activate(mesh, strategy):
+        counted = jaxpr_flops(jax.make_jaxpr(fn)(params, head, batch).jaxpr)
+        compiled, sizes, peak_bytes, hbm, cost = _compile_and_size(fn, (params, head, batch), hbm)
+    if layout == "packed":
+        pairs, tokens = attention_pairs(host, config), int(np.sum(host["input_ids"] != 0))
+        positions, unembedded = host["input_ids"].size, host["target_ids"].size
+    else:
+        pairs = _kv_attention_pairs(host)
+        tokens = int(host["prompt_mask"][:n].sum() + host["response_mask"].sum())
+        positions, unembedded = host["prompt_ids"].size + host["response_ids"].size, host["response_ids"].size
+    targets = n * responses * response_tokens if role == "policy" else 0
+    unembed = 2.0 * config.hidden_size * config.vocab_size
+    attention = _attention_flops(pairs, config)
+    analytic = _layer_flops(config) * tokens * config.num_layers + attention + unembed * targets
+    on_rows = _layer_flops(config) * positions * config.num_layers + (unembed * unembedded if role == "policy" else 0)
+    compiled_flops = counted + attention
+    chips = len(devices)
+    seconds = compiled_flops / (chips * peak) if compiled is not None and peak == peak else 0.0
+    rows = host["input_ids"].shape if layout == "packed" else host["response_ids"].shape
+    return {
+        "job": "score", "model": model, "role": role, "layout": layout, "topology": topology, "chip": kind,
+        "chips": chips, "mesh": shd.describe(mesh), "strategy": strategy, "dtype": config.dtype,
+        "param_dtype": config.param_dtype,
+        "batch": {"examples": n, "responses": responses, "sequence_tokens": sequence, "tokens": tokens,
+                  "rows": list(rows)},
+        "memory": {**{f"{k}_gib": _gib(v) for k, v in sizes.items()}, "peak_gib": _gib(peak_bytes),
+                   "hbm_gib": _gib(hbm),
+                   "source": "memory_analysis" if compiled is not None else "the compiler's out-of-memory report"},
+        "fits": bool(hbm) and peak_bytes <= hbm,
+        "flops": {"model": analytic, "compiled": compiled_flops, "xla_cost_analysis": float(cost.get("flops", 0.0)),
+                  "matmuls_counted": counted, "matmuls_analytic_on_padded_rows": on_rows,
+                  "attention_analytic": attention},
+        "estimate": {"basis": BOUND if seconds else "none: XLA does not compile a program that does not fit",
+                     "step_seconds": float(f"{seconds:.4g}") if seconds else None,
+                     "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+                     "examples_per_s": round(n / seconds, 1) if seconds else None,
+                     "mfu": round(analytic / (seconds * chips * peak), 3) if seconds else None},
+    }
+
+
+def _compile_and_size(fn, args, hbm: int):
+    """(compiled or None, memory sizes, peak bytes, HBM bytes, XLA cost) of ``fn`` on abstract
+    ``args``; a program XLA refuses for want of HBM is sized from the compiler's report."""
+    arguments = sum(per_device_bytes(x) for x in jax.tree.leaves(args))
+    try:
+        compiled = fn.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        found = _OUT_OF_MEMORY.search(str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        need, have = (float(found.group(i)) * (1 << 30) for i in (1, 2))
+        sizes = {"arguments": arguments, "outputs": 0, "aliased": 0, "temporaries": need}
+        return None, sizes, arguments + need, have, {}
+    mem = compiled.memory_analysis()
+    sizes = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+             "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes}
+    peak_bytes = (sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+                  + getattr(mem, "generated_code_size_in_bytes", 0))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+    return compiled, sizes, peak_bytes, hbm, cost
+
+
 def summary_line(r: dict) -> str:
     m, e = r["memory"], r["estimate"]
-    head = (f"{r['model']} {r['trainable']} {r['head']}+{r['loss']} on {r['topology']} ({r['chips']} x {r['chip']}, "
-            f"{r['mesh']}, {r['strategy']}, remat {r['remat']}, {r['batch']['micro_batches']} micro-batches): "
-            f"{m['peak_gib']:.2f} GiB per chip of {m['hbm_gib']:.0f} GiB")
+    if r.get("job") == "score":
+        head = (f"{r['model']} score ({r['role']}, {r['layout']}, {r['batch']['examples']} trees of "
+                f"{r['batch']['sequence_tokens']} tokens per batch) on {r['topology']} ({r['chips']} x {r['chip']}, "
+                f"{r['mesh']}, {r['strategy']}): {m['peak_gib']:.2f} GiB per chip of {m['hbm_gib']:.0f} GiB")
+    else:
+        head = (f"{r['model']} {r['trainable']} {r['head']}+{r['loss']} on {r['topology']} ({r['chips']} x "
+                f"{r['chip']}, {r['mesh']}, {r['strategy']}, remat {r['remat']}, {r['batch']['micro_batches']} "
+                f"micro-batches): {m['peak_gib']:.2f} GiB per chip of {m['hbm_gib']:.0f} GiB")
     if not r["fits"]:
         return f"{head} (does not fit)"
     if e["basis"] == BOUND:
@@ -419,5 +541,5 @@ def summary_line(r: dict) -> str:
     return f"{head} (fits); estimated {e['step_seconds']:.4g} s per step, {e['tokens_per_s']} tokens/s{mfu} [estimates]"
 
 
-__all__ = ["NAMED_SHAPES", "CHIPS", "plan_train", "jaxpr_flops", "attention_pairs", "model_flops", "hf_config",
+__all__ = ["NAMED_SHAPES", "CHIPS", "plan_train", "plan_score", "abstract_score", "jaxpr_flops", "attention_pairs", "model_flops", "hf_config",
            "topology_devices", "abstract_step", "summary_line"]

@@ -208,3 +208,81 @@ def test_attention_pairs_count_what_each_token_sees():
                 brute += bool(seg[i] and seg[i] == seg[j] and (br[j] == 0 or br[j] == br[i]))
     config = config_from_hf(HF)
     assert planning.attention_pairs(a, config) == (brute, brute)
+
+
+@pytest.mark.parametrize("role, layout", [("policy", "packed"), ("rm", "kv")])
+def test_plan_sizes_a_batch_of_the_scoring_engine(tmp_path, role, layout):
+    """`rmjax plan --job score`: the memory figures are memory_analysis() of the very function
+    `rmjax score` runs (packed trees or the KV-cache path; log-probs or a reward head), compiled for
+    the topology on its batch; the counted matmul FLOPs equal the analytic count over the rows'
+    positions (10%), the layer scan counted by its trip count."""
+    from rmjax import planning
+    from rmjax.jobs import plan
+
+    config = plan_config(tmp_path, {**HF, "num_hidden_layers": 4}, "job=score", f"score_role={role}",
+                         f"score_layout={layout}", "score_batch_tokens=2048")
+    record = plan.one(config)
+    assert record["job"] == "score" and record["chips"] == 4 and record["fits"] and record["layout"] == layout
+    mesh = shd.make_mesh(shd.MeshConfig.for_strategy("fsdp"), devices=planning.topology_devices("v5e:2x2"))
+    fn, params, head, batch, host, n, _ = planning.abstract_score(
+        config.model.name, mesh, role=role, layout=layout, numerics=config.model.numerics(), sequence=256,
+        batch_tokens=2048)
+    with shd.activate(mesh, "fsdp"):
+        mem = fn.lower(params, head, batch).compile().memory_analysis()
+    assert record["memory"]["arguments_gib"] == round(mem.argument_size_in_bytes / 2 ** 30, 3)
+    assert record["memory"]["temporaries_gib"] == round(mem.temp_size_in_bytes / 2 ** 30, 3)
+    assert record["batch"]["examples"] == n and n > 1
+    f = record["flops"]
+    assert f["matmuls_counted"] == pytest.approx(f["matmuls_analytic_on_padded_rows"], rel=0.10)
+    assert f["xla_cost_analysis"] < 0.5 * f["matmuls_counted"]  # the layer scan XLA counts once
+    assert 0 < record["estimate"]["mfu"] <= 1
+
+
+def test_plan_compiles_for_several_slices(tmp_path):
+    """A multi-slice topology (two v5e:2x2 slices joined by the data-centre network): the data axis
+    spans the slices, each slice one data-parallel replica, and the train step compiles for all 8 chips."""
+    from rmjax import planning
+    from rmjax.jobs import plan
+
+    devices = planning.topology_devices("v5e:2x2", num_slices=2)
+    assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+    mesh = shd.make_mesh(shd.MeshConfig(strategy="fsdp", data=2, fsdp=4), devices=devices)
+    assert [{d.slice_index for d in mesh.devices[i].flat} for i in (0, 1)] == [{0}, {1}]
+    with pytest.raises(shd.MeshError, match="2 slices need the data axis"):
+        shd.make_mesh(shd.MeshConfig(strategy="fsdp", fsdp=8), devices=devices)
+    record = plan.one(plan_config(tmp_path, HF, "num_slices=2", "mesh.data=2"))
+    assert record["chips"] == 8 and record["topology"] == "v5e:2x2 x 2 slices" and record["fits"]
+    assert record["mesh"].startswith("data=2")
+
+
+# Every family, every strategy and every job compiled for the TPU at least once (a covering design,
+# not the full product: each compile costs seconds): (test model case, strategy, job, overrides).
+MATRIX = [
+    ("llama_gqa_tied", "fsdp", "train", ("train.trainable=lora",)),
+    ("llama_mha_untied_rope3", "dp", "score", ("score_role=rm",)),
+    ("qwen2_bias", "fsdp_tp", "train", ("train.trainable=full", "batch.layout=padded")),
+    ("qwen3_qknorm_window", "tp", "score", ("score_layout=kv",)),
+    ("mistral_window", "fsdp_sp", "train", ("train.trainable=full",)),
+    ("gemma2_softcap_window", "fsdp", "score", ()),
+    ("gemma3_window", "fsdp_tp", "train", ("train.trainable=lora", "model.remat=full")),
+]
+
+
+@pytest.mark.parametrize("case, strategy, job, overrides", MATRIX, ids=[m[0] for m in MATRIX])
+def test_every_family_strategy_and_job_compiles_for_a_tpu(tmp_path, case, strategy, job, overrides):
+    """The tiny test layouts of every family (windows, soft-caps, biases, q/k norms, untied heads),
+    compiled ahead of time for v5e:2x2 under every sharding strategy, as train steps (packed and
+    padded, LoRA and full) and scoring batches (packed and KV, log-probs and a reward head), in bf16
+    with the attention kernel ``auto`` picks for a TPU."""
+    import transformers
+    from hf_models import CASES, TINY
+
+    from rmjax.jobs import plan
+
+    cfg_cls, _, kw = CASES[case]
+    hf = getattr(transformers, cfg_cls)(**{**TINY, **kw, "max_position_embeddings": 1024}).to_dict()
+    config = plan_config(tmp_path, hf, f"job={job}", f"mesh.strategy={strategy}", "model.dtype=bfloat16",
+                         "data.max_length=128", "score_batch_tokens=1024", *overrides)
+    record = plan.one(config)
+    assert record["fits"] and record["chips"] == 4 and record["strategy"] == strategy
+    assert record["flops"]["matmuls_counted"] > 0 and record["memory"]["arguments_gib"] >= 0
