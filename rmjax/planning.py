@@ -346,10 +346,10 @@ def plan_train(run, topology: str, *, sequence: int = 0, responses: int = 2, res
         compiled, sizes, peak_bytes, hbm, cost = _compile_and_size(fn, (state, frozen, batch), hbm)
     pairs = attention_pairs(host, config)
     trained, passed = backward_layers(run, config)
-    # the backward recomputes the scores from the saved logsumexp: 2.5x the forward in the blockwise
-    # kernel, 3.5x in the TPU kernels (splash, tree: the dq and the dk/dv kernels each recompute them),
-    # which a TPU target gets unless blockwise is asked for; a rematerialised layer runs its forward again
-    again = (2.5 if config.attention in ("blockwise", "naive") else 3.5) + (1.0 if run.model.remat != "none" else 0.0)
+    # the blockwise kernel's backward recomputes the scores from the saved logsumexp: 2.5x its forward
+    # (the TPU kernels' dq and dk/dv kernels recompute them twice: 3.5x, an estimate this does not
+    # separate); a rematerialised layer runs its forward once more
+    again = 2.5 + (1.0 if run.model.remat != "none" else 0.0)
     attention = _attention_flops(pairs, config) * (1 + again * (trained + passed) / config.num_layers)
     compiled_flops = counted + attention
     tokens = int(np.sum(host["input_ids"] != 0))  # the trees' tokens (the synthetic trees never use pad id 0)
