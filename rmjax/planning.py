@@ -425,7 +425,7 @@ def abstract_score(model: str, mesh, *, role: str = "policy", layout: str = "pac
                    tuple(np.ones(response_tokens, np.int32) for _ in range(responses)))
     length = tree.tree_length
     if layout == "packed":
-        row = row_length or max(512, 1 << (length - 1).bit_length())
+        row = row_length or 512  # rmjax score's default rows: longer trees get a row of their own length bucket
         n = max(1, max(batch_tokens, row) // length)
         first = packed_batches({i: tree for i in range(n)}, 0, row_length=row, batch_tokens=max(batch_tokens, row),
                                buckets=BUCKETS)[0]

@@ -80,6 +80,27 @@ def run(cmd: list[str], out: Path, kill_at: float | None = None, num_shards: int
             "most_files": most, "killed": killed}
 
 
+def kill_and_resume(model: Path, work: Path, n: int, shard_size: int) -> dict:
+    """The corpus of ``n`` records scored again, SIGKILLed a third of the way, resumed: compared with
+    the uninterrupted run's table."""
+    import pandas as pd
+
+    from rmjax.runs import scan_shards
+
+    data, straight, out = work / f"corpus_{n}.jsonl", work / f"scores_{n}", work / f"killed_{n}"
+    num_shards = -(-n // shard_size)
+    first = run(command(model, data, out, shard_size), out, kill_at=1 / 3, num_shards=num_shards)
+    done_at_kill = len(scan_shards(out))
+    second = run(command(model, data, out, shard_size), out)
+    a = pd.read_parquet(straight / "scores.parquet")
+    b = pd.read_parquet(out / "scores.parquet")
+    numeric = [c for c in a.columns if a[c].dtype.kind == "f"]
+    return {"records": n, "killed": first["killed"], "shards_done_at_kill": done_at_kill, "shards": num_shards,
+            "seconds_before_kill": round(first["seconds"], 1), "seconds_resumed": round(second["seconds"], 1),
+            "rows": len(b), "every_record_once": b["index"].tolist() == list(range(n)),
+            "max_abs_difference": float((a[numeric] - b[numeric]).abs().max().max())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="100000,1000000", help="corpus sizes, comma-separated")
@@ -89,8 +110,6 @@ def main() -> None:
     p.add_argument("--work", default="", help="working directory (default: a temporary one)")
     p.add_argument("--out", default=str(ROOT / "tools" / "results" / "corpus_cpu.json"))
     args = p.parse_args()
-    import pandas as pd
-
     from hf_models import save_tiny_checkpoint
 
     work = Path(args.work or tempfile.mkdtemp(prefix="rmjax-corpus-"))
@@ -111,24 +130,9 @@ def main() -> None:
                "scored": meta["counts"]["scored"], "compile": meta["summary"]["run"]}
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
-    n = args.resume_size or sizes[0]
-    data, straight = work / f"corpus_{n}.jsonl", work / f"scores_{n}"
-    out = work / f"killed_{n}"
-    num_shards = -(-n // args.shard_size)
-    first = run(command(model, data, out, args.shard_size), out, kill_at=1 / 3, num_shards=num_shards)
-    from rmjax.runs import scan_shards
-
-    done_at_kill = len(scan_shards(out))
-    second = run(command(model, data, out, args.shard_size), out)
-    a = pd.read_parquet(straight / "scores.parquet")
-    b = pd.read_parquet(out / "scores.parquet")
-    numeric = [c for c in a.columns if a[c].dtype.kind == "f"]
-    result["kill_and_resume"] = {
-        "records": n, "killed": first["killed"], "shards_done_at_kill": done_at_kill, "shards": num_shards,
-        "seconds_before_kill": round(first["seconds"], 1), "seconds_resumed": round(second["seconds"], 1),
-        "rows": len(b), "every_record_once": b["index"].tolist() == list(range(n)),
-        "max_abs_difference": float((a[numeric] - b[numeric]).abs().max().max()),
-    }
+        if n == (args.resume_size or sizes[0]):
+            result["kill_and_resume"] = kill_and_resume(model, work, n, args.shard_size)
+            print(json.dumps(result["kill_and_resume"]), flush=True)
     write_result(args.out, result)
 
 

@@ -1,12 +1,16 @@
 """Reward-model training sized for TPU topologies ahead of time (``rmjax plan``), from this CPU host.
 
     python tools/bench_plan.py [--grid small|full] [--out tools/results/plan_tpu.json]
+    python tools/bench_plan.py --grid score [--out tools/results/plan_score_tpu.json]
 
 Each row compiles the real train step of a Bradley-Terry scalar RM (packed prompt trees, pairs of
 --max-length tokens per sequence, bf16 compute, fp32 master weights and AdamW moments) for a
 topology and records ``rmjax.planning.plan_train``'s figures: per-chip memory against HBM, the
 analytic and compiled FLOPs, XLA's step-time estimate scaled by the loop trip counts it counts
 once, tokens/s and MFU. All are estimates from the compiler, not measurements on a TPU.
+``--grid score``: one batch of ``rmjax score``'s engine instead (``plan_score``: a reward head or the
+policy's log-probs, packed trees or the KV-cache path, bf16 weights), trees of --max-length tokens
+(a prompt and one response; two responses per tree), 16,384 tokens per batch.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ GRIDS = {
               ("llama-3.1-8b", "v5e:4x4", "full"), ("llama-3.1-8b", "v6e:2x4", "full")],
 }
 GRIDS["full"] = GRIDS["small"] + [("gemma-2-27b", "v5p:2x2x1", "lora"), ("gemma-2-27b", "v5p:4x4x4", "full")]
+# scoring: (model, topology, role, layout)
+GRIDS["score"] = [("llama-3.1-8b", "v5e:2x4", "rm", "packed"), ("llama-3.1-8b", "v5e:2x4", "policy", "packed"),
+                  ("llama-3.1-8b", "v5e:2x4", "rm", "kv"), ("gemma-2-27b", "v5p:2x2x1", "rm", "packed"),
+                  ("llama-3.1-70b", "v5p:2x2x2", "rm", "packed")]
 
 
 def main() -> None:
@@ -39,6 +47,18 @@ def main() -> None:
     from rmjax.jobs.plan import PlanConfig
 
     rows = []
+    if args.grid == "score":
+        for model, topology, role, layout in GRIDS["score"]:
+            config = rconfig.load(PlanConfig, None, [
+                f"model.name={model}", f"topology={topology}", "job=score", f"score_role={role}",
+                f"score_layout={layout}", f"data.max_length={args.max_length}", "model.dtype=bfloat16",
+                "model.param_dtype=bfloat16"])
+            t0 = time.perf_counter()
+            record = plan.run(config)[0]
+            record["compile_seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(record)
+        write_result(args.out, {"rows": rows})
+        return
     for model, topology, trainable in GRIDS[args.grid]:
         config = rconfig.load(PlanConfig, None, [
             f"model.name={model}", f"topology={topology}", f"train.trainable={trainable}",

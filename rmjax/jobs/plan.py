@@ -34,8 +34,8 @@ class PlanConfig(TrainConfig):
                     ("train", "score"))
     score_role: str = knob("policy", "score: the policy's log-probs (the implicit reward; its reference costs the "
                                      "same again) or a scalar reward head (rm)", ("policy", "rm"))
-    score_layout: str = knob("packed", "score: packed prompt trees (rows of batch.row_length, or the next power of "
-                                       "two >= a tree, at least 512) or the KV-cache path", ("packed", "kv"))
+    score_layout: str = knob("packed", "score: packed prompt trees (rows of batch.row_length, else rmjax score's 512; "
+                                       "a longer tree a row of its own) or the KV-cache path", ("packed", "kv"))
     score_batch_tokens: int = knob(16384, "score: tokens per batch")
     sequence_length: int = knob(0, "tokens per sequence (a prompt and one response; 0: data.max_length)")
     responses: int = knob(2, "responses per prompt tree (pairs, judge)")
