@@ -152,7 +152,7 @@ def make_mesh(config: MeshConfig | str = "fsdp", devices: Sequence[jax.Device] |
         dcn = (n_slices,) + (1,) * (len(shape) - 1)
         grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices)
         return Mesh(grid, MESH_AXES, axis_types=auto)
-    if len(devices) == len(jax.devices()):
+    if devices == list(jax.devices()):  # this host's devices: topology-aware order (not other devices of as many)
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 

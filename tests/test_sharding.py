@@ -129,3 +129,13 @@ def test_a_mesh_that_does_not_fit_the_job_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--no-progress", f"run_dir={tmp_path / 'r'}", "mesh.strategy=fsdp_tp", "mesh.tensor=3"]) == 2
     err = capsys.readouterr().err
     assert "the fixed axis sizes (product 3) do not divide the 8 devices of this job" in err, err
+
+
+def test_a_mesh_over_given_devices_holds_those_devices():
+    """A mesh over devices other than this host's (ahead-of-time targets, a process's own devices) is
+    made of exactly those devices in the order given, even when there are as many as the host has: a
+    mesh over the host's devices instead compiles for the host (the attention backend follows it)."""
+    devices = list(reversed(jax.devices()))
+    mesh = shd.make_mesh(shd.MeshConfig(strategy="fsdp", fsdp=-1), devices=devices)
+    assert list(mesh.devices.flat) == devices
+    assert list(shd.make_mesh(shd.MeshConfig(strategy="fsdp", fsdp=-1)).devices.flat) == list(jax.devices())
