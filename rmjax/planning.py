@@ -50,6 +50,7 @@ from rmjax.models import config_from_hf
 from rmjax.models.config import ModelConfig
 from rmjax.models.transformer import abstract_params
 from rmjax.scoring import kv_path, packing
+from rmjax.scoring.features import feature_fn
 from rmjax.train import loop as tloop
 from rmjax.train import objectives as tobjectives
 from rmjax.train import params as tparams
@@ -412,10 +413,11 @@ def abstract_score(model: str, mesh, *, role: str = "policy", layout: str = "pac
     """(the jitted scoring function ``rmjax score`` runs, its abstract params, head params and batch
     with their shardings, the host batch arrays, the examples in the batch, the model config) for
     one batch of synthetic trees (``plan_score``)."""
-    if role not in ("policy", "rm") or layout not in ("packed", "kv"):
-        raise ConfigError(f"score plan: role policy|rm and layout packed|kv, got {role!r} and {layout!r}")
+    if role not in ("policy", "rm", "features") or layout not in ("packed", "kv") or (role, layout) == ("features", "kv"):
+        raise ConfigError(f"score plan: role policy|rm|features and layout packed|kv (features: packed), got "
+                          f"{role!r} and {layout!r}")
     config = config_from_hf(hf_config(model), source=model, **(numerics or {}))
-    if role == "rm":
+    if role in ("rm", "features"):
         config = dataclasses.replace(config, lm_head=False)
     boxed = abstract_params(config)
     params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.value.shape, jnp.dtype(config.param_dtype), sharding=sh),
@@ -430,7 +432,11 @@ def abstract_score(model: str, mesh, *, role: str = "policy", layout: str = "pac
         first = packed_batches({i: tree for i in range(n)}, 0, row_length=row, batch_tokens=max(batch_tokens, row),
                                buckets=BUCKETS)[0]
         host, n = first.arrays, len({seq[0] for seq in first.sequences if seq is not None})
-        fn = packing.packed_rm_fn(config, HeadSpec("scalar")) if role == "rm" else packing.packed_score_fn(config)
+        if role == "features":  # rmjax features' function (params, batch), with the engine's signature
+            features = feature_fn(config)
+            fn = jax.jit(lambda p, _, b: features(p, b))
+        else:
+            fn = packing.packed_rm_fn(config, HeadSpec("scalar")) if role == "rm" else packing.packed_score_fn(config)
     else:
         n = max(1, batch_tokens // length)
         host, _ = kv_path.pad_batch([tree] * n, 1 << (n - 1).bit_length(), 0)
@@ -447,7 +453,8 @@ def plan_score(model: str, topology: str, *, role: str = "policy", layout: str =
                row_length: int = 0, batch_tokens: int = 16384, devices: list | None = None) -> dict:
     """Compile one batch of ``rmjax score``'s engine for ``topology`` ahead of time and size it: the
     policy's log-prob statistics (``role`` policy: the implicit reward's forward, the reference costs
-    the same again) or a scalar reward head (``role`` rm), packed prompt trees (``layout`` packed,
+    the same again), a scalar reward head (``role`` rm) or ``rmjax features``' hidden states at each
+    response's last token and gating token (``role`` features), packed prompt trees (``layout`` packed,
     rows of ``row_length``) or the KV-cache path (``kv``), trees of ``sequence`` tokens (a prompt and
     one response) with ``responses`` responses each, ``batch_tokens`` tokens per batch. The same
     jitted functions ``rmjax score`` runs (``rmjax.scoring.packing`` / ``kv_path``)."""

@@ -2,8 +2,9 @@
 ``rmjax score --rm`` and ``rmjax eval-rm`` on tiny replicas (``released_rms``: untied Llama-3.1 with
 pad = <|eot_id|>, Qwen2 with biases, Qwen3, Mistral with a window shorter than the text, Gemma-2 with
 soft-caps, a named multi-objective classifier, ArmoRM, URM, QRM on Llama and on Gemma-2), each with its
-family's published chat template, on multi-turn conversations, packed and on the prompt's KV cache,
-1 and 5 per batch: transformers' rewards (or the transcribed forward's) to 1e-4."""
+family's published chat template, on multi-turn conversations, packed and on the prompt's KV cache
+(score and eval-rm each taking one of them, alternately over the layouts), 1 and 5 per batch:
+transformers' rewards (or the transcribed forward's) to 1e-4."""
 import json
 
 import numpy as np
@@ -40,10 +41,13 @@ def test_score_and_eval_rm_give_the_models_own_rewards(replica):
     want = expected(reward, data)
     spread = np.std([v for row in want.values() for v in row.values()])
     assert spread > 1e-2  # rewards far enough apart for 1e-4 to mean something
-    runs = [("score", ["--pack-length", "512", "--batch-tokens", "512"]), ("score", ["--pack-length", "0",
-                                                                                      "--batch-size", "1"]),
-            ("eval-rm", ["--pack-length", "0", "--batch-size", "5"]), ("eval-rm", ["--pack-length", "256",
-                                                                                   "--batch-size", "1"])]
+    # every layout through both commands and both layouts (packed trees, the prompt's KV cache), the
+    # pairing alternating over the layouts: each command meets each layout on half of them
+    packed_score = sorted(LAYOUTS).index(layout) % 2 == 0
+    runs = [("score", ["--pack-length", "512", "--batch-tokens", "512"] if packed_score else
+             ["--pack-length", "0", "--batch-size", "1"]),
+            ("eval-rm", ["--pack-length", "0", "--batch-size", "5"] if packed_score else
+             ["--pack-length", "256", "--batch-size", "1"])]
     for i, (command, options) in enumerate(runs):
         out = root / f"run{i}"
         if command == "score":
@@ -58,7 +62,7 @@ def test_score_and_eval_rm_give_the_models_own_rewards(replica):
         for row in rows:
             for name, value in want[row["id"]].items():
                 assert row[f"rm_{name}"] == pytest.approx(value, abs=1e-4, rel=1e-4), (layout, command, options, name)
-    report = json.loads((root / "run2" / "report.json").read_text())
+    report = json.loads((root / "run1" / "report.json").read_text())
     assert report["examples"] == len(want) and report["truncated"] == 0
 
 

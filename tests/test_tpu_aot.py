@@ -210,7 +210,7 @@ def test_attention_pairs_count_what_each_token_sees():
     assert planning.attention_pairs(a, config) == (brute, brute)
 
 
-@pytest.mark.parametrize("role, layout", [("policy", "packed"), ("rm", "kv")])
+@pytest.mark.parametrize("role, layout", [("policy", "packed"), ("rm", "kv"), ("features", "packed")])
 def test_plan_sizes_a_batch_of_the_scoring_engine(tmp_path, role, layout):
     """`rmjax plan --job score`: the memory figures are memory_analysis() of the very function
     `rmjax score` runs (packed trees or the KV-cache path; log-probs or a reward head), compiled for

@@ -33,7 +33,8 @@ class PlanConfig(TrainConfig):
     job: str = knob("train", "what to size: train (the train step) or score (one batch of rmjax score's engine)",
                     ("train", "score"))
     score_role: str = knob("policy", "score: the policy's log-probs (the implicit reward; its reference costs the "
-                                     "same again) or a scalar reward head (rm)", ("policy", "rm"))
+                                     "same again), a scalar reward head (rm), or rmjax features' hidden states "
+                                     "(features)", ("policy", "rm", "features"))
     score_layout: str = knob("packed", "score: packed prompt trees (rows of batch.row_length, else rmjax score's 512; "
                                        "a longer tree a row of its own) or the KV-cache path", ("packed", "kv"))
     score_batch_tokens: int = knob(16384, "score: tokens per batch")
