@@ -395,6 +395,8 @@ def plan_train(run, topology: str, *, sequence: int = 0, responses: int = 2, res
 
 # ---------------------------------------------------------------- scoring jobs
 
+VOCAB_SCAN_CHUNK = 512  # replies per batch of the vocabulary scan (``scan_responses``' chunk)
+
 def _kv_attention_pairs(batch: dict) -> tuple[int, int]:
     """Query-key pairs of the KV-cache scoring layout: each prompt once (causal), each response over
     its prompt and its own earlier tokens."""
@@ -413,20 +415,27 @@ def abstract_score(model: str, mesh, *, role: str = "policy", layout: str = "pac
     """(the jitted scoring function ``rmjax score`` runs, its abstract params, head params and batch
     with their shardings, the host batch arrays, the examples in the batch, the model config) for
     one batch of synthetic trees (``plan_score``)."""
-    if role not in ("policy", "rm", "features") or layout not in ("packed", "kv") or (role, layout) == ("features", "kv"):
-        raise ConfigError(f"score plan: role policy|rm|features and layout packed|kv (features: packed), got "
-                          f"{role!r} and {layout!r}")
+    if role not in ("policy", "rm", "features") or layout not in ("packed", "kv", "vocab_scan") or (
+            role == "features" and layout != "packed"):
+        raise ConfigError(f"score plan: role policy|rm|features and layout packed|kv|vocab_scan (features: packed), "
+                          f"got {role!r} and {layout!r}")
     config = config_from_hf(hf_config(model), source=model, **(numerics or {}))
     if role in ("rm", "features"):
         config = dataclasses.replace(config, lm_head=False)
     boxed = abstract_params(config)
     params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.value.shape, jnp.dtype(config.param_dtype), sharding=sh),
                           boxed, shd.param_shardings(boxed, mesh, strategy), is_leaf=lambda x: hasattr(x, "value"))
+    if layout == "vocab_scan":  # one prompt, a chunk of 512 candidate replies (a token + its end-of-turn suffix)
+        response_tokens, responses = response_tokens or 4, VOCAB_SCAN_CHUNK
     response_tokens = response_tokens or max(sequence // 4, 1)
     tree = Encoded(np.ones(max(sequence - response_tokens, 1), np.int32),
                    tuple(np.ones(response_tokens, np.int32) for _ in range(responses)))
     length = tree.tree_length
-    if layout == "packed":
+    if layout == "vocab_scan":  # rmjax.scoring.vocab_scan.scan_responses' batch: one group, replies padded to 4s
+        n = 1
+        host, _ = kv_path.pad_batch([tree], 1, 0, lengths=(len(tree.prompt), -(-response_tokens // 4) * 4))
+        fn = kv_path.rm_fn(config, HeadSpec("scalar")) if role == "rm" else kv_path.score_fn(config)
+    elif layout == "packed":
         row = row_length or 512  # rmjax score's default rows: longer trees get a row of their own length bucket
         n = max(1, max(batch_tokens, row) // length)
         first = packed_batches({i: tree for i in range(n)}, 0, row_length=row, batch_tokens=max(batch_tokens, row),
@@ -462,6 +471,8 @@ def plan_score(model: str, topology: str, *, role: str = "policy", layout: str =
     kind = devices[0].device_kind
     peak, hbm = CHIPS.get(kind, (float("nan"), 0))
     mesh = shd.make_mesh(shd.MeshConfig.for_strategy(strategy), devices=devices)
+    if layout == "vocab_scan":
+        response_tokens, responses = response_tokens or 4, VOCAB_SCAN_CHUNK
     response_tokens = response_tokens or max(sequence // 4, 1)
     fn, params, head, batch, host, n, config = abstract_score(
         model, mesh, role=role, layout=layout, strategy=strategy, numerics=numerics, sequence=sequence,
@@ -502,6 +513,7 @@ def plan_score(model: str, topology: str, *, role: str = "policy", layout: str =
                      "step_seconds": float(f"{seconds:.4g}") if seconds else None,
                      "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
                      "examples_per_s": round(n / seconds, 1) if seconds else None,
+                     "responses_per_s": round(n * responses / seconds, 1) if seconds else None,
                      "mfu": round(analytic / (seconds * chips * peak), 3) if seconds else None},
     }
 
@@ -532,8 +544,10 @@ def _compile_and_size(fn, args, hbm: int):
 def summary_line(r: dict) -> str:
     m, e = r["memory"], r["estimate"]
     if r.get("job") == "score":
-        head = (f"{r['model']} score ({r['role']}, {r['layout']}, {r['batch']['examples']} trees of "
-                f"{r['batch']['sequence_tokens']} tokens per batch) on {r['topology']} ({r['chips']} x {r['chip']}, "
+        what = (f"{r['batch']['responses']} replies to one prompt of {r['batch']['sequence_tokens']} tokens"
+                if r["layout"] == "vocab_scan" else
+                f"{r['batch']['examples']} trees of {r['batch']['sequence_tokens']} tokens")
+        head = (f"{r['model']} score ({r['role']}, {r['layout']}, {what} per batch) on {r['topology']} ({r['chips']} x {r['chip']}, "
                 f"{r['mesh']}, {r['strategy']}): {m['peak_gib']:.2f} GiB per chip of {m['hbm_gib']:.0f} GiB")
     else:
         head = (f"{r['model']} {r['trainable']} {r['head']}+{r['loss']} on {r['topology']} ({r['chips']} x "

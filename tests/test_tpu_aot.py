@@ -210,10 +210,12 @@ def test_attention_pairs_count_what_each_token_sees():
     assert planning.attention_pairs(a, config) == (brute, brute)
 
 
-@pytest.mark.parametrize("role, layout", [("policy", "packed"), ("rm", "kv"), ("features", "packed")])
+@pytest.mark.parametrize("role, layout", [("policy", "packed"), ("rm", "kv"), ("features", "packed"),
+                                          ("policy", "vocab_scan")])
 def test_plan_sizes_a_batch_of_the_scoring_engine(tmp_path, role, layout):
     """`rmjax plan --job score`: the memory figures are memory_analysis() of the very function
-    `rmjax score` runs (packed trees or the KV-cache path; log-probs or a reward head), compiled for
+    `rmjax score` runs (packed trees or the KV-cache path; log-probs or a reward head; `rmjax features`;
+    the vocabulary scan's batch of 512 replies to one prompt), compiled for
     the topology on its batch; the counted matmul FLOPs equal the analytic count over the rows'
     positions (10%), the layer scan counted by its trip count."""
     from rmjax import planning
@@ -231,7 +233,7 @@ def test_plan_sizes_a_batch_of_the_scoring_engine(tmp_path, role, layout):
         mem = fn.lower(params, head, batch).compile().memory_analysis()
     assert record["memory"]["arguments_gib"] == round(mem.argument_size_in_bytes / 2 ** 30, 3)
     assert record["memory"]["temporaries_gib"] == round(mem.temp_size_in_bytes / 2 ** 30, 3)
-    assert record["batch"]["examples"] == n and n > 1
+    assert record["batch"]["examples"] == n and (n > 1 or layout == "vocab_scan")
     f = record["flops"]
     assert f["matmuls_counted"] == pytest.approx(f["matmuls_analytic_on_padded_rows"], rel=0.10)
     assert f["xla_cost_analysis"] < 0.5 * f["matmuls_counted"]  # the layer scan XLA counts once

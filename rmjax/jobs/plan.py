@@ -36,7 +36,8 @@ class PlanConfig(TrainConfig):
                                      "same again), a scalar reward head (rm), or rmjax features' hidden states "
                                      "(features)", ("policy", "rm", "features"))
     score_layout: str = knob("packed", "score: packed prompt trees (rows of batch.row_length, else rmjax score's 512; "
-                                       "a longer tree a row of its own) or the KV-cache path", ("packed", "kv"))
+                                       "a longer tree a row of its own), the KV-cache path, or the vocabulary "
+                                       "scan's batch (one prompt, 512 one-token replies)", ("packed", "kv", "vocab_scan"))
     score_batch_tokens: int = knob(16384, "score: tokens per batch")
     sequence_length: int = knob(0, "tokens per sequence (a prompt and one response; 0: data.max_length)")
     responses: int = knob(2, "responses per prompt tree (pairs, judge)")
