@@ -1,6 +1,6 @@
 """Reward-model training sized for TPU topologies ahead of time (``rmjax plan``), from this CPU host.
 
-    python tools/bench_plan.py [--grid small|full] [--out tools/results/plan_tpu.json]
+    python tools/bench_plan.py [--grid small|gemma27|full] [--out tools/results/plan_tpu.json]
     python tools/bench_plan.py --grid score [--out tools/results/plan_score_tpu.json]
 
 Each row compiles the real train step of a Bradley-Terry scalar RM (packed prompt trees, pairs of
@@ -27,7 +27,8 @@ GRIDS = {
     "small": [("llama-3.1-8b", "v5p:2x2x1", "full"), ("llama-3.1-8b", "v5p:2x2x1", "lora"),
               ("llama-3.1-8b", "v5e:4x4", "full"), ("llama-3.1-8b", "v6e:2x4", "full")],
 }
-GRIDS["full"] = GRIDS["small"] + [("gemma-2-27b", "v5p:2x2x1", "lora"), ("gemma-2-27b", "v5p:4x4x4", "full")]
+GRIDS["gemma27"] = [("gemma-2-27b", "v5p:2x2x1", "lora"), ("gemma-2-27b", "v5p:4x4x4", "full")]
+GRIDS["full"] = GRIDS["small"] + GRIDS["gemma27"]
 # scoring: (model, topology, role, layout)
 GRIDS["score"] = [("llama-3.1-8b", "v5e:2x4", "rm", "packed"), ("llama-3.1-8b", "v5e:2x4", "policy", "packed"),
                   ("llama-3.1-8b", "v5e:2x4", "rm", "kv"), ("gemma-2-27b", "v5p:2x2x1", "rm", "packed"),
