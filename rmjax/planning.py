@@ -397,6 +397,14 @@ def plan_train(run, topology: str, *, sequence: int = 0, responses: int = 2, res
 
 VOCAB_SCAN_CHUNK = 512  # replies per batch of the vocabulary scan (``scan_responses``' chunk)
 
+
+def _replies(layout: str, sequence: int, responses: int, response_tokens: int) -> tuple[int, int]:
+    """(replies per tree, tokens per reply) of a scoring plan: the vocabulary scan's chunk of 512
+    replies of a token and its end-of-turn suffix (4), else ``responses`` of a quarter of the sequence."""
+    if layout == "vocab_scan":
+        return VOCAB_SCAN_CHUNK, response_tokens or 4
+    return responses, response_tokens or max(sequence // 4, 1)
+
 def _kv_attention_pairs(batch: dict) -> tuple[int, int]:
     """Query-key pairs of the KV-cache scoring layout: each prompt once (causal), each response over
     its prompt and its own earlier tokens."""
@@ -425,9 +433,7 @@ def abstract_score(model: str, mesh, *, role: str = "policy", layout: str = "pac
     boxed = abstract_params(config)
     params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.value.shape, jnp.dtype(config.param_dtype), sharding=sh),
                           boxed, shd.param_shardings(boxed, mesh, strategy), is_leaf=lambda x: hasattr(x, "value"))
-    if layout == "vocab_scan":  # one prompt, a chunk of 512 candidate replies (a token + its end-of-turn suffix)
-        response_tokens, responses = response_tokens or 4, VOCAB_SCAN_CHUNK
-    response_tokens = response_tokens or max(sequence // 4, 1)
+    responses, response_tokens = _replies(layout, sequence, responses, response_tokens)
     tree = Encoded(np.ones(max(sequence - response_tokens, 1), np.int32),
                    tuple(np.ones(response_tokens, np.int32) for _ in range(responses)))
     length = tree.tree_length
@@ -471,9 +477,7 @@ def plan_score(model: str, topology: str, *, role: str = "policy", layout: str =
     kind = devices[0].device_kind
     peak, hbm = CHIPS.get(kind, (float("nan"), 0))
     mesh = shd.make_mesh(shd.MeshConfig.for_strategy(strategy), devices=devices)
-    if layout == "vocab_scan":
-        response_tokens, responses = response_tokens or 4, VOCAB_SCAN_CHUNK
-    response_tokens = response_tokens or max(sequence // 4, 1)
+    responses, response_tokens = _replies(layout, sequence, responses, response_tokens)
     fn, params, head, batch, host, n, config = abstract_score(
         model, mesh, role=role, layout=layout, strategy=strategy, numerics=numerics, sequence=sequence,
         responses=responses, response_tokens=response_tokens, row_length=row_length, batch_tokens=batch_tokens)

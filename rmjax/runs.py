@@ -642,8 +642,7 @@ class RunWriter:
         if clash:
             raise ValueError(f"extra metadata keys {clash} are reserved by metadata.json; rename them")
         if self._open is not None:
-            self._seal(self._open)
-        self.completed_shards()
+            self._seal(self._open)  # it moves its shards' locations in self._done (scanned by pending_shards)
         done = self._done
         skipped = {int(i): r for k in range(self.num_shards) for i, r in done[k].skipped.items()}
         schema = self._table_schema(done)

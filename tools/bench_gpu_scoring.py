@@ -44,26 +44,6 @@ def checkpoint(directory: Path) -> None:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
 
 
-def hf_logprobs(model, seqs, batch: int, pad_id: int) -> np.ndarray:
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(seqs), batch):
-            chunk = seqs[start:start + batch]
-            length = max(len(p) + len(r) for p, r in chunk)
-            ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), length), dtype=torch.long)
-            for i, (p, r) in enumerate(chunk):
-                ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-                mask[i, :len(p) + len(r)] = 1
-            logits = model(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float()
-            logp = torch.log_softmax(logits, -1)
-            for i, (p, r) in enumerate(chunk):
-                pos = torch.arange(len(p) - 1, len(p) + len(r) - 1, device="cuda")
-                out.append(float(logp[i, pos, torch.tensor(r, device="cuda")].sum()))
-    torch.cuda.synchronize()
-    return np.asarray(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=16)
@@ -74,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench_scoring import long_pairs
+    from bench_scoring import hf_sequence_logprobs, long_pairs
     from rmjax.models.config import Numerics
     from rmjax.models.loading import load_model
     from rmjax.scoring import bulk
@@ -98,9 +78,9 @@ def main() -> None:
         seqs.extend((list(enc.prompt), list(r)) for r in enc.responses)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     model.eval()
-    hf_logprobs(model, seqs[:2], args.hf_batch, slot.tokenizer.pad_id)  # warm-up
+    hf_sequence_logprobs(model, seqs[:2], args.hf_batch, slot.tokenizer.pad_id, "cuda")  # warm-up
     t0 = time.perf_counter()
-    ref = hf_logprobs(model, seqs, args.hf_batch, slot.tokenizer.pad_id)
+    ref = hf_sequence_logprobs(model, seqs, args.hf_batch, slot.tokenizer.pad_id, "cuda")
     hf_s = time.perf_counter() - t0
     ours = np.array([row[f"policy_{side}_logp_sum"] for row in rows for side in ("chosen", "rejected")])
     tokens = sum(len(p) + len(r) for p, r in seqs)

@@ -38,8 +38,10 @@ def hf_model(source):
                                                 dtype=torch.float32).eval()
 
 
-def hf_sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], batch: int, pad_id: int) -> np.ndarray:
-    """Sum of log p(response | prompt) per (prompt ids, response ids), right padding, full logits."""
+def hf_sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], batch: int, pad_id: int,
+                         device: str = "cpu") -> np.ndarray:
+    """Sum of log p(response | prompt) per (prompt ids, response ids), right padding, full logits, the
+    model on ``device`` (the batches are built there; a GPU is synchronised before returning)."""
     out = []
     with torch.inference_mode():
         for start in range(0, len(seqs), batch):
@@ -50,10 +52,13 @@ def hf_sequence_logprobs(model, seqs: list[tuple[list[int], list[int]]], batch: 
             for i, (p, r) in enumerate(chunk):
                 ids[i, :len(p) + len(r)] = torch.tensor(p + r)
                 mask[i, :len(p) + len(r)] = 1
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logp = torch.log_softmax(logits.float(), -1)
             for i, (p, r) in enumerate(chunk):
-                pos = torch.arange(len(p) - 1, len(p) + len(r) - 1)
-                out.append(float(logp[i, pos, torch.tensor(r)].sum()))
+                pos = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=device)
+                out.append(float(logp[i, pos, torch.tensor(r, device=device)].sum()))
+    if device != "cpu":
+        torch.cuda.synchronize()
     return np.asarray(out)
 
 

@@ -306,6 +306,26 @@ def _cost(q, matmuls: int, *arrays) -> pl.CostEstimate:
                            bytes_accessed=sum(x.size * x.dtype.itemsize for x in arrays))
 
 
+def _query_grid_maps(nq: int, nk: int):
+    """Index maps of a grid (B, Hkv, G, nq, nk) over query blocks (the forward and dq kernels): the
+    query block; its query-metadata rows; the j-th listed key block of its row's visit list (k / v);
+    that block's key-metadata row."""
+
+    def q_map(bi, hi, gi, i, j, *_):
+        return bi, hi, gi, i, 0
+
+    def qrow_map(bi, hi, gi, i, j, *_):
+        return bi, i, 0
+
+    def kv_map(bi, hi, gi, i, j, visits, *_):
+        return bi, hi, _listed(visits, (bi * nq + i) * nk + j), 0
+
+    def krow_map(bi, hi, gi, i, j, visits, *_):
+        return bi, 0, _listed(visits, (bi * nq + i) * nk + j)
+
+    return q_map, qrow_map, kv_map, krow_map
+
+
 def _forward(q, k, v, meta, window, cfg: _Config):
     """q [B, Hkv, G, Tp, D] (scaled), k/v [B, Hkv, Tp, D], meta [B, 3, Tp] -> out like q, lse [B, Hkv, G, Tp]."""
     b, h, g, tp, d = q.shape
@@ -313,14 +333,7 @@ def _forward(q, k, v, meta, window, cfg: _Config):
     by_q, _ = visit_lists(_tokens(meta, cfg.branches), cfg.bq, cfg.bk, tp, window)
     cols, rows = _layouts(meta)
 
-    def q_map(bi, hi, gi, i, j, *_):
-        return bi, hi, gi, i, 0
-
-    def kv_map(bi, hi, gi, i, j, visits, *_):
-        return bi, hi, _listed(visits, (bi * nq + i) * nk + j), 0
-
-    def krow_map(bi, hi, gi, i, j, visits, *_):
-        return bi, 0, _listed(visits, (bi * nq + i) * nk + j)
+    q_map, qrow_map, kv_map, krow_map = _query_grid_maps(nq, nk)
 
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, nq=nq, nk=nk),
@@ -329,7 +342,7 @@ def _forward(q, k, v, meta, window, cfg: _Config):
             in_specs=[pl.BlockSpec((None, None, None, cfg.bq, d), q_map),
                       pl.BlockSpec((None, None, cfg.bk, d), kv_map),
                       pl.BlockSpec((None, None, cfg.bk, d), kv_map),
-                      pl.BlockSpec((None, cfg.bq, LANES), lambda bi, hi, gi, i, j, *_: (bi, i, 0)),
+                      pl.BlockSpec((None, cfg.bq, LANES), qrow_map),
                       pl.BlockSpec((None, SUBLANES, cfg.bk), krow_map)],
             out_specs=[pl.BlockSpec((None, None, None, cfg.bq, d), q_map),
                        pl.BlockSpec((None, None, None, cfg.bq, LANES), q_map)],
@@ -352,14 +365,7 @@ def _backward(q, k, v, meta, window, out, lse, dout, dlse, cfg: _Config):
     lse_l, delta_l = _lanes(lse), _lanes(delta)
 
     # dq: grid (B, Hkv, G, nq, nk), key blocks from the per-query-block lists
-    def q_map(bi, hi, gi, i, j, *_):
-        return bi, hi, gi, i, 0
-
-    def kv_map(bi, hi, gi, i, j, visits, *_):
-        return bi, hi, _listed(visits, (bi * nq + i) * nk + j), 0
-
-    def krow_map(bi, hi, gi, i, j, visits, *_):
-        return bi, 0, _listed(visits, (bi * nq + i) * nk + j)
+    q_map, qrow_map, kv_map, krow_map = _query_grid_maps(nq, nk)
 
     q_spec = pl.BlockSpec((None, None, None, cfg.bq, d), q_map)
     kv_spec = pl.BlockSpec((None, None, cfg.bk, d), kv_map)
@@ -369,7 +375,7 @@ def _backward(q, k, v, meta, window, out, lse, dout, dlse, cfg: _Config):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(b, h, g, nq, nk),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, lane_spec, lane_spec,
-                      pl.BlockSpec((None, cfg.bq, LANES), lambda bi, hi, gi, i, j, *_: (bi, i, 0)),
+                      pl.BlockSpec((None, cfg.bq, LANES), qrow_map),
                       pl.BlockSpec((None, SUBLANES, cfg.bk), krow_map)],
             out_specs=q_spec, scratch_shapes=[pltpu.VMEM((cfg.bq, d), _F32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
